@@ -1,0 +1,176 @@
+"""workerctl: the command line front of the client.
+
+Every failure becomes one line on stderr and an exit code from DESIGN.md; --json prints exactly
+one JSON document on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import __version__, errors, protocol
+from .client import Client
+from .render import render_memory, render_status
+
+CONTROL_TIMEOUT = 30.0
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """key=value, the value parsed as JSON when it parses and taken as a string otherwise."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"expected key=value, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+def parse_json_arg(text: str, kind: type, flag: str) -> Any:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{flag} is not valid JSON: {exc}") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{flag} must be a JSON {'array' if kind is list else 'object'}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="workerctl", description="Talk to the workerd daemon.")
+    parser.add_argument("--version", action="version", version=f"workerctl {__version__}")
+    parser.add_argument("--socket", help="control socket path (default: as workerd resolves it)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        help=f"seconds to wait for a reply (default {CONTROL_TIMEOUT:g}; for run: until the "
+        "daemon answers, which it does within the task timeout)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands.add_parser("ping", help="check that the daemon answers")
+    commands.add_parser("status", help="daemon, pool and queue state")
+    commands.add_parser("memory", help="memory of the daemon, its workers and the GPU")
+    clear = commands.add_parser("clear", help="free memory in the workers")
+    clear.add_argument("--level", choices=("gc", "cache", "full"), default="cache")
+    scale = commands.add_parser("scale", help="set the number of CPU workers")
+    scale.add_argument("workers", type=int)
+    commands.add_parser("reload", help="re-import task code and replace workers one by one")
+    run = commands.add_parser("run", help="run a task (module:function) or a pipeline")
+    run.add_argument("name")
+    run.add_argument("assignments", nargs="*", metavar="key=value")
+    run.add_argument("--args", dest="args_json", metavar="JSON", help="positional arguments")
+    run.add_argument("--kwargs", dest="kwargs_json", metavar="JSON", help="keyword arguments")
+    run.add_argument("--task-timeout", type=float, metavar="S", help="override the task timeout")
+    run.add_argument("--retries", type=int, default=0, help="re-run on WORKER_LOST (idempotent)")
+    return parser
+
+
+def emit(args: argparse.Namespace, value: Any, human: Callable[[Any], str]) -> None:
+    if args.json:
+        print(json.dumps(value, default=repr))
+    else:
+        print(human(value))
+
+
+def command_ping(client: Client, args: argparse.Namespace) -> int:
+    emit(
+        args,
+        client.ping(),
+        lambda r: (
+            f"pong from workerd {r['version']} (pid {r['pid']}, "
+            f"up {r['uptime_s']:.1f} s, protocol {r['protocols']})"
+        ),
+    )
+    return errors.EXIT_OK
+
+
+def command_status(client: Client, args: argparse.Namespace) -> int:
+    emit(args, client.status(), render_status)
+    return errors.EXIT_OK
+
+
+def command_memory(client: Client, args: argparse.Namespace) -> int:
+    emit(args, client.memory_status(), render_memory)
+    return errors.EXIT_OK
+
+
+def command_clear(client: Client, args: argparse.Namespace) -> int:
+    emit(args, client.clear_memory(args.level), lambda r: json.dumps(r, indent=2))
+    return errors.EXIT_OK
+
+
+def command_scale(client: Client, args: argparse.Namespace) -> int:
+    emit(args, client.scale(args.workers), lambda r: f"workers: {r['workers']}")
+    return errors.EXIT_OK
+
+
+def command_reload(client: Client, args: argparse.Namespace) -> int:
+    emit(args, client.reload(), lambda r: f"reloaded: generation {r['generation']}")
+    return errors.EXIT_OK
+
+
+def command_run(client: Client, args: argparse.Namespace) -> int:
+    positional = parse_json_arg(args.args_json, list, "--args") if args.args_json else []
+    keywords = parse_json_arg(args.kwargs_json, dict, "--kwargs") if args.kwargs_json else {}
+    keywords.update(parse_assignment(text) for text in args.assignments)
+    options = {"timeout_s": args.task_timeout, "retries": args.retries}
+    if args.json:
+        print(json.dumps(client.call(args.name, positional, keywords, **options), default=repr))
+        return errors.EXIT_OK
+    # Without --json, a generator's items are printed as they arrive, one per line.
+    streamed = False
+    for kind, value in client.events(args.name, positional, keywords, **options):
+        if kind == "item" or not streamed:
+            print(json.dumps(value, default=repr), flush=True)
+        streamed = streamed or kind == "item"
+    return errors.EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
+    "ping": command_ping,
+    "status": command_status,
+    "memory": command_memory,
+    "clear": command_clear,
+    "scale": command_scale,
+    "reload": command_reload,
+    "run": command_run,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    timeout = args.timeout
+    if timeout is None and args.command != "run":
+        timeout = CONTROL_TIMEOUT
+    try:
+        with Client(args.socket, timeout=timeout) as client:
+            return COMMANDS[args.command](client, args)
+    except ValueError as exc:
+        print(f"workerctl: {exc}", file=sys.stderr)
+        return errors.EXIT_USAGE
+    except errors.WorkerdError as exc:
+        print(f"workerctl: {describe(exc)}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("workerctl: interrupted", file=sys.stderr)
+        return 130
+
+
+def describe(exc: errors.WorkerdError) -> str:
+    """One line for a failure; a task's traceback follows it when there is one."""
+    # Daemon errors carry their protocol code; client-side messages are already whole sentences.
+    line = f"{exc.code}: {exc.message}" if exc.code in protocol.ERROR_CODES else exc.message
+    traceback = exc.details.get("traceback")
+    if isinstance(traceback, str) and traceback:
+        line += "\n" + traceback.rstrip()
+    return line
+
+
+if __name__ == "__main__":
+    sys.exit(main())

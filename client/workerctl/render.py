@@ -1,0 +1,82 @@
+"""Human-readable tables for `workerctl status` and `workerctl memory`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def mib(value: Any) -> str:
+    return "-" if value is None else f"{value / 1048576:.1f}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    )
+
+
+def render_status(status: dict[str, Any]) -> str:
+    pool = status.get("pool", {})
+    queue = status.get("queue", {})
+    lines = [
+        f"workerd {status.get('version')}  pid {status.get('pid')}  "
+        f"up {status.get('uptime_s', 0):.1f} s  state {status.get('state')}",
+        f"socket  {status.get('socket')}",
+        f"config  {status.get('config')}",
+        f"pool    {pool.get('size', 0)}/{pool.get('target', 0)} workers "
+        f"({pool.get('idle', 0)} idle, {pool.get('busy', 0)} busy), "
+        f"generation {pool.get('generation', 0)}",
+        f"queue   {queue.get('depth', 0)}/{queue.get('max', 0)} waiting",
+    ]
+    counters = status.get("counters") or {}
+    if counters:
+        lines.append("counters")
+        lines.extend(f"  {key}: {value}" for key, value in sorted(counters.items()))
+    return "\n".join(lines)
+
+
+def render_memory(memory: dict[str, Any]) -> str:
+    daemon = memory.get("daemon", {})
+    lines = [f"daemon pid {daemon.get('pid')}  rss {mib(daemon.get('rss_bytes'))} MiB", ""]
+    rows = [
+        [
+            w.get("pid"),
+            w.get("kind"),
+            w.get("state"),
+            w.get("tasks_done"),
+            mib(w.get("rss_bytes")),
+            mib(w.get("uss_bytes")),
+            mib(w.get("pss_bytes")),
+            mib(w.get("shared_bytes")),
+        ]
+        for w in memory.get("workers", [])
+    ]
+    headers = ["pid", "kind", "state", "tasks", "rss MiB", "uss MiB", "pss MiB", "shared MiB"]
+    lines.append(table(headers, rows))
+    gpu = memory.get("gpu")
+    if gpu:
+        lines += [
+            "",
+            f"gpu {gpu.get('device')}  allocated {mib(gpu.get('allocated_bytes'))} MiB  "
+            f"reserved {mib(gpu.get('reserved_bytes'))} MiB  "
+            f"peak {mib(gpu.get('peak_allocated_bytes'))} MiB  "
+            f"free {mib(gpu.get('free_bytes'))} / {mib(gpu.get('total_bytes'))} MiB  "
+            f"runs {gpu.get('runs')}",
+        ]
+        pipelines = [
+            [
+                p.get("name"),
+                str(p.get("sha256", ""))[:12],
+                mib(p.get("bytes")),
+                p.get("runs"),
+                p.get("last_used"),
+            ]
+            for p in gpu.get("pipelines", [])
+        ]
+        if pipelines:
+            lines.append(table(["pipeline", "sha256", "MiB", "runs", "last used"], pipelines))
+    return "\n".join(lines)

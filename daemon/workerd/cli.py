@@ -1,0 +1,71 @@
+"""The `workerd` command: run the daemon in the foreground, or check a config file."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from . import __version__, config, control
+from .master import Master, load_config
+
+# Named exit codes (sysexits.h), so systemd can tell a bad config from a crash and need not
+# restart in a loop on what a restart cannot fix (RestartPreventExitStatus= in the unit).
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_CONFIG = 78  # EX_CONFIG
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: the socket is taken or cannot be bound
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="workerd", description="Keep expensive Python work warm (runs in the foreground)."
+    )
+    parser.add_argument("--version", action="version", version=f"workerd {__version__}")
+    parser.add_argument("--config", metavar="FILE", help="TOML config (default: the embedded one)")
+    parser.add_argument("--socket", metavar="PATH", help="control socket path")
+    parser.add_argument("--workers", type=int, metavar="N", help="CPU workers (0: one per CPU)")
+    parser.add_argument("--check-config", metavar="FILE", help="validate FILE and exit")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("WORKERD_LOG_LEVEL", "info"),
+        choices=("debug", "info", "warning", "error"),
+    )
+    return parser
+
+
+def setup_logging(level: str) -> None:
+    # Under systemd the journal stamps each line; by hand, a timestamp helps.
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.workers is not None and args.workers < 0:
+        print("workerd: --workers must be >= 0", file=sys.stderr)
+        return EXIT_USAGE
+    if args.check_config:
+        try:
+            config.load(args.check_config)
+        except config.ConfigError as exc:
+            print(f"workerd: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        print(f"{args.check_config}: ok")
+        return EXIT_OK
+    setup_logging(args.log_level)
+    overrides = {"socket": args.socket, "workers": args.workers}
+    try:
+        settings = load_config(args.config, overrides)
+    except config.ConfigError as exc:
+        print(f"workerd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        return Master(settings, args.config, overrides).run()
+    except control.ControlSocketError as exc:
+        print(f"workerd: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE

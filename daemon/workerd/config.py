@@ -1,0 +1,266 @@
+"""Configuration: TOML with the names DESIGN.md pins, checked key by key.
+
+Every mistake is one ConfigError naming the file and the key, so `workerd --check-config` and a
+failed boot say exactly what to fix. With no file, EMBEDDED_DEFAULT serves the bundled examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Callable
+from typing import Any
+
+EMBEDDED_DEFAULT = """\
+# workerd's embedded default: serves the bundled examples on a fresh install.
+[daemon]
+max_queue = 10000
+max_message_mb = 64
+stop_timeout_s = 30
+
+[pool]
+workers = 0
+preload = []
+gc_freeze = true
+max_tasks_per_worker = 0
+max_worker_memory_mb = 0
+task_timeout_s = 300
+
+[tasks]
+modules = ["workerd.examples.tasks"]
+
+[gpu]
+enabled = "auto"
+device = "auto"
+start = "lazy"
+memory_budget_mb = 0
+run_timeout_s = 600
+
+[pipelines.demo]
+module = "workerd.examples.demo_pipeline"
+"""
+
+EMBEDDED_SOURCE = "<embedded default>"
+MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+PIPELINE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonConfig:
+    socket: str = ""
+    max_queue: int = 10000
+    max_message_mb: float = 64
+    stop_timeout_s: float = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolConfig:
+    workers: int = 0
+    preload: tuple[str, ...] = ()
+    gc_freeze: bool = True
+    max_tasks_per_worker: int = 0
+    max_worker_memory_mb: float = 0
+    task_timeout_s: float = 300.0
+
+    def worker_count(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TasksConfig:
+    modules: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuConfig:
+    enabled: str = "auto"  # auto | true | false
+    device: str = "auto"
+    start: str = "lazy"  # lazy | boot
+    memory_budget_mb: float = 0
+    run_timeout_s: float = 600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    name: str
+    module: str = ""
+    path: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    source: str
+    daemon: DaemonConfig
+    pool: PoolConfig
+    tasks: TasksConfig
+    gpu: GpuConfig
+    pipelines: dict[str, PipelineConfig]
+
+    def with_overrides(self, socket: str | None = None, workers: int | None = None) -> Config:
+        """The config with command-line flags applied (flags beat the file)."""
+        daemon = dataclasses.replace(self.daemon, socket=socket) if socket else self.daemon
+        pool = self.pool if workers is None else dataclasses.replace(self.pool, workers=workers)
+        return dataclasses.replace(self, daemon=daemon, pool=pool)
+
+
+# -- value checkers: each returns the value or raises ValueError saying what was expected ------
+
+Checker = Callable[[Any], Any]
+
+
+def integer(minimum: int = 0) -> Checker:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"expected an integer >= {minimum}")
+        return value
+
+    return check
+
+
+def number(minimum: float = 0.0, exclusive: bool = False) -> Checker:
+    def check(value: Any) -> float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not ok or value < minimum or (exclusive and value == minimum):
+            raise ValueError(f"expected a number {'>' if exclusive else '>='} {minimum:g}")
+        return float(value)
+
+    return check
+
+
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
+def string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value
+
+
+def module_names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("expected a list of module names")
+    for name in value:
+        if not MODULE_NAME.match(name):
+            raise ValueError(f"{name!r} is not a module name")
+    return tuple(value)
+
+
+def one_of(*choices: Any) -> Checker:
+    def check(value: Any) -> str:
+        # TOML writes `enabled = true`; keep the three-way setting as one string.
+        text = str(value).lower() if isinstance(value, bool) else value
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(map(str, choices))}")
+        return str(text)
+
+    return check
+
+
+SECTIONS: dict[str, tuple[type, dict[str, Checker]]] = {
+    "daemon": (
+        DaemonConfig,
+        {
+            "socket": string,
+            "max_queue": integer(1),
+            "max_message_mb": number(0, exclusive=True),
+            "stop_timeout_s": number(0),
+        },
+    ),
+    "pool": (
+        PoolConfig,
+        {
+            "workers": integer(0),
+            "preload": module_names,
+            "gc_freeze": boolean,
+            "max_tasks_per_worker": integer(0),
+            "max_worker_memory_mb": number(0),
+            "task_timeout_s": number(0, exclusive=True),
+        },
+    ),
+    "tasks": (TasksConfig, {"modules": module_names}),
+    "gpu": (
+        GpuConfig,
+        {
+            "enabled": one_of("auto", "true", "false"),
+            "device": string,
+            "start": one_of("lazy", "boot"),
+            "memory_budget_mb": number(0),
+            "run_timeout_s": number(0, exclusive=True),
+        },
+    ),
+}
+
+
+def parse_section(source: str, name: str, table: Any) -> Any:
+    cls, checkers = SECTIONS[name]
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: [{name}] must be a table")
+    values = {}
+    for key, raw in table.items():
+        if key not in checkers:
+            known = ", ".join(sorted(checkers))
+            raise ConfigError(f"{source}: [{name}] unknown key {key!r} (known: {known})")
+        try:
+            values[key] = checkers[key](raw)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: [{name}] {key}: {exc}, got {raw!r}") from None
+    return cls(**values)
+
+
+def parse_pipeline(source: str, name: str, table: Any) -> PipelineConfig:
+    where = f"{source}: [pipelines.{name}]"
+    if not PIPELINE_NAME.match(name):
+        raise ConfigError(f"{where} name must be letters, digits, '_', '-' or '.'")
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = set(table) - {"module", "path"}
+    if unknown:
+        raise ConfigError(f"{where} unknown key {sorted(unknown)[0]!r} (known: module, path)")
+    if ("module" in table) == ("path" in table):
+        raise ConfigError(f"{where} needs exactly one of 'module' or 'path'")
+    if "module" in table:
+        module = table["module"]
+        if not isinstance(module, str) or not MODULE_NAME.match(module):
+            raise ConfigError(f"{where} module: expected a module name, got {module!r}")
+        return PipelineConfig(name=name, module=module)
+    path = table["path"]
+    if not isinstance(path, str) or not os.path.isabs(path):
+        raise ConfigError(f"{where} path: expected an absolute file path, got {path!r}")
+    return PipelineConfig(name=name, path=path)
+
+
+def parse(text: str, source: str) -> Config:
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    unknown = set(document) - set(SECTIONS) - {"pipelines"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown section [{sorted(unknown)[0]}]")
+    sections = {name: parse_section(source, name, document.get(name, {})) for name in SECTIONS}
+    pipelines_table = document.get("pipelines", {})
+    if not isinstance(pipelines_table, dict):
+        raise ConfigError(f"{source}: [pipelines] must be a table of [pipelines.NAME] tables")
+    pipelines = {name: parse_pipeline(source, name, table) for name, table in pipelines_table.items()}
+    return Config(source=source, pipelines=pipelines, **sections)
+
+
+def load(path: str | None) -> Config:
+    """The config from `path`, or the embedded default when path is None."""
+    if path is None:
+        return parse(EMBEDDED_DEFAULT, EMBEDDED_SOURCE)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse(text, path)

@@ -1,0 +1,127 @@
+"""The control socket: find it, claim it safely, bind it (or adopt systemd's), lock it down.
+
+libzmq unlinks whatever sits at an ipc path when it binds, so binding blindly would let a second
+daemon silently steal a live daemon's socket. We probe the path first: a socket that accepts a
+connection belongs to a live daemon and we refuse; one that refuses is stale and we remove it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from typing import Any
+
+import zmq
+
+from workerctl import paths
+
+SOCKET_MODE = 0o660  # group access is the grant: add users to the socket's group
+DIRECTORY_MODE = 0o750
+SD_LISTEN_FDS_START = 3
+
+
+class ControlSocketError(Exception):
+    pass
+
+
+def inherited_fd() -> int | None:
+    """The listening socket systemd passed us (socket activation), if any.
+
+    The LISTEN_* variables are consumed so that children do not think the fd is theirs.
+    """
+    pid = os.environ.pop("LISTEN_PID", None)
+    count = os.environ.pop("LISTEN_FDS", None)
+    os.environ.pop("LISTEN_FDNAMES", None)
+    if pid != str(os.getpid()) or not count or int(count) < 1:
+        return None
+    if int(count) > 1:
+        raise ControlSocketError(f"systemd passed {count} sockets; workerd takes exactly one")
+    fd = SD_LISTEN_FDS_START
+    os.set_inheritable(fd, False)
+    return fd
+
+
+def inherited_path(fd: int) -> str:
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            raise ControlSocketError("the socket systemd passed is not a Unix stream socket")
+        name = sock.getsockname()
+    finally:
+        sock.close()
+    if not isinstance(name, str) or not name:
+        raise ControlSocketError("the socket systemd passed has no filesystem path")
+    return name
+
+
+def check_path(path: str) -> None:
+    if len(os.fsencode(path)) > paths.MAX_SOCKET_PATH:
+        raise ControlSocketError(
+            f"socket path {path} is {len(os.fsencode(path))} bytes; "
+            f"Unix sockets allow at most {paths.MAX_SOCKET_PATH}"
+        )
+
+
+def ensure_directory(directory: str) -> None:
+    if not os.path.isdir(directory):
+        os.makedirs(directory, mode=DIRECTORY_MODE, exist_ok=True)
+        os.chmod(directory, DIRECTORY_MODE)  # makedirs' mode is filtered by the umask
+        return
+    info = os.stat(directory)
+    if info.st_uid not in (os.getuid(), 0):
+        raise ControlSocketError(
+            f"socket directory {directory} belongs to uid {info.st_uid}, not to us; refusing it"
+        )
+
+
+def claim_path(path: str) -> None:
+    """Refuse a live daemon's socket; remove a stale one."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise ControlSocketError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # stale: left by a daemon that died without cleaning up
+        return
+    finally:
+        probe.close()
+    raise ControlSocketError(f"another workerd is already serving {path}; refusing to start")
+
+
+def bind(
+    context: zmq.Context[Any], path: str | None, max_message_bytes: int, fd: int | None
+) -> tuple[zmq.Socket[Any], str]:
+    """The bound ROUTER and the path it serves."""
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    # libzmq drops a peer that sends a frame bigger than this instead of buffering it.
+    router.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    # A client that vanished must not make us buffer its replies forever.
+    router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+    if fd is not None:
+        path = inherited_path(fd)
+        router.setsockopt(zmq.USE_FD, fd)
+        router.bind(paths.endpoint(path))
+        return router, path
+    assert path is not None
+    check_path(path)
+    ensure_directory(os.path.dirname(path) or ".")
+    claim_path(path)
+    # Bind under a umask that leaves the socket 0660 from its first instant: a chmod after the
+    # bind would leave a window in which it has the process umask's wider mode.
+    previous = os.umask(0o117)
+    try:
+        router.bind(paths.endpoint(path))
+    except zmq.ZMQError as exc:
+        router.close()
+        raise ControlSocketError(f"cannot bind {path}: {exc}") from None
+    finally:
+        os.umask(previous)
+    os.chmod(path, SOCKET_MODE)
+    return router, path

@@ -1,0 +1,1 @@
+"""Bundled examples that the embedded default config serves."""

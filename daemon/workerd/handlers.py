@@ -1,0 +1,146 @@
+"""Command handlers: one method per protocol command, no sockets.
+
+Each takes the requester's routing id and the decoded request and returns the result, raises
+RequestRejected for a typed error, or returns DEFERRED when the answer comes later (execute,
+clear_memory and reload answer through the pool once the work is done).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from workerctl import protocol
+
+from . import __version__, memory
+from .jobs import Job, RequestRejected, check_execute
+from .tasks import TaskLookupError, check_allowed
+
+if TYPE_CHECKING:
+    from .master import Master
+
+DEFERRED = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class Incoming:
+    """A decoded request and where it came from."""
+
+    client: bytes  # the ROUTER routing id to answer
+    body: bytes  # the request as it arrived, forwarded to workers untouched
+    request: dict[str, Any]
+
+    @property
+    def id(self) -> Any:
+        return self.request["id"]
+
+
+CLEAR_LEVELS = ("gc", "cache", "full")
+MAX_WORKERS = 1024
+
+
+class Commands:
+    def __init__(self, master: Master) -> None:
+        self.master = master
+        self.job_ids = itertools.count(1)
+
+    def lookup(self, cmd: str) -> Any:
+        if cmd not in ("ping", "status", "memory_status", "clear_memory", "execute", "scale", "reload"):
+            return None
+        return getattr(self, cmd)
+
+    def ping(self, msg: Incoming) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "uptime_s": time.monotonic() - self.master.started,
+            "protocols": list(protocol.SUPPORTED_VERSIONS),
+        }
+
+    def status(self, msg: Incoming) -> dict[str, Any]:
+        master, pool = self.master, self.master.pool
+        workers = pool.snapshot()
+        return {
+            **self.ping(msg),
+            "state": master.state,
+            "socket": master.socket_path,
+            "config": master.config.source,
+            "pool": {
+                "target": pool.target,
+                "size": sum(1 for w in workers if w["state"] in ("idle", "busy")),
+                "idle": sum(1 for w in workers if w["state"] == "idle"),
+                "busy": sum(1 for w in workers if w["state"] == "busy"),
+                "generation": pool.generation,
+                "gc_freeze": master.config.pool.gc_freeze,
+                "error": pool.failure,
+                "workers": workers,
+            },
+            "queue": {"depth": len(pool.queue), "max": master.config.daemon.max_queue},
+            "counters": dict(master.counters + pool.counters),
+        }
+
+    def memory_status(self, msg: Incoming) -> dict[str, Any]:
+        pool = self.master.pool
+        return {
+            "daemon": {"pid": os.getpid(), "rss_bytes": memory.process_memory(os.getpid())["rss_bytes"]},
+            "zygotes": [
+                {"pid": z.pid, "generation": g, **memory.process_memory(z.pid)}
+                for g, z in sorted(pool.zygotes.items())
+            ],
+            "workers": pool.memory(),
+            "gpu": None,
+        }
+
+    def clear_memory(self, msg: Incoming) -> object:
+        level = msg.request.get("level", "cache")
+        if level not in CLEAR_LEVELS:
+            raise RequestRejected(protocol.BAD_REQUEST, f"'level' must be one of {', '.join(CLEAR_LEVELS)}")
+        self.master.pool.collect_garbage(msg.client, msg.id, level)
+        return DEFERRED
+
+    def execute(self, msg: Incoming) -> object:
+        master = self.master
+        if master.state == "stopping":
+            raise RequestRejected(protocol.SHUTTING_DOWN, "workerd is stopping")
+        name, timeout_s, retries = check_execute(msg.request, master.config.pool.task_timeout_s)
+        if ":" not in name:
+            raise RequestRejected(
+                protocol.UNKNOWN_TASK,
+                f"no pipeline named {name!r} (tasks are named 'package.module:function')",
+            )
+        try:
+            check_allowed(name, master.config.tasks.modules)
+        except TaskLookupError as exc:
+            raise RequestRejected(exc.code, exc.message) from None
+        if len(master.pool.queue) >= master.config.daemon.max_queue:
+            raise RequestRejected(
+                protocol.BUSY, f"queue is full ({master.config.daemon.max_queue} waiting); retry later"
+            )
+        job = Job(
+            id=next(self.job_ids),
+            client=msg.client,
+            request_id=msg.id,
+            body=msg.body,
+            name=name,
+            timeout_s=timeout_s,
+            retries=retries,
+            accepted_at=time.monotonic(),
+        )
+        master.pool.submit(job)
+        return DEFERRED
+
+    def scale(self, msg: Incoming) -> dict[str, Any]:
+        workers = msg.request.get("workers")
+        if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= MAX_WORKERS:
+            raise RequestRejected(
+                protocol.BAD_REQUEST, f"'workers' must be an integer from 0 to {MAX_WORKERS}"
+            )
+        self.master.pool.scale(workers)
+        return {"workers": workers}
+
+    def reload(self, msg: Incoming) -> object:
+        self.master.reload(msg)
+        return DEFERRED

@@ -1,0 +1,336 @@
+"""The master: one thread, one poll loop, owning the control socket and the pool.
+
+Like gunicorn's arbiter, signal handlers only queue the signal and wake the loop (through a
+wakeup fd the poller watches); the loop dispatches handle_<signal>. Everything else arrives as
+a readable socket or fd: client requests on the control ROUTER, worker frames on the internal
+ROUTER, zygote events on their pipes. Deadlines (task timeouts, the watchdog, the stop grace
+period) bound how long one poll may sleep.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import zmq
+
+from workerctl import protocol
+from workerctl.paths import resolve_socket_path
+
+from . import config as configuration
+from . import control
+from .handlers import DEFERRED, Commands, Incoming
+from .jobs import RequestRejected
+from .notify import Notifier
+from .pool import Pool
+
+log = logging.getLogger("workerd")
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
+SIGNAL_NAMES = {sig: sig.name.lower() for sig in SIGNALS}
+# At most this many client messages per loop turn, so workers' results are never starved.
+CONTROL_BATCH = 256
+# After the grace period, give killed workers this long to be reaped before we exit anyway.
+EXIT_WAIT_S = 3.0
+# Replies waiting for a slow client before libzmq drops them: high, because a dropped terminal
+# reply is a request that never ends for its caller.
+CLIENT_SNDHWM = 100_000
+
+
+class Master:
+    def __init__(
+        self, config: configuration.Config, config_path: str | None, overrides: dict[str, Any]
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.overrides = overrides
+        self.started = time.monotonic()
+        self.state = "starting"
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.notifier = Notifier()
+        self.signals: list[int] = []
+        self.pending_reloads: list[Incoming] = []
+        self.stop_deadline = math.inf
+        self.exit_deadline = math.inf
+        self.next_watchdog = time.monotonic()
+        self.commands = Commands(self)
+
+    # -- start ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.install_signals()
+        self.context: zmq.Context[Any] = zmq.Context()
+        max_bytes = int(self.config.daemon.max_message_mb * 1024 * 1024)
+        path = configuration_socket(self.config)
+        self.control, self.socket_path = control.bind(self.context, path, max_bytes, control.inherited_fd())
+        self.control.setsockopt(zmq.SNDHWM, CLIENT_SNDHWM)
+        # Workers talk to us on a private socket, in a directory only we (and they) can enter.
+        self.private_dir = tempfile.mkdtemp(prefix="workerd-")
+        self.backend = self.context.socket(zmq.ROUTER)
+        self.backend.setsockopt(zmq.LINGER, 0)
+        endpoint = f"ipc://{self.private_dir}/workers.sock"
+        self.backend.bind(endpoint)
+        self.pool = Pool(self.config, self.backend, endpoint, self.private_dir, self.reply)
+        self.pool.on_generation = self.generation_done
+        self.pool.start_generation(self.config)
+        self.poller = zmq.Poller()
+        for item in (self.control, self.backend, self.wake_read):
+            self.poller.register(item, zmq.POLLIN)
+        self.watched: set[int] = set()
+        log.info("workerd listening on %s (config: %s)", self.socket_path, self.config.source)
+        self.notifier.status(f"importing task code; serving {self.socket_path}")
+
+    def install_signals(self) -> None:
+        self.wake_read, self.wake_write = os.pipe()
+        for fd in (self.wake_read, self.wake_write):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(self.wake_write, warn_on_full_buffer=False)
+        for sig in SIGNALS:
+            signal.signal(sig, self.queue_signal)
+
+    def queue_signal(self, signum: int, frame: object) -> None:
+        self.signals.append(signum)
+
+    # -- loop ----------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.start()
+        try:
+            while self.state != "stopped":
+                self.poll_once()
+        finally:
+            self.cleanup()
+        log.info("workerd stopped")
+        return 0
+
+    def poll_once(self) -> None:
+        zygotes = {z.events_fd: z for z in self.pool.zygotes.values()}
+        self.watch_zygotes(zygotes.keys())
+        ready = dict(self.poller.poll(self.poll_timeout_ms()))
+        if self.wake_read in ready:
+            self.handle_signals()
+        if self.backend in ready:
+            self.pool.handle_backend()
+        if self.control in ready:
+            self.handle_control()
+        for fd, zygote in zygotes.items():
+            if fd in ready:
+                self.pool.handle_zygote(zygote)
+        now = time.monotonic()
+        if now >= self.pool.next_deadline():
+            self.pool.tick()
+        self.ping_watchdog(now)
+        if self.state == "stopping":
+            self.advance_stop(now)
+
+    def watch_zygotes(self, fds: Iterable[int]) -> None:
+        """Keep the poller's set of zygote pipes in step with the pool's zygotes."""
+        wanted = set(fds)
+        for fd in self.watched - wanted:
+            self.poller.unregister(fd)
+        for fd in wanted - self.watched:
+            self.poller.register(fd, zmq.POLLIN)
+        self.watched = wanted
+
+    def poll_timeout_ms(self) -> int:
+        deadline = min(self.pool.next_deadline(), self.stop_deadline, self.exit_deadline)
+        if self.notifier.watchdog_interval:
+            deadline = min(deadline, self.next_watchdog)
+        if self.state == "stopping":
+            deadline = min(deadline, time.monotonic() + 0.1)
+        if deadline == math.inf:
+            return -1
+        return max(0, math.ceil((deadline - time.monotonic()) * 1000))
+
+    def ping_watchdog(self, now: float) -> None:
+        # Sent from the loop itself, so a loop that stalls stops the pings and systemd notices.
+        interval = self.notifier.watchdog_interval
+        if interval and now >= self.next_watchdog:
+            self.notifier.watchdog()
+            self.next_watchdog = now + interval
+
+    # -- clients -------------------------------------------------------------------------------
+
+    def handle_control(self) -> None:
+        for _ in range(CONTROL_BATCH):
+            try:
+                frames = self.control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.handle_request(frames)
+
+    def handle_request(self, frames: list[bytes]) -> None:
+        client = frames[0]
+        if len(frames) != 3 or frames[1] != b"":
+            self.counters["bad_requests"] += 1
+            self.reply(
+                client,
+                protocol.encode_error(
+                    None,
+                    protocol.BAD_REQUEST,
+                    "a request is two frames: an empty delimiter and a msgpack body",
+                ),
+            )
+            return
+        try:
+            request = protocol.decode_request(frames[2])
+        except protocol.ProtocolError as exc:
+            self.counters["bad_requests"] += 1
+            self.reply(client, protocol.encode_error(exc.request_id, exc.code, exc.message))
+            return
+        cmd = request["cmd"]
+        handler = self.commands.lookup(cmd)
+        if handler is None:
+            self.counters["bad_requests"] += 1
+            self.reply(
+                client,
+                protocol.encode_error(request["id"], protocol.UNKNOWN_COMMAND, f"unknown command {cmd!r}"),
+            )
+            return
+        self.counters[f"requests_{cmd}"] += 1
+        try:
+            result = handler(Incoming(client, frames[2], request))
+        except RequestRejected as exc:
+            self.counters[f"rejected_{exc.code.lower()}"] += 1
+            self.reply(client, protocol.encode_error(request["id"], exc.code, exc.message))
+            return
+        except Exception as exc:
+            log.exception("command %s failed", cmd)
+            self.reply(
+                client,
+                protocol.encode_error(request["id"], protocol.INTERNAL, f"{type(exc).__name__}: {exc}"),
+            )
+            return
+        if result is not DEFERRED:
+            self.reply(client, protocol.encode_result(request["id"], result))
+
+    def reply(self, client: bytes, frame: bytes) -> None:
+        try:
+            self.control.send_multipart([client, b"", frame], zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("dropped a reply to a client that stopped reading")
+
+    # -- reload --------------------------------------------------------------------------------
+
+    def reload(self, requester: Incoming | None) -> None:
+        """Re-read the config and start a new generation of task code; workers roll over."""
+        if requester is not None:
+            self.pending_reloads.append(requester)
+        if self.state == "stopping":
+            self.finish_reloads(False, "workerd is stopping")
+            return
+        if self.state == "reloading":
+            return  # joins the reload in progress
+        try:
+            config = load_config(self.config_path, self.overrides)
+        except configuration.ConfigError as exc:
+            log.error("reload refused: %s", exc)
+            self.finish_reloads(False, f"reload refused: {exc}")
+            return
+        if configuration_socket(config) != configuration_socket(self.config):
+            log.warning("reload: the socket path changes only on restart")
+        self.config = config
+        self.state = "reloading"
+        self.notifier.reloading()
+        log.info("reloading: importing task code into a new zygote")
+        self.pool.start_generation(config)
+
+    def generation_done(self, ok: bool, message: str) -> None:
+        """The pool's new zygote is ready (or failed to import): first boot or a reload."""
+        if self.state == "stopping":
+            return
+        if self.state == "starting":
+            status = f"serving {self.socket_path}" if ok else f"degraded: {message}"
+            self.notifier.ready(status)
+            self.state = "running"
+            return
+        self.state = "running"
+        self.notifier.ready(f"serving {self.socket_path}" if ok else f"reload failed: {message}")
+        self.finish_reloads(ok, message)
+
+    def finish_reloads(self, ok: bool, message: str) -> None:
+        for msg in self.pending_reloads:
+            if ok:
+                self.reply(msg.client, protocol.encode_result(msg.id, {"generation": self.pool.generation}))
+            else:
+                self.reply(msg.client, protocol.encode_error(msg.id, protocol.INTERNAL, message))
+        self.pending_reloads.clear()
+
+    # -- signals -------------------------------------------------------------------------------
+
+    def handle_signals(self) -> None:
+        try:
+            os.read(self.wake_read, 4096)
+        except BlockingIOError:
+            pass
+        queued, self.signals = self.signals, []
+        for signum in queued:
+            getattr(self, f"handle_{SIGNAL_NAMES[signal.Signals(signum)]}")()
+
+    def handle_sigterm(self) -> None:
+        if self.state == "stopping":
+            log.warning("second stop signal: not waiting for tasks in flight")
+            self.stop_deadline = time.monotonic()
+            return
+        self.begin_stop()
+
+    handle_sigint = handle_sigterm
+
+    def handle_sighup(self) -> None:
+        self.reload(None)
+
+    def handle_sigttin(self) -> None:
+        self.pool.scale(self.pool.target + 1)
+
+    def handle_sigttou(self) -> None:
+        self.pool.scale(max(self.pool.target - 1, 0))
+
+    def handle_sigchld(self) -> None:
+        """Zygotes are our children; their EOF tells us they died, reaping happens there."""
+
+    # -- stop ----------------------------------------------------------------------------------
+
+    def begin_stop(self) -> None:
+        log.info("stopping: finishing tasks in flight (grace %g s)", self.config.daemon.stop_timeout_s)
+        self.state = "stopping"
+        self.notifier.stopping()
+        self.finish_reloads(False, "workerd is stopping")
+        self.stop_deadline = time.monotonic() + self.config.daemon.stop_timeout_s
+        self.pool.begin_stop()
+
+    def advance_stop(self, now: float) -> None:
+        if self.exit_deadline == math.inf:  # still letting tasks in flight finish
+            if self.pool.running() and now < self.stop_deadline:
+                return
+            self.pool.abort_running()
+            self.exit_deadline = now + EXIT_WAIT_S
+        if not self.pool.workers or now >= self.exit_deadline:
+            self.state = "stopped"
+
+    def cleanup(self) -> None:
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.close()
+        for sock in ("control", "backend"):
+            if hasattr(self, sock):
+                getattr(self, sock).close(linger=0)
+        if hasattr(self, "context"):
+            self.context.term()
+        if hasattr(self, "private_dir"):
+            shutil.rmtree(self.private_dir, ignore_errors=True)
+
+
+def configuration_socket(config: configuration.Config) -> str:
+    return resolve_socket_path(config.daemon.socket or None)
+
+
+def load_config(path: str | None, overrides: dict[str, Any]) -> configuration.Config:
+    return configuration.load(path).with_overrides(**overrides)

@@ -1,0 +1,118 @@
+"""Task names and task runs, inside a worker.
+
+A task is "package.module:function" where the module is listed in `[tasks] modules` (exact
+match: listing a package does not allow its submodules). The master checks the allow-list
+before a request reaches a worker; the worker checks it again, because a worker must never
+import a module on the say-so of the wire.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+import traceback
+from collections.abc import Callable, Collection, Iterator
+from typing import Any
+
+from workerctl import protocol
+
+FUNCTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class TaskLookupError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def split_name(name: str) -> tuple[str, str]:
+    module, sep, function = name.partition(":")
+    if not sep or not module or not FUNCTION_NAME.match(function):
+        raise TaskLookupError(
+            protocol.UNKNOWN_TASK, f"task name must be 'package.module:function', got {name!r}"
+        )
+    return module, function
+
+
+def check_allowed(name: str, allowed: Collection[str]) -> tuple[str, str]:
+    """The (module, function) of an allowed task name; raises TaskLookupError otherwise."""
+    module, function = split_name(name)
+    if module not in allowed:
+        raise TaskLookupError(protocol.DENIED, f"module {module!r} is not listed in [tasks] modules")
+    return module, function
+
+
+def resolve(name: str, allowed: Collection[str]) -> Callable[..., Any]:
+    module_name, function_name = check_allowed(name, allowed)
+    try:
+        # Already imported by the zygote before the fork, so this is a dict lookup.
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise TaskLookupError(
+            protocol.UNKNOWN_TASK, f"module {module_name!r} failed to import: {exc!r}"
+        ) from None
+    function = getattr(module, function_name, None)
+    if function is None:
+        raise TaskLookupError(
+            protocol.UNKNOWN_TASK, f"module {module_name!r} has no attribute {function_name!r}"
+        )
+    if not callable(function):
+        raise TaskLookupError(protocol.UNKNOWN_TASK, f"{name!r} is not callable")
+    return function  # type: ignore[no-any-return]
+
+
+def error_details(exc: BaseException) -> dict[str, Any]:
+    return {
+        "type": type(exc).__qualname__,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+
+
+ITEM, OK, ERROR = b"item", b"ok", b"error"
+
+
+def bounded(kind: bytes, frame: bytes, request_id: Any, limit: int) -> tuple[bytes, bytes]:
+    """The frame itself, or a TASK_ERROR in its place if it exceeds the message size limit."""
+    if len(frame) <= limit:
+        return kind, frame
+    return ERROR, protocol.encode_error(
+        request_id,
+        protocol.TASK_ERROR,
+        f"result is {len(frame)} bytes, over the {limit} byte message limit",
+        {"type": "ResultTooLarge", "bytes": len(frame), "limit": limit},
+    )
+
+
+def run(body: dict[str, Any], allowed: Collection[str], limit: int) -> Iterator[tuple[bytes, bytes]]:
+    """Run one execute request; yield (kind, reply frame) pairs, kind one of ITEM, OK, ERROR.
+
+    A generator task yields one stream item per value, then a terminal reply whose result is
+    {"items": count}. Every failure becomes a typed error reply: the worker never dies of a task.
+    An oversized item ends the stream with that error.
+    """
+    request_id = body.get("id")
+    try:
+        function = resolve(body["name"], allowed)
+        value = function(*body.get("args", ()), **body.get("kwargs", {}))
+        if inspect.isgenerator(value):
+            count = 0
+            for count, item in enumerate(value, 1):
+                kind, frame = bounded(ITEM, protocol.encode_item(request_id, count, item), request_id, limit)
+                yield kind, frame
+                if kind is ERROR:
+                    value.close()
+                    return
+            value = {"items": count}
+        yield bounded(OK, protocol.encode_result(request_id, value), request_id, limit)
+    except TaskLookupError as exc:
+        yield ERROR, protocol.encode_error(request_id, exc.code, exc.message)
+    except Exception as exc:  # the task's own failure, reported, never fatal
+        yield (
+            ERROR,
+            protocol.encode_error(
+                request_id, protocol.TASK_ERROR, f"{type(exc).__name__}: {exc}", error_details(exc)
+            ),
+        )

@@ -1,0 +1,95 @@
+"""A CPU worker: forked from the zygote, runs one task at a time for the master.
+
+Internal frames (worker DEALER <-> master ROUTER; the master sees our routing id first):
+
+    worker -> master   [b"ready", msgpack({"pid", "generation"})]
+                       [b"item", job id, reply frame]               a generator's item
+                       [b"done", job id, b"ok"|b"error", reply frame, msgpack({"uss"})]
+                       [b"gc", msgpack({"pid", "freed_objects", "uss_before", "uss_after"})]
+    master -> worker   [b"run", job id, request body]               body as the client sent it
+                       [b"gc"]                                      gc.collect() now
+                       [b"stop"]                                    exit after this message
+
+Reply frames are encoded here, complete with the client's request id, so the master forwards
+them without decoding: the master's per-task cost stays flat whatever the result size.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import gc
+import os
+import signal
+from typing import Any
+
+import zmq
+
+from workerctl import protocol
+
+from . import memory, tasks
+
+
+class WorkerSettings:
+    """What the zygote hands each worker (all plain data, decided before the fork)."""
+
+    def __init__(self, settings: dict[str, Any], generation: int) -> None:
+        self.endpoint: str = settings["endpoint"]
+        self.stack_dir: str = settings["stack_dir"]
+        self.allowed: frozenset[str] = frozenset(settings["task_modules"])
+        self.max_message_bytes: int = settings["max_message_bytes"]
+        self.report_uss: bool = settings["report_uss"]
+        self.generation = generation
+
+
+def stack_path(stack_dir: str, pid: int) -> str:
+    return os.path.join(stack_dir, f"stack-{pid}.txt")
+
+
+def serve(settings: WorkerSettings) -> None:
+    """The worker's whole life: connect, announce, run tasks until told to stop."""
+    pid = os.getpid()
+    # SIGUSR1 dumps every thread's stack from C, even while Python is stuck in a long call: the
+    # master reads it when a task times out, just before it kills us.
+    dump = open(stack_path(settings.stack_dir, pid), "w")  # noqa: SIM115 (kept open for life)
+    faulthandler.register(signal.SIGUSR1, file=dump, all_threads=True)
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 2000)  # let the last reply out before exit
+    sock.setsockopt(zmq.ROUTING_ID, worker_id(pid))
+    sock.connect(settings.endpoint)
+    sock.send_multipart([b"ready", protocol.pack({"pid": pid, "generation": settings.generation})])
+    try:
+        while True:
+            frames = sock.recv_multipart()
+            op = frames[0]
+            if op == b"run":
+                run_job(sock, settings, frames[1], frames[2])
+            elif op == b"gc":
+                sock.send_multipart([b"gc", protocol.pack(collect_garbage(pid))])
+            elif op == b"stop":
+                break
+    finally:
+        sock.close()
+        context.term()
+        dump.close()
+        os.unlink(dump.name)
+
+
+def worker_id(pid: int) -> bytes:
+    return b"w%d" % pid
+
+
+def run_job(sock: zmq.Socket[Any], settings: WorkerSettings, job: bytes, body: bytes) -> None:
+    request = protocol.unpack(body)
+    for kind, frame in tasks.run(request, settings.allowed, settings.max_message_bytes):
+        if kind is tasks.ITEM:
+            sock.send_multipart([b"item", job, frame])
+            continue
+        extra = {"uss": memory.uss_bytes(os.getpid())} if settings.report_uss else {}
+        sock.send_multipart([b"done", job, kind, frame, protocol.pack(extra)])
+
+
+def collect_garbage(pid: int) -> dict[str, Any]:
+    before = memory.uss_bytes(pid)
+    freed = gc.collect()
+    return {"pid": pid, "freed_objects": freed, "uss_before": before, "uss_after": memory.uss_bytes(pid)}
