@@ -90,9 +90,9 @@ def plan_workers(
     """How many workers to fork now and which to retire, given the pool as it stands.
 
     Outside a reload, fork what is missing and retire the excess (idle ones first). During a
-    reload (live workers of an older generation exist), replace them one by one: fork one new
-    worker at a time and retire one old worker for each new one that is ready, so capacity
-    never drops by more than one worker and never doubles memory.
+    reload (live workers of an older generation exist), replace them one by one: keep one new
+    worker starting at a time and retire one old worker for each new one that is ready, so
+    capacity stays at the target and memory holds at most one extra worker, never double.
     """
     live = [w for w in workers if w.live]
     current = [w for w in live if w.generation == generation]

@@ -60,6 +60,11 @@ def leak(mb: int = 10) -> dict[str, int]:
     return {"pid": os.getpid(), "leaked_mb": len(_LEAKED) * mb}
 
 
+def payload(size: int = 1024) -> bytes:
+    """Return `size` bytes: large results without a large request."""
+    return b"x" * size
+
+
 def pid() -> int:
     return os.getpid()
 

@@ -1,0 +1,135 @@
+"""Fixtures that start the real daemon as a process, on a socket under tmp_path."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from workerctl import Client, errors
+
+BASE_CONFIG = """\
+[daemon]
+stop_timeout_s = 10
+
+[pool]
+workers = {workers}
+task_timeout_s = 60
+
+[tasks]
+modules = ["workerd.examples.tasks"]
+
+[gpu]
+enabled = "false"
+"""
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll `predicate` until it returns something truthy; fail the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+class Daemon:
+    """A workerd process under test."""
+
+    def __init__(
+        self,
+        directory: Path,
+        config_text: str | None,
+        args: list[str],
+        env: dict[str, str],
+        socket: str | None,
+    ) -> None:
+        self.directory = directory
+        self.socket = socket or str(directory / "workerd.sock")
+        self.log_path = directory / "workerd.log"
+        command = [sys.executable, "-m", "workerd", "--socket", self.socket, *args]
+        if config_text is not None:
+            self.config_path = directory / "workerd.toml"
+            self.config_path.write_text(config_text)
+            command += ["--config", str(self.config_path)]
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            command, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **env}
+        )
+
+    def client(self, timeout: float = 30.0) -> Client:
+        return Client(self.socket, timeout=timeout)
+
+    def wait_ready(self, timeout: float = 20.0) -> dict[str, Any]:
+        """Wait until the daemon answers status with its full pool of idle workers."""
+
+        def ready() -> dict[str, Any] | None:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"workerd exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                with self.client(timeout=1.0) as client:
+                    status = client.status()
+            except errors.WorkerdError:
+                return None
+            pool = status["pool"]
+            if status["state"] == "running" and (pool["error"] or pool["idle"] == pool["target"]):
+                return status
+            return None
+
+        return wait_until(ready, timeout)  # type: ignore[no-any-return]
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Start workerd; by default with BASE_CONFIG, waiting until its pool is ready."""
+    started: list[Daemon] = []
+
+    def start(
+        config: str | None = None,
+        workers: int = 2,
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        embedded: bool = False,
+        socket: str | None = None,
+    ) -> Daemon:
+        text = None if embedded else (config if config is not None else BASE_CONFIG.format(workers=workers))
+        daemon = Daemon(tmp_path, text, args or [], env or {}, socket)
+        started.append(daemon)
+        if wait:
+            daemon.wait_ready()
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop(signal.SIGKILL if daemon.proc.poll() is None else signal.SIGTERM, timeout=5)
+
+
+@pytest.fixture
+def daemon(start_daemon: Callable[..., Daemon]) -> Daemon:
+    return start_daemon()

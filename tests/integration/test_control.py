@@ -1,0 +1,227 @@
+"""The control socket against hostile input, and workerctl's exit codes, on a real daemon."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+
+from tests.conftest import Daemon
+from workerctl import errors, protocol
+
+WORKERCTL = [sys.executable, "-m", "workerctl.cli"]
+
+
+def raw_exchange(path: str, frames: list[bytes], timeout_ms: int = 2000) -> list[bytes] | None:
+    """Send frames on a fresh DEALER; the reply frames, or None if none came."""
+    context = zmq.Context.instance()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"ipc://{path}")
+    try:
+        sock.send_multipart(frames)
+        if sock.poll(timeout_ms):
+            return sock.recv_multipart()
+        return None
+    finally:
+        sock.close()
+
+
+def error_code(frames: list[bytes] | None) -> str:
+    assert frames is not None, "no reply"
+    assert frames[0] == b""
+    body = msgpack.unpackb(frames[1])
+    assert body["ok"] is False
+    return str(body["error"]["code"])
+
+
+def workerctl(
+    *args: str, env: dict[str, str] | None = None, user: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    command = [*WORKERCTL, *args]
+    if user:
+        command = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *command]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=30, env={**os.environ, **(env or {})}
+    )
+
+
+def test_ping_reports_identity(daemon: Daemon) -> None:
+    with daemon.client() as client:
+        pong = client.ping()
+    assert pong["pid"] == daemon.proc.pid
+    assert pong["protocols"] == [1]
+    assert pong["uptime_s"] > 0
+
+
+@pytest.mark.parametrize(
+    ("frames", "code"),
+    [
+        ([b"", b"\xc1not msgpack"], protocol.BAD_REQUEST),
+        ([b"", msgpack.packb([1, 2, 3])], protocol.BAD_REQUEST),
+        ([b"", msgpack.packb({"v": 1, "cmd": "ping"})], protocol.BAD_REQUEST),
+        ([b"", msgpack.packb({"v": 1, "id": 1, "cmd": "fly"})], protocol.UNKNOWN_COMMAND),
+        ([b"", msgpack.packb({"v": 99, "id": 1, "cmd": "ping"})], protocol.UNSUPPORTED_VERSION),
+        ([b"", msgpack.packb({"v": 1, "id": 1, "cmd": "execute", "name": 5})], protocol.BAD_REQUEST),
+        (
+            [b"", msgpack.packb({"v": 1, "id": 1, "cmd": "execute", "name": "a:b", "args": {}})],
+            protocol.BAD_REQUEST,
+        ),
+        ([b"", msgpack.packb({"v": 1, "id": 1, "cmd": "scale", "workers": -1})], protocol.BAD_REQUEST),
+        (
+            [b"", msgpack.packb({"v": 1, "id": 1, "cmd": "clear_memory", "level": "all"})],
+            protocol.BAD_REQUEST,
+        ),
+        ([msgpack.packb({"v": 1, "id": 1, "cmd": "ping"})], protocol.BAD_REQUEST),  # no delimiter
+        ([b"", b"x", b"y"], protocol.BAD_REQUEST),
+    ],
+)
+def test_bad_input_gets_a_typed_error_and_the_daemon_keeps_serving(
+    daemon: Daemon, frames: list[bytes], code: str
+) -> None:
+    assert error_code(raw_exchange(daemon.socket, frames)) == code
+    with daemon.client() as client:
+        assert client.ping()["pid"] == daemon.proc.pid
+
+
+def test_error_reply_echoes_the_request_id(daemon: Daemon) -> None:
+    frames = raw_exchange(daemon.socket, [b"", msgpack.packb({"v": 1, "id": "abc", "cmd": "nope"})])
+    assert frames is not None
+    assert msgpack.unpackb(frames[1])["id"] == "abc"
+
+
+def test_oversized_message_is_dropped_and_the_daemon_keeps_serving(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    config = (
+        "[daemon]\nmax_message_mb = 1\n[pool]\nworkers = 1\n[tasks]\nmodules = ['workerd.examples.tasks']\n"
+    )
+    daemon = start_daemon(config=config)
+    big = protocol.encode_request(
+        1, "execute", name="workerd.examples.tasks:echo", args=["x" * (2 * 1024 * 1024)]
+    )
+    assert raw_exchange(daemon.socket, [b"", big], timeout_ms=1000) is None
+    with daemon.client() as client:
+        assert client.execute("workerd.examples.tasks:echo", "small") == "small"
+
+
+def test_result_over_the_size_limit_is_a_clear_error(start_daemon: Callable[..., Daemon]) -> None:
+    config = (
+        "[daemon]\nmax_message_mb = 1\n[pool]\nworkers = 1\n[tasks]\nmodules = ['workerd.examples.tasks']\n"
+    )
+    daemon = start_daemon(config=config)
+    with daemon.client() as client, pytest.raises(errors.TaskError, match="over the .* byte message limit"):
+        client.execute("workerd.examples.tasks:payload", 2 * 1024 * 1024)
+    with daemon.client() as client:
+        assert client.execute("workerd.examples.tasks:payload", 10) == b"x" * 10
+
+
+def test_second_daemon_refuses_a_live_socket(daemon: Daemon, tmp_path: Path) -> None:
+    second = subprocess.run(
+        [sys.executable, "-m", "workerd", "--socket", daemon.socket, "--workers", "1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert second.returncode == 69
+    assert f"another workerd is already serving {daemon.socket}" in second.stderr
+    with daemon.client() as client:
+        assert client.ping()["pid"] == daemon.proc.pid
+
+
+def test_socket_and_directory_modes(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    daemon = start_daemon(socket=str(tmp_path / "sub" / "w.sock"))
+    assert os.stat(daemon.socket).st_mode & 0o777 == 0o660
+    assert os.stat(tmp_path / "sub").st_mode & 0o777 == 0o750
+
+
+def test_workerctl_ping_json(daemon: Daemon) -> None:
+    result = workerctl("--socket", daemon.socket, "--json", "ping")
+    assert result.returncode == 0, result.stderr
+    assert '"pid": %d' % daemon.proc.pid in result.stdout
+
+
+def test_workerctl_finds_the_socket_from_the_environment(daemon: Daemon) -> None:
+    result = workerctl("status", env={"WORKERD_SOCKET": daemon.socket})
+    assert result.returncode == 0, result.stderr
+    assert "state running" in result.stdout
+
+
+def test_workerctl_not_running(tmp_path: Path) -> None:
+    result = workerctl("--socket", str(tmp_path / "absent.sock"), "ping")
+    assert result.returncode == errors.EXIT_UNREACHABLE
+    assert "is it running?" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_workerctl_stale_socket(tmp_path: Path) -> None:
+    path = str(tmp_path / "stale.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.close()  # the file stays, nobody listens: what a crashed daemon leaves
+    result = workerctl("--socket", path, "ping")
+    assert result.returncode == errors.EXIT_UNREACHABLE
+    assert "stale socket" in result.stderr
+
+
+def test_daemon_cleans_a_stale_socket(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(tmp_path / "workerd.sock"))
+    sock.close()
+    daemon = start_daemon()
+    with daemon.client() as client:
+        assert client.ping()["pid"] == daemon.proc.pid
+
+
+def test_workerctl_timeout(tmp_path: Path) -> None:
+    # A peer that accepts the connection and never answers: a wedged daemon.
+    path = str(tmp_path / "mute.sock")
+    context = zmq.Context.instance()
+    mute = context.socket(zmq.ROUTER)
+    mute.setsockopt(zmq.LINGER, 0)
+    mute.bind(f"ipc://{path}")
+    try:
+        result = workerctl("--socket", path, "--timeout", "0.3", "ping")
+    finally:
+        mute.close()
+    assert result.returncode == errors.EXIT_TIMEOUT
+    assert "no reply from workerd within 0.3 s" in result.stderr
+
+
+@pytest.mark.skipif(
+    os.getuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv to act as another user"
+)
+def test_workerctl_permission_denied(daemon: Daemon, tmp_path: Path) -> None:
+    os.chmod(tmp_path, 0o755)  # let 'nobody' reach the socket file itself; its 0660 mode keeps them out
+    result = workerctl("--socket", daemon.socket, "ping", user="65534")
+    assert result.returncode == errors.EXIT_DENIED, result.stderr
+    assert "permission denied" in result.stderr
+
+
+def test_workerctl_usage_errors(daemon: Daemon) -> None:
+    assert workerctl("--socket", daemon.socket, "frobnicate").returncode == errors.EXIT_USAGE
+    result = workerctl("--socket", daemon.socket, "run", "workerd.examples.tasks:echo", "--args", "{")
+    assert result.returncode == errors.EXIT_USAGE and "--args is not valid JSON" in result.stderr
+
+
+def test_check_config(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text("[pool]\nworkers = 2\n")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[pool]\nworkers = 'many'\n")
+    ok = subprocess.run(
+        [sys.executable, "-m", "workerd", "--check-config", str(good)], capture_output=True, text=True
+    )
+    assert ok.returncode == 0
+    fail = subprocess.run(
+        [sys.executable, "-m", "workerd", "--check-config", str(bad)], capture_output=True, text=True
+    )
+    assert fail.returncode == 78
+    assert str(bad) in fail.stderr and "workers" in fail.stderr

@@ -1,0 +1,58 @@
+"""Config parsing: the embedded default, and one clear error per mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from workerd import config
+
+
+def test_embedded_default_serves_the_examples() -> None:
+    cfg = config.load(None)
+    assert cfg.tasks.modules == ("workerd.examples.tasks",)
+    assert cfg.pool.gc_freeze is True
+    assert cfg.pool.worker_count() >= 1
+    assert cfg.pipelines["demo"].module == "workerd.examples.demo_pipeline"
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[pool]\nworkers = -1\n", "[pool] workers: expected an integer >= 0"),
+        ("[pool]\nworkers = 'four'\n", "[pool] workers"),
+        ("[pool]\ngc_freeze = 1\n", "[pool] gc_freeze: expected true or false"),
+        ("[pool]\nbogus = 1\n", "[pool] unknown key 'bogus'"),
+        ("[nope]\n", "unknown section [nope]"),
+        ("[tasks]\nmodules = ['not a module']\n", "[tasks] modules"),
+        ("[daemon]\nmax_queue = 0\n", "[daemon] max_queue"),
+        ("[gpu]\nenabled = 'maybe'\n", "[gpu] enabled"),
+        ("[pipelines.x]\n", "needs exactly one of 'module' or 'path'"),
+        ("[pipelines.x]\npath = 'relative.py'\n", "absolute file path"),
+        ("this is = = not toml", "not valid TOML"),
+    ],
+)
+def test_errors_name_the_file_and_key(tmp_path: Path, text: str, fragment: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(config.ConfigError) as info:
+        config.load(str(path))
+    assert str(path) in str(info.value)
+    assert fragment in str(info.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="cannot read"):
+        config.load(str(tmp_path / "absent.toml"))
+
+
+def test_gpu_enabled_accepts_toml_booleans(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[gpu]\nenabled = true\n")
+    assert config.load(str(path)).gpu.enabled == "true"
+
+
+def test_overrides_beat_the_file() -> None:
+    cfg = config.load(None).with_overrides(socket="/tmp/x.sock", workers=3)
+    assert cfg.daemon.socket == "/tmp/x.sock" and cfg.pool.workers == 3

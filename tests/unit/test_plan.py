@@ -1,0 +1,53 @@
+"""The pool's pure decisions: how many workers to fork and which to retire."""
+
+from __future__ import annotations
+
+from workerd.pool import Worker, plan_workers
+
+
+def workers(*specs: tuple[int, str]) -> list[Worker]:
+    return [
+        Worker(pid=100 + i, generation=gen, task_limit=float("inf"), state=state)
+        for i, (gen, state) in enumerate(specs)
+    ]
+
+
+def test_fills_an_empty_pool_in_one_batch() -> None:
+    assert plan_workers([], 4, 1, pending=0) == (4, [])
+
+
+def test_counts_forks_in_flight() -> None:
+    assert plan_workers(workers((1, "idle")), 4, 1, pending=3) == (0, [])
+
+
+def test_scale_down_retires_idle_before_busy() -> None:
+    pool = workers((1, "busy"), (1, "idle"), (1, "busy"))
+    forks, retire = plan_workers(pool, 2, 1, pending=0)
+    assert forks == 0 and [w.state for w in retire] == ["idle"]
+
+
+def test_reload_forks_one_new_worker_at_a_time() -> None:
+    pool = workers((1, "idle"), (1, "idle"))
+    assert plan_workers(pool, 2, 2, pending=0) == (1, [])
+    assert plan_workers(pool, 2, 2, pending=1) == (0, [])
+    pool += workers((2, "starting"))
+    assert plan_workers(pool, 2, 2, pending=0) == (0, [])
+
+
+def test_reload_retires_one_old_worker_per_ready_new_one() -> None:
+    pool = workers((1, "busy"), (1, "idle"), (2, "idle"))
+    forks, retire = plan_workers(pool, 2, 2, pending=0)
+    assert [(w.generation, w.state) for w in retire] == [(1, "idle")]
+    assert forks == 1  # and the next replacement starts at once: at most one extra process
+
+
+def test_reload_finishes_when_old_workers_are_gone() -> None:
+    pool = workers((1, "busy"), (2, "idle"))
+    pool[0].retire = True  # it stops after its task
+    assert plan_workers(pool, 2, 2, pending=0) == (1, [])
+
+
+def test_workers_marked_to_retire_do_not_count() -> None:
+    pool = workers((1, "busy"), (1, "idle"))
+    pool[0].retire = True
+    assert plan_workers(pool, 2, 1, pending=0) == (1, [])

@@ -1,0 +1,131 @@
+"""The pure encode/decode functions, including property-based tests of hostile input."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from workerctl import errors, protocol
+
+json_like = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text()
+    | st.binary(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+def test_request_round_trip() -> None:
+    body = protocol.decode_request(protocol.encode_request(7, "ping", extra={"a": 1}))
+    assert body == {"v": 1, "id": 7, "cmd": "ping", "extra": {"a": 1}}
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "has_id"),
+    [
+        ([1, 2], protocol.BAD_REQUEST, False),
+        ({"v": 1, "cmd": "ping"}, protocol.BAD_REQUEST, False),
+        ({"v": 1, "id": True, "cmd": "ping"}, protocol.BAD_REQUEST, False),
+        ({"v": 1, "id": "x" * 300, "cmd": "ping"}, protocol.BAD_REQUEST, False),
+        ({"v": 2, "id": 1, "cmd": "ping"}, protocol.UNSUPPORTED_VERSION, True),
+        ({"v": "1", "id": 1, "cmd": "ping"}, protocol.BAD_REQUEST, True),
+        ({"v": 1, "id": 1, "cmd": 5}, protocol.BAD_REQUEST, True),
+        ({"v": 1, "id": 1}, protocol.BAD_REQUEST, True),
+    ],
+)
+def test_bad_envelopes_are_typed(body: object, code: str, has_id: bool) -> None:
+    with pytest.raises(protocol.ProtocolError) as info:
+        protocol.decode_request(msgpack.packb(body))
+    assert info.value.code == code
+    assert (info.value.request_id is not None) == has_id
+
+
+def test_not_msgpack_is_bad_request() -> None:
+    with pytest.raises(protocol.ProtocolError) as info:
+        protocol.decode_request(b"\xc1")  # 0xc1 is never used in msgpack
+    assert info.value.code == protocol.BAD_REQUEST
+
+
+def test_non_string_map_keys_are_refused() -> None:
+    with pytest.raises(protocol.ProtocolError):
+        protocol.decode_request(msgpack.packb({1: 2}))
+
+
+def test_deep_nesting_is_refused_not_a_crash() -> None:
+    data = b"\x91" * 100_000 + b"\xc0"  # 100k nested one-element arrays
+    with pytest.raises(protocol.ProtocolError):
+        protocol.decode_request(data)
+
+
+def test_huge_declared_length_does_not_allocate() -> None:
+    data = b"\xdb\xff\xff\xff\xff"  # str32 declaring 4 GiB, with no bytes behind it
+    with pytest.raises(protocol.ProtocolError):
+        protocol.decode_request(data)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=256))
+def test_decode_request_never_raises_anything_but_protocol_error(data: bytes) -> None:
+    try:
+        body = protocol.decode_request(data)
+    except protocol.ProtocolError as exc:
+        assert exc.code in protocol.ERROR_CODES
+    else:
+        assert body["v"] == 1 and isinstance(body["cmd"], str)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["v", "id", "cmd", "x"]), json_like, max_size=4))
+def test_decode_request_of_arbitrary_maps(body: dict[str, object]) -> None:
+    try:
+        decoded = protocol.decode_request(msgpack.packb(body, use_bin_type=True))
+    except protocol.ProtocolError as exc:
+        assert exc.code in (protocol.BAD_REQUEST, protocol.UNSUPPORTED_VERSION)
+    else:
+        assert decoded == body
+
+
+@given(json_like)
+def test_result_round_trip(value: object) -> None:
+    reply = protocol.decode_reply(protocol.encode_result("abc", value))
+    assert reply["ok"] is True and reply["id"] == "abc" and reply["result"] == value
+
+
+def test_error_reply_maps_to_typed_exception() -> None:
+    reply = protocol.decode_reply(protocol.encode_error(3, protocol.BUSY, "full", {"depth": 9}))
+    exc = errors.error_from_reply(reply["error"])
+    assert isinstance(exc, errors.Busy)
+    assert exc.details == {"depth": 9}
+
+
+def test_unknown_error_code_stays_generic() -> None:
+    exc = errors.error_from_reply({"code": "FROM_THE_FUTURE", "message": "m", "details": {}})
+    assert type(exc) is errors.WorkerdError and exc.code == "FROM_THE_FUTURE"
+
+
+def test_every_error_code_has_a_class() -> None:
+    for code in protocol.ERROR_CODES:
+        exc = errors.error_from_reply({"code": code, "message": "", "details": {}})
+        assert exc.code == code and type(exc) is not errors.WorkerdError
+
+
+def test_stream_items_are_not_terminal() -> None:
+    item = protocol.decode_reply(protocol.encode_item(1, 1, "x"))
+    assert not protocol.is_terminal(item)
+    assert protocol.is_terminal(protocol.decode_reply(protocol.encode_result(1, None)))
+
+
+@pytest.mark.parametrize(
+    "body", [{"v": 1, "id": 1, "ok": True}, {"v": 1, "ok": False, "error": "x"}, [1], {"v": 9}]
+)
+def test_malformed_replies_are_reported(body: object) -> None:
+    with pytest.raises(protocol.ProtocolError):
+        protocol.decode_reply(msgpack.packb(body))
