@@ -6,6 +6,7 @@ id nobody waits for any more (its caller timed out) is dropped.
 
 from __future__ import annotations
 
+import collections
 import errno
 import itertools
 import socket
@@ -76,6 +77,8 @@ class Client:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.connect(paths.endpoint(self.socket_path))
         self._ids = itertools.count(1)
+        # Messages that arrived for one request while the caller waited on another.
+        self._mailbox: dict[int, collections.deque[dict[str, Any]]] = {}
 
     def __enter__(self) -> Client:
         return self
@@ -92,33 +95,58 @@ class Client:
         """Send a request without waiting; returns its id."""
         request_id = next(self._ids)
         self._socket.send_multipart([b"", protocol.encode_request(request_id, cmd, **fields)])
+        self._mailbox[request_id] = collections.deque()
         return request_id
 
     def replies(self, request_id: int, timeout: float | None) -> Iterator[dict[str, Any]]:
-        """Yield the messages for one request (stream items, then the terminal reply)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise errors.RequestTimeout(f"no reply from workerd within {timeout:g} s")
-            wait_ms = None if remaining is None else max(1, int(remaining * 1000))
-            if not self._socket.poll(wait_ms, zmq.POLLIN):
-                continue
-            frames = self._socket.recv_multipart()
-            reply = self._decode(frames)
-            if reply.get("id") != request_id and reply.get("id") is not None:
-                continue  # a late reply to a request whose caller gave up
-            yield reply
-            if protocol.is_terminal(reply):
-                return
+        """Yield the messages for one request (stream items, then the terminal reply).
 
-    def request(self, cmd: str, timeout: float | None = None, **fields: Any) -> Any:
-        """Send one command and return its result, raising the typed error on failure."""
-        request_id = self.send(cmd, **fields)
+        Messages for other requests in flight on this client are kept for their own callers;
+        messages for requests nobody waits for any more (they timed out) are dropped.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        mailbox = self._mailbox.setdefault(request_id, collections.deque())
+        try:
+            while True:
+                reply = mailbox.popleft() if mailbox else self._receive(request_id, deadline, timeout)
+                if reply is None:
+                    continue
+                yield reply
+                if protocol.is_terminal(reply):
+                    return
+        finally:
+            # Ended, timed out, or abandoned by the caller: later messages for it are dropped.
+            self._mailbox.pop(request_id, None)
+
+    def _receive(
+        self, request_id: int, deadline: float | None, timeout: float | None
+    ) -> dict[str, Any] | None:
+        """One message for `request_id`, or None if what arrived was for another request."""
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise errors.RequestTimeout(f"no reply from workerd within {timeout:g} s")
+        wait_ms = None if remaining is None else max(1, int(remaining * 1000))
+        if not self._socket.poll(wait_ms, zmq.POLLIN):
+            return None
+        reply = self._decode(self._socket.recv_multipart())
+        owner = reply.get("id")
+        if owner == request_id or owner is None:  # an id-less error answers the request at hand
+            return reply
+        if owner in self._mailbox:
+            self._mailbox[owner].append(reply)
+        return None
+
+    def wait_result(self, request_id: int, timeout: float | None = None) -> Any:
+        """Block until the request sent as `request_id` ends; its result (stream items dropped),
+        or its error raised as the typed exception."""
         for reply in self.replies(request_id, self.timeout if timeout is None else timeout):
             if protocol.is_terminal(reply):
                 return result_of(reply)
         raise errors.ProtocolMismatch("stream ended without a terminal reply")  # pragma: no cover
+
+    def request(self, cmd: str, timeout: float | None = None, **fields: Any) -> Any:
+        """Send one command and return its result, raising the typed error on failure."""
+        return self.wait_result(self.send(cmd, **fields), timeout)
 
     @staticmethod
     def _decode(frames: list[bytes]) -> dict[str, Any]:

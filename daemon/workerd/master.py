@@ -70,8 +70,12 @@ class Master:
         self.context: zmq.Context[Any] = zmq.Context()
         max_bytes = int(self.config.daemon.max_message_mb * 1024 * 1024)
         path = configuration_socket(self.config)
-        self.control, self.socket_path = control.bind(self.context, path, max_bytes, control.inherited_fd())
+        fd = control.inherited_fd()
+        self.adopted = fd is not None
+        self.control, self.socket_path = control.bind(self.context, path, max_bytes, fd)
         self.control.setsockopt(zmq.SNDHWM, CLIENT_SNDHWM)
+        # Remember which file is ours, to remove it at exit (an adopted socket stays systemd's).
+        self.socket_inode = None if self.adopted else os.stat(self.socket_path).st_ino
         # Workers talk to us on a private socket, in a directory only we (and they) can enter.
         self.private_dir = tempfile.mkdtemp(prefix="workerd-")
         self.backend = self.context.socket(zmq.ROUTER)
@@ -324,8 +328,19 @@ class Master:
                 getattr(self, sock).close(linger=0)
         if hasattr(self, "context"):
             self.context.term()
+        if getattr(self, "socket_inode", None) is not None:
+            remove_own_socket(self.socket_path, self.socket_inode)
         if hasattr(self, "private_dir"):
             shutil.rmtree(self.private_dir, ignore_errors=True)
+
+
+def remove_own_socket(path: str, inode: int) -> None:
+    """Unlink the socket file we bound, unless another daemon has bound one there since."""
+    try:
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def configuration_socket(config: configuration.Config) -> str:

@@ -118,7 +118,7 @@ def test_result_over_the_size_limit_is_a_clear_error(start_daemon: Callable[...,
         "[daemon]\nmax_message_mb = 1\n[pool]\nworkers = 1\n[tasks]\nmodules = ['workerd.examples.tasks']\n"
     )
     daemon = start_daemon(config=config)
-    with daemon.client() as client, pytest.raises(errors.TaskError, match="over the .* byte message limit"):
+    with daemon.client() as client, pytest.raises(errors.TaskError, match=r"over the .* byte message limit"):
         client.execute("workerd.examples.tasks:payload", 2 * 1024 * 1024)
     with daemon.client() as client:
         assert client.execute("workerd.examples.tasks:payload", 10) == b"x" * 10
@@ -146,7 +146,7 @@ def test_socket_and_directory_modes(start_daemon: Callable[..., Daemon], tmp_pat
 def test_workerctl_ping_json(daemon: Daemon) -> None:
     result = workerctl("--socket", daemon.socket, "--json", "ping")
     assert result.returncode == 0, result.stderr
-    assert '"pid": %d' % daemon.proc.pid in result.stdout
+    assert f"\"pid\": {daemon.proc.pid}" in result.stdout
 
 
 def test_workerctl_finds_the_socket_from_the_environment(daemon: Daemon) -> None:
