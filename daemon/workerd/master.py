@@ -328,8 +328,9 @@ class Master:
                 getattr(self, sock).close(linger=0)
         if hasattr(self, "context"):
             self.context.term()
-        if getattr(self, "socket_inode", None) is not None:
-            remove_own_socket(self.socket_path, self.socket_inode)
+        inode = getattr(self, "socket_inode", None)
+        if inode is not None:
+            remove_own_socket(self.socket_path, inode)
         if hasattr(self, "private_dir"):
             shutil.rmtree(self.private_dir, ignore_errors=True)
 
