@@ -56,3 +56,12 @@ def test_gpu_enabled_accepts_toml_booleans(tmp_path: Path) -> None:
 def test_overrides_beat_the_file() -> None:
     cfg = config.load(None).with_overrides(socket="/tmp/x.sock", workers=3)
     assert cfg.daemon.socket == "/tmp/x.sock" and cfg.pool.workers == 3
+
+
+def test_shipped_config_file_parses_and_matches_the_embedded_default() -> None:
+    shipped = Path(__file__).parents[2] / "systemd" / "workerd.toml"
+    cfg = config.load(str(shipped))
+    default = config.load(None)
+    assert (cfg.daemon, cfg.pool, cfg.tasks, cfg.gpu, cfg.pipelines) == (
+        default.daemon, default.pool, default.tasks, default.gpu, default.pipelines
+    )
