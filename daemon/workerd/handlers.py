@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from workerctl import protocol
 
 from . import __version__, memory
-from .jobs import Job, RequestRejected, check_execute
+from .jobs import Job, RequestRejected, check_execute, check_raw_frames
 from .tasks import TaskLookupError, check_allowed
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ class Incoming:
     client: bytes  # the ROUTER routing id to answer
     body: bytes  # the request as it arrived, forwarded to workers untouched
     request: dict[str, Any]
+    raw: list[bytes]  # raw buffer frames after the body (see docs/protocol.md)
 
     @property
     def id(self) -> Any:
@@ -106,6 +107,7 @@ class Commands:
         if master.state == "stopping":
             raise RequestRejected(protocol.SHUTTING_DOWN, "workerd is stopping")
         name, timeout_s, retries = check_execute(msg.request, master.config.pool.task_timeout_s)
+        check_raw_frames(msg.raw, master.max_message_bytes)
         if ":" not in name:
             raise RequestRejected(
                 protocol.UNKNOWN_TASK,
@@ -124,6 +126,7 @@ class Commands:
             client=msg.client,
             request_id=msg.id,
             body=msg.body,
+            raw=msg.raw,
             name=name,
             timeout_s=timeout_s,
             retries=retries,

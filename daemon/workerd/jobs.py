@@ -9,6 +9,7 @@ from typing import Any
 from workerctl import protocol
 
 MAX_RETRIES = 10
+MAX_RAW_FRAMES = 1024
 
 
 class RequestRejected(Exception):
@@ -28,6 +29,7 @@ class Job:
     client: bytes  # the ROUTER routing id of the requester
     request_id: Any
     body: bytes  # the request as the client sent it; the worker decodes it again
+    raw: list[bytes]  # raw buffer frames that follow the body, forwarded untouched
     name: str
     timeout_s: float
     retries: int
@@ -36,6 +38,19 @@ class Job:
     deadline: float = math.inf
     attempts: int = 0
     answered: bool = False
+
+
+def check_raw_frames(raw: list[bytes], max_bytes: int) -> None:
+    """Bound the raw frames of a request: their count, and their total size with the body.
+
+    libzmq's ZMQ_MAXMSGSIZE bounds each frame; this bounds the whole message."""
+    if len(raw) > MAX_RAW_FRAMES:
+        raise RequestRejected(protocol.BAD_REQUEST, f"at most {MAX_RAW_FRAMES} raw frames per request")
+    total = sum(len(frame) for frame in raw)
+    if total > max_bytes:
+        raise RequestRejected(
+            protocol.BAD_REQUEST, f"raw frames total {total} bytes, over the {max_bytes} byte message limit"
+        )
 
 
 def check_execute(request: dict[str, Any], default_timeout: float) -> tuple[str, float, int]:

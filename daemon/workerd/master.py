@@ -17,7 +17,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import zmq
@@ -74,6 +74,7 @@ class Master:
         self.adopted = fd is not None
         self.control, self.socket_path = control.bind(self.context, path, max_bytes, fd)
         self.control.setsockopt(zmq.SNDHWM, CLIENT_SNDHWM)
+        self.max_message_bytes = max_bytes
         # Remember which file is ours, to remove it at exit (an adopted socket stays systemd's).
         self.socket_inode = None if self.adopted else os.stat(self.socket_path).st_ino
         # Workers talk to us on a private socket, in a directory only we (and they) can enter.
@@ -173,7 +174,7 @@ class Master:
 
     def handle_request(self, frames: list[bytes]) -> None:
         client = frames[0]
-        if len(frames) != 3 or frames[1] != b"":
+        if len(frames) < 3 or frames[1] != b"":
             self.counters["bad_requests"] += 1
             self.reply(
                 client,
@@ -201,7 +202,7 @@ class Master:
             return
         self.counters[f"requests_{cmd}"] += 1
         try:
-            result = handler(Incoming(client, frames[2], request))
+            result = handler(Incoming(client, frames[2], request, frames[3:]))
         except RequestRejected as exc:
             self.counters[f"rejected_{exc.code.lower()}"] += 1
             self.reply(client, protocol.encode_error(request["id"], exc.code, exc.message))
@@ -216,9 +217,10 @@ class Master:
         if result is not DEFERRED:
             self.reply(client, protocol.encode_result(request["id"], result))
 
-    def reply(self, client: bytes, frame: bytes) -> None:
+    def reply(self, client: bytes, frame: bytes, raw: Sequence[bytes] = ()) -> None:
+        """Send one reply body, followed by the raw buffer frames it refers to, if any."""
         try:
-            self.control.send_multipart([client, b"", frame], zmq.NOBLOCK)
+            self.control.send_multipart([client, b"", frame, *raw], zmq.NOBLOCK)
         except zmq.Again:
             log.warning("dropped a reply to a client that stopped reading")
 

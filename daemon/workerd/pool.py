@@ -24,8 +24,8 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 import zmq
 
@@ -47,7 +47,10 @@ FANOUT_WAIT_S = 10.0
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 30.0
 
-Reply = Callable[[bytes, bytes], None]
+class Reply(Protocol):
+    """Sends one reply body (and its raw frames) to a client."""
+
+    def __call__(self, client: bytes, frame: bytes, raw: Sequence[bytes] = ()) -> None: ...
 
 
 @dataclasses.dataclass(eq=False)
@@ -319,9 +322,9 @@ class Pool:
         if job is None or frames[2] != b"%d" % job.id:
             return  # about a job already answered (it timed out while this was on its way)
         if kind == b"item":
-            self.forward_item(job, frames[3])
+            self.forward_item(job, frames[3], frames[4:])
         elif kind == b"done":
-            self.job_done(worker, job, frames[3], frames[4], protocol.unpack(frames[5]))
+            self.job_done(worker, job, frames[3], frames[4], protocol.unpack(frames[5]), frames[6:])
 
     def worker_ready(self, worker: Worker) -> None:
         self.early_deaths = 0
@@ -331,14 +334,22 @@ class Pool:
         self.idle.append(worker)
         self.manage_workers()  # a new-generation worker lets an old one retire
 
-    def forward_item(self, job: Job, frame: bytes) -> None:
+    def forward_item(self, job: Job, frame: bytes, raw: Sequence[bytes]) -> None:
         if not job.answered:
-            self.reply(job.client, frame)
+            self.reply(job.client, frame, raw)
 
-    def job_done(self, worker: Worker, job: Job, outcome: bytes, frame: bytes, extra: dict[str, Any]) -> None:
+    def job_done(
+        self,
+        worker: Worker,
+        job: Job,
+        outcome: bytes,
+        frame: bytes,
+        extra: dict[str, Any],
+        raw: Sequence[bytes],
+    ) -> None:
         if worker.state != "busy":
             return  # being killed for its timeout; the caller has its TIMEOUT already
-        self.finish(job, frame, outcome.decode())
+        self.finish(job, frame, outcome.decode(), raw)
         worker.job = None
         worker.tasks_done += 1
         reason = self.recycle_reason(worker, extra)
@@ -416,12 +427,12 @@ class Pool:
             job.deadline = now + job.timeout_s
             job.attempts += 1
             worker.state, worker.job = "busy", job
-            self.backend.send_multipart([worker.ident, b"run", b"%d" % job.id, job.body])
+            self.backend.send_multipart([worker.ident, b"run", b"%d" % job.id, job.body, *job.raw])
 
-    def finish(self, job: Job, frame: bytes, outcome: str) -> None:
+    def finish(self, job: Job, frame: bytes, outcome: str, raw: Sequence[bytes] = ()) -> None:
         job.answered = True
         self.counters[f"execute_{outcome}"] += 1
-        self.reply(job.client, frame)
+        self.reply(job.client, frame, raw)
 
     def fail(self, job: Job, code: str, message: str, details: dict[str, Any] | None = None) -> None:
         self.finish(job, protocol.encode_error(job.request_id, code, message, details), code.lower())

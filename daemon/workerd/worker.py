@@ -3,15 +3,16 @@
 Internal frames (worker DEALER <-> master ROUTER; the master sees our routing id first):
 
     worker -> master   [b"ready", msgpack({"pid", "generation"})]
-                       [b"item", job id, reply frame]               a generator's item
-                       [b"done", job id, b"ok"|b"error", reply frame, msgpack({"uss"})]
+                       [b"item", job id, reply frame, *raw]         a generator's item
+                       [b"done", job id, b"ok"|b"error", reply frame, msgpack({"uss"}), *raw]
                        [b"gc", msgpack({"pid", "freed_objects", "uss_before", "uss_after"})]
-    master -> worker   [b"run", job id, request body]               body as the client sent it
+    master -> worker   [b"run", job id, request body, *raw]         body as the client sent it
                        [b"gc"]                                      gc.collect() now
                        [b"stop"]                                    exit after this message
 
 Reply frames are encoded here, complete with the client's request id, so the master forwards
-them without decoding: the master's per-task cost stays flat whatever the result size.
+them without decoding: the master's per-task cost stays flat whatever the result size. `*raw`
+are the raw buffer frames a body refers to (docs/protocol.md); the master forwards them as is.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def serve(settings: WorkerSettings) -> None:
             frames = sock.recv_multipart()
             op = frames[0]
             if op == b"run":
-                run_job(sock, settings, frames[1], frames[2])
+                run_job(sock, settings, frames[1], frames[2], frames[3:])
             elif op == b"gc":
                 sock.send_multipart([b"gc", protocol.pack(collect_garbage(pid))])
             elif op == b"stop":
@@ -79,7 +80,9 @@ def worker_id(pid: int) -> bytes:
     return b"w%d" % pid
 
 
-def run_job(sock: zmq.Socket[Any], settings: WorkerSettings, job: bytes, body: bytes) -> None:
+def run_job(
+    sock: zmq.Socket[Any], settings: WorkerSettings, job: bytes, body: bytes, raw: list[bytes]
+) -> None:
     request = protocol.unpack(body)
     for kind, frame in tasks.run(request, settings.allowed, settings.max_message_bytes):
         if kind is tasks.ITEM:
