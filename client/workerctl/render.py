@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,6 +68,7 @@ def render_memory(memory: dict[str, Any]) -> str:
             f"free {mib(gpu.get('free_bytes'))} / {mib(gpu.get('total_bytes'))} MiB  "
             f"runs {gpu.get('runs')}",
         ]
+        now = time.time()
         pipelines = [
             [
                 p.get("name"),

@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import os
 import time
+from collections.abc import Callable, Sized
 from typing import TYPE_CHECKING, Any
 
 from workerctl import protocol
@@ -80,26 +81,56 @@ class Commands:
                 "workers": workers,
             },
             "queue": {"depth": len(pool.queue), "max": master.config.daemon.max_queue},
-            "counters": dict(master.counters + pool.counters),
+            "gpu": {
+                "enabled": master.gpu.enabled,
+                "state": master.gpu.state,
+                "pid": master.gpu.pid,
+                "device": master.gpu.device,
+                "queue": len(master.gpu.queue),
+                "cached": master.gpu.cached,
+            },
+            "counters": dict(master.counters + pool.counters + master.gpu.counters),
         }
 
-    def memory_status(self, msg: Incoming) -> dict[str, Any]:
-        pool = self.master.pool
-        return {
+    def memory_status(self, msg: Incoming) -> object:
+        """Memory of every process; the GPU figures come from the GPU worker itself."""
+        master, pool, gpu = self.master, self.master.pool, self.master.gpu
+        result = {
             "daemon": {"pid": os.getpid(), "rss_bytes": memory.process_memory(os.getpid())["rss_bytes"]},
             "zygotes": [
                 {"pid": z.pid, "generation": g, **memory.process_memory(z.pid)}
                 for g, z in sorted(pool.zygotes.items())
             ],
-            "workers": pool.memory(),
+            "workers": pool.memory() + gpu.describe(),
             "gpu": None,
         }
 
+        def answer(gpu_stats: dict[str, Any] | None) -> None:
+            result["gpu"] = gpu_stats
+            master.reply(msg.client, protocol.encode_result(msg.id, result))
+
+        gpu.memory(answer)
+        return DEFERRED
+
     def clear_memory(self, msg: Incoming) -> object:
+        """gc in every CPU worker; and in the GPU worker gc, cache or full, as asked."""
         level = msg.request.get("level", "cache")
         if level not in CLEAR_LEVELS:
             raise RequestRejected(protocol.BAD_REQUEST, f"'level' must be one of {', '.join(CLEAR_LEVELS)}")
-        self.master.pool.collect_garbage(msg.client, msg.id, level)
+        master = self.master
+        parts: dict[str, Any] = {}
+
+        def gather(part: str) -> Callable[[Any], None]:
+            def put(value: Any) -> None:
+                parts[part] = value
+                if len(parts) == 2:
+                    result = {"level": level, **parts["cpu"], "gpu": parts["gpu"]}
+                    master.reply(msg.client, protocol.encode_result(msg.id, result))
+
+            return put
+
+        master.pool.collect_garbage(gather("cpu"))
+        master.gpu.clear(level, gather("gpu"))
         return DEFERRED
 
     def execute(self, msg: Incoming) -> object:
@@ -108,16 +139,19 @@ class Commands:
             raise RequestRejected(protocol.SHUTTING_DOWN, "workerd is stopping")
         name, timeout_s, retries = check_execute(msg.request, master.config.pool.task_timeout_s)
         check_raw_frames(msg.raw, master.max_message_bytes)
-        if ":" not in name:
-            raise RequestRejected(
-                protocol.UNKNOWN_TASK,
-                f"no pipeline named {name!r} (tasks are named 'package.module:function')",
-            )
-        try:
-            check_allowed(name, master.config.tasks.modules)
-        except TaskLookupError as exc:
-            raise RequestRejected(exc.code, exc.message) from None
-        if len(master.pool.queue) >= master.config.daemon.max_queue:
+        is_pipeline = ":" not in name
+        if is_pipeline:
+            self.check_pipeline(name)
+            queue: Sized = master.gpu.queue
+            if "timeout_s" not in msg.request:
+                timeout_s = master.config.gpu.run_timeout_s
+        else:
+            try:
+                check_allowed(name, master.config.tasks.modules)
+            except TaskLookupError as exc:
+                raise RequestRejected(exc.code, exc.message) from None
+            queue = master.pool.queue
+        if len(queue) >= master.config.daemon.max_queue:
             raise RequestRejected(
                 protocol.BUSY, f"queue is full ({master.config.daemon.max_queue} waiting); retry later"
             )
@@ -132,8 +166,20 @@ class Commands:
             retries=retries,
             accepted_at=time.monotonic(),
         )
-        master.pool.submit(job)
+        (master.gpu if is_pipeline else master.pool).submit(job)
         return DEFERRED
+
+    def check_pipeline(self, name: str) -> None:
+        config = self.master.config
+        if name not in config.pipelines:
+            raise RequestRejected(
+                protocol.UNKNOWN_TASK,
+                f"no pipeline named {name!r} (tasks are named 'package.module:function')",
+            )
+        if not self.master.gpu.enabled:
+            raise RequestRejected(
+                protocol.UNKNOWN_TASK, f"pipeline {name!r}: the GPU worker is disabled ([gpu] enabled)"
+            )
 
     def scale(self, msg: Incoming) -> dict[str, Any]:
         workers = msg.request.get("workers")

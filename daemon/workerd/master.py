@@ -27,6 +27,7 @@ from workerctl.paths import resolve_socket_path
 
 from . import config as configuration
 from . import control
+from .gpu import GpuWorker
 from .handlers import DEFERRED, Commands, Incoming
 from .jobs import RequestRejected
 from .notify import Notifier
@@ -86,8 +87,16 @@ class Master:
         self.pool = Pool(self.config, self.backend, endpoint, self.private_dir, self.reply)
         self.pool.on_generation = self.generation_done
         self.pool.start_generation(self.config)
+        # The GPU worker has a socket of its own: its frames are not a CPU worker's.
+        self.gpu_backend = self.context.socket(zmq.ROUTER)
+        self.gpu_backend.setsockopt(zmq.LINGER, 0)
+        gpu_endpoint = f"ipc://{self.private_dir}/gpu.sock"
+        self.gpu_backend.bind(gpu_endpoint)
+        self.gpu = GpuWorker(self.config, self.gpu_backend, gpu_endpoint, self.private_dir, self.reply)
+        if self.gpu.enabled and self.config.gpu.start == "boot":
+            self.gpu.spawn()
         self.poller = zmq.Poller()
-        for item in (self.control, self.backend, self.wake_read):
+        for item in (self.control, self.backend, self.gpu_backend, self.wake_read):
             self.poller.register(item, zmq.POLLIN)
         self.watched: set[int] = set()
         log.info("workerd listening on %s (config: %s)", self.socket_path, self.config.source)
@@ -124,6 +133,8 @@ class Master:
             self.handle_signals()
         if self.backend in ready:
             self.pool.handle_backend()
+        if self.gpu_backend in ready:
+            self.gpu.handle_backend()
         if self.control in ready:
             self.handle_control()
         for fd, zygote in zygotes.items():
@@ -132,6 +143,8 @@ class Master:
         now = time.monotonic()
         if now >= self.pool.next_deadline():
             self.pool.tick()
+        if now >= self.gpu.next_deadline():
+            self.gpu.tick()
         self.ping_watchdog(now)
         if self.state == "stopping":
             self.advance_stop(now)
@@ -146,7 +159,9 @@ class Master:
         self.watched = wanted
 
     def poll_timeout_ms(self) -> int:
-        deadline = min(self.pool.next_deadline(), self.stop_deadline, self.exit_deadline)
+        deadline = min(
+            self.pool.next_deadline(), self.gpu.next_deadline(), self.stop_deadline, self.exit_deadline
+        )
         if self.notifier.watchdog_interval:
             deadline = min(deadline, self.next_watchdog)
         if self.state == "stopping":
@@ -300,7 +315,9 @@ class Master:
         self.pool.scale(max(self.pool.target - 1, 0))
 
     def handle_sigchld(self) -> None:
-        """Zygotes are our children; their EOF tells us they died, reaping happens there."""
+        # Zygotes are our children too, but their pipe's EOF reports them; the GPU worker has
+        # no such pipe.
+        self.gpu.check_exit()
 
     # -- stop ----------------------------------------------------------------------------------
 
@@ -311,21 +328,26 @@ class Master:
         self.finish_reloads(False, "workerd is stopping")
         self.stop_deadline = time.monotonic() + self.config.daemon.stop_timeout_s
         self.pool.begin_stop()
+        self.gpu.begin_stop()
 
     def advance_stop(self, now: float) -> None:
         if self.exit_deadline == math.inf:  # still letting tasks in flight finish
-            if self.pool.running() and now < self.stop_deadline:
+            if (self.pool.running() or self.gpu.running) and now < self.stop_deadline:
                 return
             self.pool.abort_running()
+            self.gpu.abort_running()
             self.exit_deadline = now + EXIT_WAIT_S
-        if not self.pool.workers or now >= self.exit_deadline:
+        if (not self.pool.workers and self.gpu.process is None) or now >= self.exit_deadline:
             self.state = "stopped"
 
     def cleanup(self) -> None:
         pool = getattr(self, "pool", None)
         if pool is not None:
             pool.close()
-        for sock in ("control", "backend"):
+        gpu = getattr(self, "gpu", None)
+        if gpu is not None:
+            gpu.close()
+        for sock in ("control", "backend", "gpu_backend"):
             if hasattr(self, sock):
                 getattr(self, sock).close(linger=0)
         if hasattr(self, "context"):

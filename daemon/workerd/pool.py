@@ -47,6 +47,7 @@ FANOUT_WAIT_S = 10.0
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 30.0
 
+
 class Reply(Protocol):
     """Sends one reply body (and its raw frames) to a client."""
 
@@ -79,9 +80,7 @@ class Worker:
 class Fanout:
     """A clear_memory(gc) waiting for each worker's answer."""
 
-    client: bytes
-    request_id: Any
-    level: str
+    done: Callable[[dict[str, Any]], None]
     waiting: set[int]
     deadline: float
     results: list[dict[str, Any]] = dataclasses.field(default_factory=list)
@@ -502,10 +501,12 @@ class Pool:
         self.target = workers
         self.manage_workers()
 
-    def collect_garbage(self, client: bytes, request_id: Any, level: str) -> None:
-        """gc.collect() in every worker; busy ones answer after their task (or are skipped)."""
+    def collect_garbage(self, done: Callable[[dict[str, Any]], None]) -> None:
+        """gc.collect() in every worker; busy ones answer after their task (or are skipped).
+
+        `done` gets {"workers": [per-worker results], "freed_bytes": private memory freed}."""
         targets = [w for w in self.workers.values() if w.state in ("idle", "busy")]
-        fanout = Fanout(client, request_id, level, {w.pid for w in targets}, time.monotonic() + FANOUT_WAIT_S)
+        fanout = Fanout(done, {w.pid for w in targets}, time.monotonic() + FANOUT_WAIT_S)
         self.fanouts.append(fanout)
         for worker in targets:
             self.backend.send_multipart([worker.ident, b"gc"])
@@ -525,13 +526,7 @@ class Pool:
         self.fanouts.remove(fanout)
         workers = fanout.results + [{"pid": pid, "skipped": "busy"} for pid in sorted(fanout.waiting)]
         freed = sum(max(r["uss_before"] - r["uss_after"], 0) for r in fanout.results)
-        self.reply(
-            fanout.client,
-            protocol.encode_result(
-                fanout.request_id,
-                {"level": fanout.level, "workers": workers, "freed_bytes": freed, "gpu": None},
-            ),
-        )
+        fanout.done({"workers": workers, "freed_bytes": freed})
 
     def snapshot(self) -> list[dict[str, Any]]:
         return [
