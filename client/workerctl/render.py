@@ -75,7 +75,7 @@ def render_memory(memory: dict[str, Any]) -> str:
                 str(p.get("sha256", ""))[:12],
                 mib(p.get("bytes")),
                 p.get("runs"),
-                p.get("last_used"),
+                f"{now - p['last_used']:.0f} s ago" if p.get("last_used") else "-",
             ]
             for p in gpu.get("pipelines", [])
         ]
