@@ -31,7 +31,9 @@ def run(weights, sleep=0.0, oom=False, crash=False):
     if crash:
         os.abort()
     if oom:
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)") if weights.is_cuda else MemoryError()
+        if weights.is_cuda:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        raise MemoryError()
     time.sleep(sleep)
     return {{"version": VERSION, "sum": float(weights[:10].sum())}}
 """

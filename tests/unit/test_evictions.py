@@ -20,7 +20,8 @@ def test_nothing_to_evict_when_it_fits() -> None:
 
 def test_evicts_oldest_first_and_no_more_than_needed() -> None:
     entries = [entry("new", 30, 3), entry("old", 30, 1), entry("mid", 30, 2)]
-    assert plan_evictions(entries, 90 * MB, 40 * MB, 100 * MB, keep="x") == ["old", "mid"]
+    assert plan_evictions(entries, 90 * MB, 40 * MB, 100 * MB, keep="x") == ["old"]
+    assert plan_evictions(entries, 90 * MB, 41 * MB, 100 * MB, keep="x") == ["old", "mid"]
 
 
 def test_never_evicts_the_one_being_loaded() -> None:
