@@ -62,6 +62,7 @@ class GpuWorker:
         self.restoring = False
         self.runs = 0
         self.stopping = False
+        self.restart_pending = False
         self.tokens = (b"%d" % n for n in itertools.count(1))
         self.waiting: dict[bytes, tuple[Callback, float]] = {}
         self.counters: collections.Counter[str] = collections.Counter()
@@ -99,6 +100,21 @@ class GpuWorker:
         self.state = "starting"
         log.info("GPU worker starting (pid %d)", self.process.pid)
 
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded config. A running worker whose [gpu] or [pipelines] changed is
+        replaced once idle; pipelines it held that are still configured are restored."""
+        changed = (config.gpu, config.pipelines) != (self.config.gpu, self.config.pipelines)
+        self.config = config
+        self.cached = [name for name in self.cached if name in config.pipelines]
+        if changed and self.process is not None:
+            self.restart_pending = True
+            self.restart_if_idle()
+
+    def restart_if_idle(self) -> None:
+        if self.restart_pending and self.state == "idle":
+            self.restart_pending = False
+            self.stop_process()
+
     def ensure_started(self) -> None:
         if self.process is None and self.respawn_at == math.inf and not self.stopping:
             self.spawn()
@@ -113,7 +129,10 @@ class GpuWorker:
         remove_quietly(stack_path(self.stack_dir, pid))
         was = self.state
         self.state = "stopped"
-        if was == "stopping" or self.stopping:
+        if self.stopping:
+            return
+        if was == "stopping":  # replaced after a config reload: start the new one now
+            self.respawn_at = time.monotonic() if self.enabled else math.inf
             return
         how = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"
         log.warning("GPU worker %d %s (state %s)", pid, how, was)
@@ -182,6 +201,7 @@ class GpuWorker:
         self.reply(job.client, frame)
         if self.stopping:
             self.stop_process()
+        self.restart_if_idle()
 
     def fail(self, job: Job, code: str, message: str, details: dict[str, Any] | None = None) -> None:
         job.answered = True

@@ -259,6 +259,7 @@ class Master:
         if configuration_socket(config) != configuration_socket(self.config):
             log.warning("reload: the socket path changes only on restart")
         self.config = config
+        self.gpu.reconfigure(config)
         self.state = "reloading"
         self.notifier.reloading()
         log.info("reloading: importing task code into a new zygote")

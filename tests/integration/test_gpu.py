@@ -294,3 +294,17 @@ def test_cuda_no_growth_over_50_runs(start_daemon: Callable[..., Daemon], tmp_pa
             gpu = client.memory_status()["gpu"]
             figures.append((gpu["allocated_bytes"], gpu["reserved_bytes"]))
     assert len(set(figures[5:])) == 1, figures
+
+
+def test_reload_applies_new_pipelines_and_restores_the_rest(gpu_daemon: Daemon, tmp_path: Path) -> None:
+    with gpu_daemon.client() as client:
+        client.execute("a")
+        old_pid = client.status()["gpu"]["pid"]
+        write_pipeline(tmp_path / "c.py", version=3)
+        text = gpu_daemon.config_path.read_text() + f'[pipelines.c]\npath = "{tmp_path / "c.py"}"\n'
+        gpu_daemon.config_path.write_text(text)
+        client.reload()
+        wait_until(lambda: client.status()["gpu"]["pid"] not in (None, old_pid))
+        assert client.execute("c")["output"]["version"] == 3
+        wait_until(lambda: "a" in cached(client))
+        assert client.execute("a")["warm"] is True
