@@ -196,18 +196,22 @@ class PipelineCache:
         # Footprint of each pipeline's last load: what to make room for before loading it again.
         self.footprint_history: dict[str, int] = {}
         self._hashes: dict[str, tuple[tuple[int, int, int], str]] = {}
+        self._origins: dict[str, str] = {}
 
     # Source files and their hashes.
 
     def source_path(self, config: PipelineConfig) -> str:
         if config.path:
             return config.path
-        spec = importlib.util.find_spec(config.module)
-        if spec is None or not spec.origin or not os.path.isfile(spec.origin):
-            raise PipelineError(
-                protocol.UNKNOWN_TASK, f"pipeline {config.name!r}: module {config.module!r} not found"
-            )
-        return spec.origin
+        # find_spec walks sys.path: do it once per module, not on every run.
+        if config.module not in self._origins:
+            spec = importlib.util.find_spec(config.module)
+            if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+                raise PipelineError(
+                    protocol.UNKNOWN_TASK, f"pipeline {config.name!r}: module {config.module!r} not found"
+                )
+            self._origins[config.module] = spec.origin
+        return self._origins[config.module]
 
     def sha256(self, path: str) -> str:
         """The file's SHA-256, re-read only when its size, mtime or inode changed."""
