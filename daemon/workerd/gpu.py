@@ -139,12 +139,7 @@ class GpuWorker:
         self.counters["gpu_worker_deaths"] += 1
         job, self.job = self.job, None
         if job is not None and not job.answered:
-            self.fail(
-                job,
-                protocol.WORKER_LOST,
-                f"GPU worker {pid} {how} while running {job.name}",
-                {"pid": pid, "attempts": job.attempts},
-            )
+            self.job_lost(job, pid, how)
         if self.restoring:
             self.cached = []  # it died restoring: do not try the same thing in a loop
         for token, (callback, _) in list(self.waiting.items()):
@@ -172,6 +167,10 @@ class GpuWorker:
             self.device = info["device"]
             self.state = "idle"
             log.info("GPU worker ready on %s (imports took %.2f s)", self.device, info["import_s"])
+            if self.config.gpu.enabled == "true" and not str(self.device).startswith("cuda"):
+                log.warning(
+                    "[gpu] enabled = true but no CUDA device is usable: pipelines run on %s", self.device
+                )
             if self.cached:
                 self.restoring = True
                 self.backend.send_multipart([b"gpu", b"restore", protocol.pack(self.cached)])
@@ -202,6 +201,20 @@ class GpuWorker:
         if self.stopping:
             self.stop_process()
         self.restart_if_idle()
+
+    def job_lost(self, job: Job, pid: int, how: str) -> None:
+        if job.retries > 0:
+            job.retries -= 1
+            self.counters["retries"] += 1
+            log.info("pipeline run %d: GPU worker %d %s; retrying (%d left)", job.id, pid, how, job.retries)
+            self.queue.appendleft(job)  # runs on the respawned worker, once it is ready
+            return
+        self.fail(
+            job,
+            protocol.WORKER_LOST,
+            f"GPU worker {pid} {how} while running {job.name}",
+            {"pid": pid, "attempts": job.attempts},
+        )
 
     def fail(self, job: Job, code: str, message: str, details: dict[str, Any] | None = None) -> None:
         job.answered = True

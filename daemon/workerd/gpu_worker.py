@@ -82,7 +82,7 @@ class Runner(threading.Thread):
         request = protocol.unpack(body)
         request_id = request.get("id")
         try:
-            result = self.cache.run(request["name"], request.get("kwargs", {}))
+            result = self.cache.run(request["name"], request.get("args", []), request.get("kwargs", {}))
             kind, frame = tasks.bounded(
                 tasks.OK, protocol.encode_result(request_id, result), request_id, self.max_message_bytes
             )

@@ -18,6 +18,7 @@ from workerctl import protocol
 
 from . import __version__, memory
 from .jobs import Job, RequestRejected, check_execute, check_raw_frames
+from .pool import MAX_WORKERS
 from .tasks import TaskLookupError, check_allowed
 
 if TYPE_CHECKING:
@@ -41,7 +42,6 @@ class Incoming:
 
 
 CLEAR_LEVELS = ("gc", "cache", "full")
-MAX_WORKERS = 1024
 
 
 class Commands:
@@ -60,6 +60,7 @@ class Commands:
             "version": __version__,
             "uptime_s": time.monotonic() - self.master.started,
             "protocols": list(protocol.SUPPORTED_VERSIONS),
+            "max_message_bytes": self.master.max_message_bytes,
         }
 
     def status(self, msg: Incoming) -> dict[str, Any]:
@@ -143,11 +144,12 @@ class Commands:
         if is_pipeline:
             self.check_pipeline(name)
             queue: Sized = master.gpu.queue
-            if "timeout_s" not in msg.request:
+            module = ""
+            if msg.request.get("timeout_s") is None:
                 timeout_s = master.config.gpu.run_timeout_s
         else:
             try:
-                check_allowed(name, master.config.tasks.modules)
+                module, _ = check_allowed(name, master.config.tasks.modules)
             except TaskLookupError as exc:
                 raise RequestRejected(exc.code, exc.message) from None
             queue = master.pool.queue
@@ -165,6 +167,7 @@ class Commands:
             timeout_s=timeout_s,
             retries=retries,
             accepted_at=time.monotonic(),
+            module=module,
         )
         (master.gpu if is_pipeline else master.pool).submit(job)
         return DEFERRED
@@ -183,10 +186,12 @@ class Commands:
 
     def scale(self, msg: Incoming) -> dict[str, Any]:
         workers = msg.request.get("workers")
-        if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= MAX_WORKERS:
+        if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
             raise RequestRejected(
-                protocol.BAD_REQUEST, f"'workers' must be an integer from 0 to {MAX_WORKERS}"
+                protocol.BAD_REQUEST, f"'workers' must be an integer from 1 to {MAX_WORKERS}"
             )
+        if self.master.state == "stopping":
+            raise RequestRejected(protocol.SHUTTING_DOWN, "workerd is stopping")
         self.master.pool.scale(workers)
         return {"workers": workers}
 

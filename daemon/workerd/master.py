@@ -10,6 +10,7 @@ period) bound how long one poll may sleep.
 from __future__ import annotations
 
 import collections
+import faulthandler
 import logging
 import math
 import os
@@ -59,6 +60,9 @@ class Master:
         self.notifier = Notifier()
         self.signals: list[int] = []
         self.pending_reloads: list[Incoming] = []
+        self.pending_config: configuration.Config | None = None
+        self.reload_generation: int | None = None
+        self.reload_queued = False
         self.stop_deadline = math.inf
         self.exit_deadline = math.inf
         self.next_watchdog = time.monotonic()
@@ -107,6 +111,8 @@ class Master:
         for fd in (self.wake_read, self.wake_write):
             os.set_blocking(fd, False)
         signal.set_wakeup_fd(self.wake_write, warn_on_full_buffer=False)
+        # SIGUSR1 prints every thread's stack to stderr, as it does in workers (never kills us).
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         for sig in SIGNALS:
             signal.signal(sig, self.queue_signal)
 
@@ -233,57 +239,73 @@ class Master:
             self.reply(client, protocol.encode_result(request["id"], result))
 
     def reply(self, client: bytes, frame: bytes, raw: Sequence[bytes] = ()) -> None:
-        """Send one reply body, followed by the raw buffer frames it refers to, if any."""
-        try:
-            self.control.send_multipart([client, b"", frame, *raw], zmq.NOBLOCK)
-        except zmq.Again:
-            log.warning("dropped a reply to a client that stopped reading")
+        """Send one reply body, followed by the raw buffer frames it refers to, if any.
+
+        A ROUTER never blocks here: a reply to a client that has gone is dropped by libzmq, as
+        is one past CLIENT_SNDHWM queued replies to a client that stopped reading."""
+        self.control.send_multipart([client, b"", frame, *raw], zmq.NOBLOCK)
 
     # -- reload --------------------------------------------------------------------------------
 
     def reload(self, requester: Incoming | None) -> None:
-        """Re-read the config and start a new generation of task code; workers roll over."""
+        """Re-read the config and start a new generation of task code; workers roll over.
+
+        The new config takes effect only once its code has imported: until then, and for good
+        if the import fails, the running generation keeps serving with its own settings."""
         if requester is not None:
             self.pending_reloads.append(requester)
         if self.state == "stopping":
-            self.finish_reloads(False, "workerd is stopping")
+            self.finish_reloads(protocol.SHUTTING_DOWN, "workerd is stopping")
             return
-        if self.state == "reloading":
+        if self.state in ("starting", "reloading"):
+            self.reload_queued = self.state == "starting"  # the first boot finishes first
             return  # joins the reload in progress
         try:
             config = load_config(self.config_path, self.overrides)
         except configuration.ConfigError as exc:
             log.error("reload refused: %s", exc)
-            self.finish_reloads(False, f"reload refused: {exc}")
+            self.finish_reloads(protocol.INTERNAL, f"reload refused: {exc}")
             return
         if configuration_socket(config) != configuration_socket(self.config):
             log.warning("reload: the socket path changes only on restart")
-        self.config = config
-        self.gpu.reconfigure(config)
         self.state = "reloading"
         self.notifier.reloading()
         log.info("reloading: importing task code into a new zygote")
-        self.pool.start_generation(config)
+        self.pending_config = config
+        self.reload_generation = self.pool.start_generation(config)
 
-    def generation_done(self, ok: bool, message: str) -> None:
-        """The pool's new zygote is ready (or failed to import): first boot or a reload."""
+    def generation_done(self, generation: int, ok: bool, message: str) -> None:
+        """A zygote is ready or failed to import: the first boot, a reload, or a restart."""
         if self.state == "stopping":
             return
         if self.state == "starting":
-            status = f"serving {self.socket_path}" if ok else f"degraded: {message}"
-            self.notifier.ready(status)
+            self.notifier.ready(f"serving {self.socket_path}" if ok else f"degraded: {message}")
             self.state = "running"
+            if self.reload_queued:
+                self.reload_queued = False
+                self.reload(None)
             return
+        if generation != self.reload_generation:
+            return  # a restart after a crash: nothing to announce
+        self.reload_generation = None
+        if ok and self.pending_config is not None:
+            self.config = self.pending_config
+            self.gpu.reconfigure(self.config)
+        self.pending_config = None
         self.state = "running"
         self.notifier.ready(f"serving {self.socket_path}" if ok else f"reload failed: {message}")
-        self.finish_reloads(ok, message)
+        if ok:
+            self.finish_reloads(None, message)
+        else:
+            self.finish_reloads(protocol.INTERNAL, message)
 
-    def finish_reloads(self, ok: bool, message: str) -> None:
+    def finish_reloads(self, code: str | None, message: str) -> None:
+        """Answer every pending reload: its new generation, or the error `code`."""
         for msg in self.pending_reloads:
-            if ok:
+            if code is None:
                 self.reply(msg.client, protocol.encode_result(msg.id, {"generation": self.pool.generation}))
             else:
-                self.reply(msg.client, protocol.encode_error(msg.id, protocol.INTERNAL, message))
+                self.reply(msg.client, protocol.encode_error(msg.id, code, message))
         self.pending_reloads.clear()
 
     # -- signals -------------------------------------------------------------------------------
@@ -313,7 +335,7 @@ class Master:
         self.pool.scale(self.pool.target + 1)
 
     def handle_sigttou(self) -> None:
-        self.pool.scale(max(self.pool.target - 1, 0))
+        self.pool.scale(self.pool.target - 1)
 
     def handle_sigchld(self) -> None:
         # Zygotes are our children too, but their pipe's EOF reports them; the GPU worker has
@@ -326,7 +348,7 @@ class Master:
         log.info("stopping: finishing tasks in flight (grace %g s)", self.config.daemon.stop_timeout_s)
         self.state = "stopping"
         self.notifier.stopping()
-        self.finish_reloads(False, "workerd is stopping")
+        self.finish_reloads(protocol.SHUTTING_DOWN, "workerd is stopping")
         self.stop_deadline = time.monotonic() + self.config.daemon.stop_timeout_s
         self.pool.begin_stop()
         self.gpu.begin_stop()

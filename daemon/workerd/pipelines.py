@@ -327,7 +327,7 @@ class PipelineCache:
             {"device": self.device, "budget_bytes": self.memory.budget},
         )
 
-    def run(self, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def run(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
         started = time.monotonic()
         entry, warm = self.ensure_loaded(name)
         load_s = 0.0 if warm else time.monotonic() - started
@@ -335,7 +335,7 @@ class PipelineCache:
         self.memory.reset_peak()
         base = self.memory.allocated(self.entries.values())
         run_started = time.monotonic()
-        output = self.with_oom_retry(lambda: entry.module.run(entry.obj, **kwargs), keep=name)
+        output = self.with_oom_retry(lambda: entry.module.run(entry.obj, *args, **kwargs), keep=name)
         if self.memory.cuda:
             torch.cuda.synchronize(self.device)
             entry.peak_bytes = max(self.memory.peak() - base, 0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -46,6 +47,9 @@ FANOUT_WAIT_S = 10.0
 # Respawn back-off after crashes at start-up, so a broken worker never becomes a fork loop.
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 30.0
+
+
+MAX_WORKERS = 1024
 
 
 class Reply(Protocol):
@@ -131,7 +135,8 @@ class Pool:
         self.reply = reply
         self.config = config
         self.target = config.pool.worker_count()
-        self.generation = 0
+        self.generation = 0  # the generation serving now; numbers are never reused
+        self.generations = itertools.count(1)
         self.zygotes: dict[int, ZygoteHandle] = {}
         self.workers: dict[int, Worker] = {}
         self.idle: collections.deque[Worker] = collections.deque()
@@ -143,30 +148,34 @@ class Pool:
         self.early_deaths = 0
         self.zygote_restart_at = math.inf
         self.zygote_failures = 0
-        self.on_generation: Callable[[bool, str], None] | None = None
+        # Called with (generation, ok, message) when a zygote is ready or failed to import.
+        self.on_generation: Callable[[int, bool, str], None] | None = None
         self.counters: collections.Counter[str] = collections.Counter()
 
     # -- zygotes -------------------------------------------------------------------------------
 
-    def settings(self) -> dict[str, Any]:
-        pool = self.config.pool
+    def settings(self, config: Config) -> dict[str, Any]:
+        pool = config.pool
         return {
             "preload": list(pool.preload),
-            "task_modules": list(self.config.tasks.modules),
+            "task_modules": list(config.tasks.modules),
             "gc_freeze": pool.gc_freeze,
             "endpoint": self.endpoint,
             "stack_dir": self.stack_dir,
-            "max_message_bytes": int(self.config.daemon.max_message_mb * 1024 * 1024),
+            "max_message_bytes": int(config.daemon.max_message_mb * 1024 * 1024),
             "report_uss": pool.max_worker_memory_mb > 0,
         }
 
-    def start_generation(self, config: Config) -> None:
-        """Start a zygote for a new generation of task code; workers follow once it is ready."""
-        self.config = config
-        self.target = config.pool.worker_count()
-        generation = max(self.zygotes, default=self.generation) + 1
-        self.zygotes[generation] = ZygoteHandle(self.settings(), generation)
+    def start_generation(self, config: Config, restart: bool = False) -> int:
+        """Start a zygote for a new generation of task code; workers follow once it is ready.
+
+        The config takes effect only when the zygote is ready: a reload whose code fails to
+        import leaves the running generation, and its settings, untouched. A restart (after the
+        zygote died) keeps the pool's current size."""
+        generation = next(self.generations)
+        self.zygotes[generation] = ZygoteHandle(self.settings(config), generation, config, restart)
         log.info("zygote generation %d starting (pid %d)", generation, self.zygotes[generation].pid)
+        return generation
 
     def handle_zygote(self, zygote: ZygoteHandle) -> None:
         events = zygote.read_events()
@@ -182,7 +191,9 @@ class Pool:
             if kind == "ready":
                 self.zygote_ready(zygote, event)
             elif kind == "failed":
-                self.zygote_failed(zygote, event)
+                self.zygote_failed(
+                    zygote, f"task code failed to import: {event['error']}", event["traceback"]
+                )
             elif kind == "forked":
                 worker = Worker(event["pid"], zygote.generation, self.task_limit())
                 self.workers[worker.pid] = worker
@@ -196,25 +207,32 @@ class Pool:
         log.info("zygote generation %d ready: imports took %.3f s", zygote.generation, event["import_s"])
         if zygote.generation > self.generation:
             self.generation = zygote.generation
+            self.config = zygote.config
+            if not zygote.restart:
+                self.target = zygote.config.pool.worker_count()
             self.failure = None
             if self.on_generation:
-                self.on_generation(True, f"generation {zygote.generation} ready")
+                self.on_generation(zygote.generation, True, f"generation {zygote.generation} ready")
         self.dispatch()
 
-    def zygote_failed(self, zygote: ZygoteHandle, event: dict[str, Any]) -> None:
-        message = f"task code failed to import: {event['error']}"
-        log.error("zygote generation %d: %s\n%s", zygote.generation, message, event["traceback"])
+    def zygote_failed(self, zygote: ZygoteHandle, message: str, details: str = "") -> None:
+        log.error("zygote generation %d: %s\n%s", zygote.generation, message, details)
         self.discard_zygote(zygote)
-        if self.generation == 0:
+        current = self.zygotes.get(self.generation)
+        if current is None or not current.ready:
             # Nothing to fall back on: stay up (ping, status, reload work) but refuse CPU tasks
             # until a reload brings good code. Never retried on our own: that is a fork loop.
             self.failure = message
             self.fail_queue(protocol.INTERNAL, f"CPU pool unavailable: {message}")
         if self.on_generation:
-            self.on_generation(False, message)
+            self.on_generation(zygote.generation, False, message)
 
     def lose_zygote(self, zygote: ZygoteHandle) -> None:
         """The zygote died (its workers die with it): answer their jobs, restart it later."""
+        if not zygote.ready:
+            status = zygote.process.wait()
+            self.zygote_failed(zygote, f"the zygote died while importing task code (exit status {status})")
+            return
         log.error("zygote generation %d (pid %d) died", zygote.generation, zygote.pid)
         for worker in [w for w in self.workers.values() if w.generation == zygote.generation]:
             try:
@@ -222,9 +240,8 @@ class Pool:
             except ProcessLookupError:
                 pass
             self.worker_exited(worker.pid, -signal.SIGKILL)
-        was_ready = zygote.ready
         self.discard_zygote(zygote)
-        if was_ready and zygote.generation == self.generation and not self.stopping:
+        if zygote.generation == self.generation and not self.stopping:
             # Restarted as a new generation of the same code, after a back-off.
             self.zygote_failures += 1
             delay = min(BACKOFF_FIRST_S * 2**self.zygote_failures, BACKOFF_MAX_S)
@@ -335,6 +352,7 @@ class Pool:
 
     def forward_item(self, job: Job, frame: bytes, raw: Sequence[bytes]) -> None:
         if not job.answered:
+            job.items_sent += 1
             self.reply(job.client, frame, raw)
 
     def job_done(
@@ -395,11 +413,13 @@ class Pool:
             self.job_lost(job, pid, how)
 
     def job_lost(self, job: Job, pid: int, how: str) -> None:
-        if job.retries > 0 and not self.stopping:
+        # A stream that already sent items is not retried: its caller would see them twice.
+        if job.retries > 0 and not job.items_sent and not self.stopping:
             job.retries -= 1
             self.counters["retries"] += 1
             log.info("job %d: worker %d %s; retrying (%d retries left)", job.id, pid, how, job.retries)
             self.queue.appendleft(job)
+            self.dispatch()
             return
         self.fail(
             job,
@@ -417,10 +437,19 @@ class Pool:
         self.queue.append(job)
         self.dispatch()
 
+    def accepts(self, worker: Worker, job: Job) -> bool:
+        """During a reload, old workers lack modules added by it: such a job waits for a new one."""
+        zygote = self.zygotes.get(worker.generation)
+        return zygote is not None and job.module in zygote.modules
+
     def dispatch(self) -> None:
         while self.queue and self.idle:
-            worker = self.idle.popleft()
-            job = self.queue.popleft()
+            job = self.queue[0]
+            worker = next((w for w in self.idle if self.accepts(w, job)), None)
+            if worker is None:
+                return
+            self.idle.remove(worker)
+            self.queue.popleft()
             now = time.monotonic()
             job.started_at = now
             job.deadline = now + job.timeout_s
@@ -469,7 +498,7 @@ class Pool:
         if now >= self.zygote_restart_at:
             self.zygote_restart_at = math.inf
             log.info("restarting the zygote")
-            self.start_generation(self.config)
+            self.start_generation(self.config, restart=True)
         self.manage_workers()
 
     def start_kill(self, worker: Worker, now: float) -> None:
@@ -498,7 +527,8 @@ class Pool:
     # -- control -------------------------------------------------------------------------------
 
     def scale(self, workers: int) -> None:
-        self.target = workers
+        """Set the pool's size, within 1..MAX_WORKERS (a reload resets it to the config's)."""
+        self.target = min(max(workers, 1), MAX_WORKERS)
         self.manage_workers()
 
     def collect_garbage(self, done: Callable[[dict[str, Any]], None]) -> None:

@@ -32,7 +32,10 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import Config
 
 PR_SET_PDEATHSIG = 1
 
@@ -76,8 +79,11 @@ def write_line(fd: int, message: dict[str, Any]) -> None:
 class ZygoteHandle:
     """The master's view of one zygote: start it, ask for forks, read its events."""
 
-    def __init__(self, settings: dict[str, Any], generation: int) -> None:
+    def __init__(self, settings: dict[str, Any], generation: int, config: Config, restart: bool) -> None:
         self.generation = generation
+        self.config = config  # takes effect in the pool once this zygote is ready
+        self.restart = restart  # a restart of the same code after a crash, not a reload
+        self.modules = frozenset(settings["task_modules"])
         self.ready = False
         self.retiring = False
         self.pending_forks = 0

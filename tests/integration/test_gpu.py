@@ -181,6 +181,14 @@ def test_crash_gives_worker_lost_and_restores(gpu_daemon: Daemon) -> None:
         assert client.execute("a")["warm"] is True
 
 
+def test_pipeline_retries_on_a_respawned_worker(gpu_daemon: Daemon) -> None:
+    with gpu_daemon.client() as client:
+        with pytest.raises(errors.WorkerLost) as info:
+            client.call("a", kwargs={"crash": True}, retries=1)  # crashes both times
+        assert info.value.details["attempts"] == 2
+        assert client.status()["counters"]["retries"] == 1
+
+
 def test_sigkill_of_the_gpu_worker_mid_run(gpu_daemon: Daemon) -> None:
     with gpu_daemon.client() as client:
         client.execute("a")

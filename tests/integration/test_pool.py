@@ -271,10 +271,19 @@ def test_reload_with_broken_code_keeps_the_old_code(
     write_module(code, 1)
     daemon = start_daemon(config=config(workers=1, modules=("reloadable",)), env={"PYTHONPATH": str(code)})
     (code / "reloadable.py").write_text("raise RuntimeError('broken on purpose')\n")
+    (code / "added.py").write_text("def hello():\n    return 'hi'\n")
+    assert daemon.config_path is not None
+    daemon.config_path.write_text(config(workers=1, modules=("reloadable", "added")))
     with daemon.client() as client:
         with pytest.raises(errors.InternalError, match="broken on purpose"):
             client.reload()
         assert client.execute("reloadable:version") == 1
+        with pytest.raises(errors.Denied):  # the failed reload's config did not take effect
+            client.execute("added:hello")
+        write_module(code, 2)
+        assert client.reload()["generation"] == 3
+        assert client.execute("added:hello") == "hi"  # a module added by the reload
+        assert client.execute("reloadable:version") == 2
 
 
 def test_preload_failure_is_reported_and_not_a_fork_loop(start_daemon: Callable[..., Daemon]) -> None:
@@ -289,6 +298,35 @@ def test_preload_failure_is_reported_and_not_a_fork_loop(start_daemon: Callable[
         status = client.status()
         assert status["pool"]["workers"] == [] and client.ping()["pid"] == daemon.proc.pid
     assert daemon.output().count("failed to import") == 1
+
+
+def test_zygote_dying_during_import_is_not_a_hang(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    (tmp_path / "suicidal.py").write_text("import os\nos._exit(3)\n")
+    text = config(workers=1).replace("[tasks]", 'preload = ["suicidal"]\n[tasks]')
+    daemon = start_daemon(config=text, env={"PYTHONPATH": str(tmp_path)})
+    with daemon.client() as client:
+        assert "died while importing task code (exit status 3)" in client.status()["pool"]["error"]
+        with pytest.raises(errors.InternalError, match="CPU pool unavailable"):
+            client.execute(f"{TASKS}:echo", 1)
+
+
+def test_a_stream_that_sent_items_is_not_retried(daemon: Daemon) -> None:
+    with daemon.client() as client:
+        request = client.send("execute", name=f"{TASKS}:count", kwargs={"n": 3, "delay": 1}, retries=1)
+        replies = client.replies(request, 10)
+        assert next(replies)["item"] == 1
+        os.kill(busy_pid(client), signal.SIGKILL)
+        rest = list(replies)
+    assert [r["error"]["code"] for r in rest] == ["WORKER_LOST"]
+
+
+def test_scale_bounds(daemon: Daemon) -> None:
+    with daemon.client() as client:
+        for bad in (0, -1, 5000, "2"):
+            with pytest.raises(errors.BadRequest):
+                client.scale(bad)  # type: ignore[arg-type]
 
 
 def test_sigterm_lets_tasks_in_flight_finish(daemon: Daemon) -> None:
