@@ -36,7 +36,9 @@ class Job:
     accepted_at: float
     started_at: float = 0.0
     deadline: float = math.inf
+    module: str = ""  # a CPU task's module; "" for a pipeline
     attempts: int = 0
+    items_sent: int = 0
     answered: bool = False
 
 
