@@ -18,17 +18,6 @@ Error    body: {"v": 1, "id": <same|null>, "ok": false,
 Stream   body: {"v": 1, "id": <same>, "stream": "item", "seq": <int>, "item": ...}
                (zero or more, before the terminal reply or error of the same id)
 
-Raw frames: a body may refer to the frames that follow it through two msgpack extension types,
-so large buffers travel as frames of their own instead of being copied into the body:
-
-    ext 1  RAW       data = msgpack(uint i)                        -> bytes of raw frame i
-    ext 2  NDARRAY   data = msgpack({"dtype": str, "shape": [int], "frame": i})
-                                                                   -> numpy array over frame i
-
-i counts from 0 = the first frame after the body. What goes raw (`raw_frames_rule`): numpy arrays
-and `Raw(buffer)` wherever they sit, and bytes of at least RAW_THRESHOLD at the top level (each
-positional argument, each keyword value, each result or stream item).
-
 Nothing here touches a socket: the functions take and return bytes and dicts, so the daemon, the
 sync client and the async client all use the one implementation. docs/protocol.md is the full
 specification.
@@ -36,8 +25,6 @@ specification.
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgpack
