@@ -43,6 +43,13 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
         time.sleep(interval)
 
 
+def clean_environment() -> dict[str, str]:
+    """Our environment without systemd's variables: a test daemon must never talk to a real
+    systemd (if the suite itself runs under one) or adopt a socket that is not its own."""
+    systemd = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+    return {key: value for key, value in os.environ.items() if key not in systemd}
+
+
 class Daemon:
     """A workerd process under test."""
 
