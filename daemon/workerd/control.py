@@ -7,6 +7,7 @@ connection belongs to a live daemon and we refuse; one that refuses is stale and
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import stat
@@ -75,6 +76,20 @@ def ensure_directory(directory: str) -> None:
         )
 
 
+def lock_path(path: str) -> None:
+    """Hold PATH.lock for our whole life, so that two daemons never claim one path at once.
+
+    Without it, a daemon starting in the instant between another's bind() and listen() would
+    find the socket refusing connections, take it for stale and unlink it. The lock goes with
+    the process (the fd is never closed), however it exits."""
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ControlSocketError(f"another workerd is already serving {path}; refusing to start") from None
+
+
 def claim_path(path: str) -> None:
     """Refuse a live daemon's socket; remove a stale one."""
     try:
@@ -112,6 +127,7 @@ def bind(
     assert path is not None
     check_path(path)
     ensure_directory(os.path.dirname(path) or ".")
+    lock_path(path)
     claim_path(path)
     # Bind under a umask that leaves the socket 0660 from its first instant: a chmod after the
     # bind would leave a window in which it has the process umask's wider mode.

@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -80,6 +81,7 @@ class GpuWorker:
     def settings(self) -> dict[str, Any]:
         gpu = self.config.gpu
         return {
+            "master_pid": os.getpid(),
             "endpoint": self.endpoint,
             "stack_dir": self.stack_dir,
             "device": gpu.device,

@@ -154,10 +154,11 @@ def serve(settings: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    die_with_parent()
+    settings = json.loads(sys.argv[1])
+    die_with_parent(settings["master_pid"])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master decides what Ctrl-C means
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    serve(json.loads(sys.argv[1]))
+    serve(settings)
 
 
 if __name__ == "__main__":

@@ -40,13 +40,19 @@ if TYPE_CHECKING:
 PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
-    """Ask the kernel to SIGKILL us when our parent exits (Linux only; best effort elsewhere)."""
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel to SIGKILL us when our parent exits.
+
+    `parent` is the pid we expect as parent: if it died before the request was made (the race
+    prctl leaves open), we have been re-parented already and exit now rather than live orphaned.
+    """
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         return
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 class LineReader:
@@ -92,7 +98,7 @@ class ZygoteHandle:
         os.set_blocking(self.events_fd, False)
         self._events = LineReader(self.events_fd)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "workerd.zygote", str(cmd_read), str(event_write)],
+            [sys.executable, "-m", "workerd.zygote", str(cmd_read), str(event_write), str(os.getpid())],
             pass_fds=(cmd_read, event_write),
             stdin=subprocess.DEVNULL,
         )
@@ -145,6 +151,7 @@ def import_modules(names: list[str]) -> None:
 
 
 def fork_worker(settings: dict[str, Any], generation: int, close_fds: list[int]) -> int:
+    zygote = os.getpid()
     pid = os.fork()
     if pid:
         return pid
@@ -155,7 +162,7 @@ def fork_worker(settings: dict[str, Any], generation: int, close_fds: list[int])
         for fd in close_fds:
             os.close(fd)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        die_with_parent()
+        die_with_parent(zygote)
         from .worker import WorkerSettings, serve
 
         serve(WorkerSettings(settings, generation))
@@ -198,8 +205,8 @@ def wait_first_message(commands: LineReader) -> dict[str, Any]:
             return messages[0]
 
 
-def main(cmd_fd: int, event_fd: int) -> None:
-    die_with_parent()
+def main(cmd_fd: int, event_fd: int, master: int) -> None:
+    die_with_parent(master)
     # Ctrl-C on a foreground daemon reaches the whole process group; the master decides what
     # it means (a graceful stop), so the zygote and its workers must not die of it mid-task.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -245,4 +252,4 @@ def main(cmd_fd: int, event_fd: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]))
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
