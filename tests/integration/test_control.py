@@ -14,8 +14,8 @@ import msgpack
 import pytest
 import zmq
 
-from tests.conftest import Daemon
-from workerctl import errors, protocol
+from tests.conftest import Daemon, wait_until
+from workerctl import Client, errors, protocol
 
 WORKERCTL = [sys.executable, "-m", "workerctl.cli"]
 
@@ -225,3 +225,22 @@ def test_check_config(tmp_path: Path) -> None:
     )
     assert fail.returncode == 78
     assert str(bad) in fail.stderr and "workers" in fail.stderr
+
+
+def test_daemons_starting_together_on_one_path_leave_exactly_one(tmp_path: Path) -> None:
+    path = str(tmp_path / "race.sock")
+    command = [sys.executable, "-m", "workerd", "--socket", path, "--workers", "1"]
+    procs = [subprocess.Popen(command, stderr=subprocess.PIPE) for _ in range(3)]
+    try:
+        wait_until(lambda: sum(p.poll() is not None for p in procs) == 2, timeout=30)
+        survivor = next(p for p in procs if p.poll() is None)
+        assert all(p.returncode == 69 for p in procs if p is not survivor)
+        with Client(path) as client:
+            assert client.ping()["pid"] == survivor.pid
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            assert proc.stderr is not None
+            proc.stderr.close()
