@@ -77,7 +77,7 @@ class Daemon:
     def client(self, timeout: float = 30.0) -> Client:
         return Client(self.socket, timeout=timeout)
 
-    def wait_ready(self, timeout: float = 20.0) -> dict[str, Any]:
+    def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
         """Wait until the daemon answers status with its full pool of idle workers."""
 
         def ready() -> dict[str, Any] | None:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__, errors, protocol
-from .client import Client
+from .client import DEFAULT_WINDOW, Client
 from .render import render_memory, render_status
 
 CONTROL_TIMEOUT = 30.0
@@ -67,7 +68,34 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--kwargs", dest="kwargs_json", metavar="JSON", help="keyword arguments")
     run.add_argument("--task-timeout", type=float, metavar="S", help="override the task timeout")
     run.add_argument("--retries", type=int, default=0, help="re-run on WORKER_LOST (idempotent)")
+    batch_group = run.add_argument_group("batch", "one call per line of a JSON-lines file")
+    batch_group.add_argument(
+        "--batch", metavar="IN.jsonl", help="input: one JSON object (kwargs) or array (args) per line"
+    )
+    batch_group.add_argument(
+        "--output", metavar="OUT.jsonl", help="append results here as they complete (default: stdout)"
+    )
+    batch_group.add_argument("--resume", action="store_true", help="skip inputs already in --output")
+    batch_group.add_argument(
+        "--window",
+        type=positive,
+        default=DEFAULT_WINDOW,
+        help="requests in flight (default %(default)s)",
+    )
+    batch_group.add_argument(
+        "--chunksize",
+        type=positive,
+        default=1,
+        help="calls per request (default %(default)s; a chunk fails or times out as a whole)",
+    )
     return parser
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def emit(args: argparse.Namespace, value: Any, human: Callable[[Any], str]) -> None:
@@ -115,20 +143,76 @@ def command_reload(client: Client, args: argparse.Namespace) -> int:
 
 
 def command_run(client: Client, args: argparse.Namespace) -> int:
+    # Imported here: json helpers and batch bookkeeping are not for `workerctl ping`.
+    from . import batch
+
+    if args.batch is not None:
+        return command_batch(client, args)
+    if args.output or args.resume:
+        raise ValueError("--output and --resume go with --batch")
     positional = parse_json_arg(args.args_json, list, "--args") if args.args_json else []
     keywords = parse_json_arg(args.kwargs_json, dict, "--kwargs") if args.kwargs_json else {}
     keywords.update(parse_assignment(text) for text in args.assignments)
     options = {"timeout_s": args.task_timeout, "retries": args.retries}
     if args.json:
-        print(json.dumps(client.call(args.name, positional, keywords, **options), default=repr))
+        print(batch.dumps(client.call(args.name, positional, keywords, **options)))
         return errors.EXIT_OK
     # Without --json, a generator's items are printed as they arrive, one per line.
     streamed = False
     for kind, value in client.events(args.name, positional, keywords, **options):
         if kind == "item" or not streamed:
-            print(json.dumps(value, default=repr), flush=True)
+            print(batch.dumps(value), flush=True)
         streamed = streamed or kind == "item"
     return errors.EXIT_OK
+
+
+def command_batch(client: Client, args: argparse.Namespace) -> int:
+    from . import batch
+
+    if args.assignments or args.args_json or args.kwargs_json:
+        raise ValueError("--batch takes the arguments from its input lines, not key=value, --args, --kwargs")
+    output = args.output or "-"
+    if args.resume and output == "-":
+        raise ValueError("--resume needs --output FILE (the results so far tell what is done)")
+    if not os.path.isfile(args.batch):
+        raise ValueError(f"--batch: no such file: {args.batch}")
+    if output != "-" and not args.resume and os.path.exists(output) and os.path.getsize(output) > 0:
+        raise ValueError(f"{output} already holds results: --resume to go on with it, or remove it")
+    show = sys.stderr.isatty() and not args.json
+    options = batch.Options(
+        name=args.name,
+        input=args.batch,
+        output=output,
+        resume=args.resume,
+        window=args.window,
+        chunksize=args.chunksize,
+        timeout_s=args.task_timeout,
+        retries=args.retries,
+        show_progress=show,
+    )
+    progress = batch.Progress(stream=sys.stderr if show else None)
+    stopped: BaseException | None = None
+    try:
+        batch.run_batch(client, options, progress)
+    except (KeyboardInterrupt, errors.WorkerdError) as exc:
+        stopped = exc
+    summary = progress.summary()
+    line = (
+        f"batch: {summary['done']} done, {summary['failed']} failed, {summary['lost']} lost, "
+        f"{summary['skipped']} skipped (already in the output) in {summary['seconds']:.1f} s"
+    )
+    if summary["lost"]:
+        line += "; lost calls (the connection dropped under them) are not recorded"
+    if stopped is not None:
+        line += "; stopped early"
+    if (stopped is not None or summary["lost"]) and output != "-":
+        line += "; rerun with --resume to finish"
+    print(line, file=sys.stderr)
+    if args.json and output != "-":
+        print(json.dumps({**summary, "output": output, "complete": stopped is None}))
+    if stopped is not None:
+        raise stopped
+    return errors.EXIT_FAILED if progress.failed or progress.lost else errors.EXIT_OK
 
 
 COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {

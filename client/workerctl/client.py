@@ -1,24 +1,30 @@
-"""The synchronous client: one DEALER socket, requests matched to replies by id.
+"""The synchronous client: one DEALER socket, a thin blocking shell over workerctl.core.
 
-Several requests may be in flight on one socket; replies are matched by id, and a reply for an
-id nobody waits for any more (its caller timed out) is dropped.
+Several requests may be in flight on one socket; replies are matched by id (in the core), and a
+reply for an id nobody waits for any more (its caller timed out) is dropped. A socket monitor
+tells us when the connection drops, so requests in flight fail at once with ConnectionLost
+instead of waiting out their timeout; the DEALER reconnects by itself.
 """
 
 from __future__ import annotations
 
-import collections
 import errno
-import itertools
 import socket
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, cast
 
 import zmq
 
-from . import errors, paths, protocol
+from . import core, errors, paths, protocol
+from .core import result_of
+from .protocol import Buffer
 
 DEFAULT_TIMEOUT = 30.0
+DEFAULT_RECONNECT_TIMEOUT = 30.0
+# Requests in flight for map and friends: enough to keep a pool of workers and the master busy
+# while replies travel back.
+DEFAULT_WINDOW = 32
 
 
 def probe_socket(path: str) -> None:
@@ -52,33 +58,66 @@ def probe_socket(path: str) -> None:
         probe.close()
 
 
-def result_of(reply: dict[str, Any]) -> Any:
-    """The result of a terminal reply, or its error raised as the typed exception."""
-    if reply.get("ok") is True:
-        return reply["result"]
-    raise errors.error_from_reply(reply["error"])
+# Plain ints: pyzmq's constants are enums, and enum arithmetic costs microseconds per message.
+EVENTS, RCVMORE, POLLIN, SNDMORE = int(zmq.EVENTS), int(zmq.RCVMORE), int(zmq.POLLIN), int(zmq.SNDMORE)
+
+
+def readable(sock: zmq.Socket[Any]) -> bool:
+    """A message waits on `sock`. Cheaper than a NOBLOCK recv that raises zmq.Again."""
+    return bool(cast(int, sock.getsockopt(EVENTS)) & POLLIN)
+
+
+def send_frames(sock: zmq.Socket[Any], frames: Sequence[Buffer]) -> None:
+    """send_multipart without its per-frame enum arithmetic. Raw frames (numpy arrays, large
+    bytes) leave zero-copy: zmq holds a reference to each buffer until it is sent, so do not
+    modify an array you just sent."""
+    last = len(frames) - 1
+    copy = last == 1  # the delimiter and a body: copying small frames is cheaper
+    for index, frame in enumerate(frames):
+        sock.send(frame, SNDMORE if index < last else 0, copy=copy)
 
 
 class Client:
-    """A connection to workerd. Use it as a context manager, or call close()."""
+    """A connection to workerd. Use it as a context manager, or call close().
+
+    Several requests may be in flight on one client (send, then wait_result or replies; map and
+    imap_unordered keep a window of them). Not thread-safe: one client per thread.
+
+    `timeout` bounds each wait for a reply (None: wait as long as the daemon takes).
+    `max_message_bytes` is the daemon's daemon.max_message_mb in bytes; unset, the client asks
+    the daemon (ping) before its first message over 64 KiB, and assumes the 64 MiB default if the
+    daemon does not say. `reconnect_timeout` bounds how long a send waits for the connection to
+    come back after the daemon went away.
+    """
 
     def __init__(
         self,
         socket_path: str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         context: zmq.Context[Any] | None = None,
+        *,
+        max_message_bytes: int | None = None,
+        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
     ) -> None:
         self.socket_path = paths.resolve_socket_path(socket_path)
         self.timeout = timeout
+        self.reconnect_timeout = reconnect_timeout
         probe_socket(self.socket_path)
+        self._core = core.Core(max_message_bytes)
         self._context = context or zmq.Context.instance()
         self._socket = self._context.socket(zmq.DEALER)
         # linger 0: closing the client never blocks on requests the daemon will not read.
         self._socket.setsockopt(zmq.LINGER, 0)
+        # Replies are never dropped on our side: what we asked for is what we hold.
+        self._socket.setsockopt(zmq.RCVHWM, 0)
+        if timeout is not None:  # a daemon that stopped reading must not block a send forever
+            self._socket.setsockopt(zmq.SNDTIMEO, max(1, int(timeout * 1000)))
+        self._monitor = self._socket.get_monitor_socket(core.MONITOR_EVENTS)
         self._socket.connect(paths.endpoint(self.socket_path))
-        self._ids = itertools.count(1)
-        # Messages that arrived for one request while the caller waited on another.
-        self._mailbox: dict[int, collections.deque[dict[str, Any]]] = {}
+        self._poller = zmq.Poller()
+        self._poller.register(self._socket, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
+        self._closed = False
 
     def __enter__(self) -> Client:
         return self
@@ -87,16 +126,109 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._socket.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close(linger=0)
         self._socket.close(linger=0)
+
+    @property
+    def max_message_bytes(self) -> int | None:
+        """The daemon's message size limit, once known."""
+        return self._core.max_message_bytes
 
     # -- the one request path ------------------------------------------------------------------
 
     def send(self, cmd: str, **fields: Any) -> int:
         """Send a request without waiting; returns its id."""
-        request_id = next(self._ids)
-        self._socket.send_multipart([b"", protocol.encode_request(request_id, cmd, **fields)])
-        self._mailbox[request_id] = collections.deque()
+        request_id, frames = self._core.encode(cmd, fields)
+        self._check_size(frames)
+        self._core.register(request_id)
+        self._transmit(request_id, frames)
         return request_id
+
+    def _check_size(self, frames: list[Buffer]) -> None:
+        if self._core.needs_limit(frames):
+            self._core.learn_limit(self.ping())
+        self._core.check_size(frames)
+
+    def _transmit(self, request_id: int, frames: list[Buffer]) -> None:
+        self._await_connection()
+        try:
+            send_frames(self._socket, frames)
+        except zmq.Again:
+            self._core.forget(request_id)
+            raise errors.RequestTimeout(
+                f"could not send to workerd within {self.timeout:g} s: it is not reading its socket"
+            ) from None
+        except BaseException:
+            self._core.forget(request_id)
+            raise
+
+    def _await_connection(self) -> None:
+        """If the daemon went away, wait (bounded) for the DEALER's own reconnect."""
+        self._poll_monitor(0)
+        if self._core.connected:
+            return
+        deadline = time.monotonic() + self.reconnect_timeout
+        while not self._core.connected:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise errors.DaemonUnreachable(
+                    f"connection to workerd at {self.socket_path} lost and not back within "
+                    f"{self.reconnect_timeout:g} s; is it running? (systemctl status workerd)"
+                )
+            self._poll_monitor(max(1, int(remaining * 1000)))
+
+    def _poll_monitor(self, wait_ms: int) -> None:
+        if wait_ms and not readable(self._monitor):
+            self._monitor.poll(wait_ms, zmq.POLLIN)
+        while readable(self._monitor):
+            event = core.monitor_event(self._monitor.recv_multipart())
+            if event == core.EVENT_DISCONNECTED:
+                # Replies that arrived before the connection dropped are delivered, not lost.
+                self._drain()
+            self._core.monitor(event)
+
+    def _pump(self, deadline: float | None, timeout: float | None) -> None:
+        """Receive what has arrived, waiting for something until `deadline`; hand it to the core."""
+        if self._drain():
+            return
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise errors.RequestTimeout(f"no reply from workerd within {timeout:g} s")
+        wait_ms = None if remaining is None else max(1, int(remaining * 1000))
+        ready = dict(self._poller.poll(wait_ms))
+        if self._socket in ready:
+            self._drain()
+        if self._monitor in ready:
+            self._poll_monitor(0)
+
+    def _drain(self, limit: int = 1000) -> bool:
+        """Feed up to `limit` waiting messages to the core; True if there was one."""
+        sock, feed = self._socket, self._core.feed
+        count = 0
+        while count < limit and readable(sock):
+            frames: list[Buffer] = [sock.recv()]
+            if sock.getsockopt(RCVMORE):
+                frames.append(sock.recv())
+                # Raw frames are taken without a copy: an array is then a view of the message.
+                while sock.getsockopt(RCVMORE):
+                    frames.append(sock.recv(copy=False).buffer)
+            feed(frames)
+            count += 1
+        return count > 0
+
+    def _next(
+        self, inbox: core.Inbox, deadline: float | None, timeout: float | None
+    ) -> tuple[int, dict[str, Any]]:
+        while not inbox.queue:
+            self._pump(deadline, timeout)
+        return inbox.queue.popleft()
 
     def replies(self, request_id: int, timeout: float | None) -> Iterator[dict[str, Any]]:
         """Yield the messages for one request (stream items, then the terminal reply).
@@ -105,36 +237,16 @@ class Client:
         messages for requests nobody waits for any more (they timed out) are dropped.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        mailbox = self._mailbox.setdefault(request_id, collections.deque())
+        inbox = self._core.inbox(request_id)
         try:
             while True:
-                reply = mailbox.popleft() if mailbox else self._receive(request_id, deadline, timeout)
-                if reply is None:
-                    continue
+                _, reply = self._next(inbox, deadline, timeout)
                 yield reply
                 if protocol.is_terminal(reply):
                     return
         finally:
             # Ended, timed out, or abandoned by the caller: later messages for it are dropped.
-            self._mailbox.pop(request_id, None)
-
-    def _receive(
-        self, request_id: int, deadline: float | None, timeout: float | None
-    ) -> dict[str, Any] | None:
-        """One message for `request_id`, or None if what arrived was for another request."""
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            raise errors.RequestTimeout(f"no reply from workerd within {timeout:g} s")
-        wait_ms = None if remaining is None else max(1, int(remaining * 1000))
-        if not self._socket.poll(wait_ms, zmq.POLLIN):
-            return None
-        reply = self._decode(self._socket.recv_multipart())
-        owner = reply.get("id")
-        if owner == request_id or owner is None:  # an id-less error answers the request at hand
-            return reply
-        if owner in self._mailbox:
-            self._mailbox[owner].append(reply)
-        return None
+            self._core.forget(request_id)
 
     def wait_result(self, request_id: int, timeout: float | None = None) -> Any:
         """Block until the request sent as `request_id` ends; its result (stream items dropped),
@@ -147,15 +259,6 @@ class Client:
     def request(self, cmd: str, timeout: float | None = None, **fields: Any) -> Any:
         """Send one command and return its result, raising the typed error on failure."""
         return self.wait_result(self.send(cmd, **fields), timeout)
-
-    @staticmethod
-    def _decode(frames: list[bytes]) -> dict[str, Any]:
-        if len(frames) < 2 or frames[0] != b"":
-            raise errors.ProtocolMismatch("reply without the empty delimiter frame")
-        try:
-            return protocol.decode_reply(frames[1])
-        except protocol.ProtocolError as exc:
-            raise errors.ProtocolMismatch(exc.message) from None
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -184,7 +287,7 @@ class Client:
     def call(
         self,
         name: str,
-        args: list[Any] | None = None,
+        args: Sequence[Any] | None = None,
         kwargs: dict[str, Any] | None = None,
         *,
         timeout_s: float | None = None,
@@ -202,7 +305,7 @@ class Client:
     def stream(
         self,
         name: str,
-        args: list[Any] | None = None,
+        args: Sequence[Any] | None = None,
         kwargs: dict[str, Any] | None = None,
         *,
         timeout_s: float | None = None,
@@ -216,35 +319,111 @@ class Client:
     def events(
         self,
         name: str,
-        args: list[Any] | None = None,
+        args: Sequence[Any] | None = None,
         kwargs: dict[str, Any] | None = None,
         *,
         timeout_s: float | None = None,
         retries: int = 0,
     ) -> Iterator[tuple[str, Any]]:
         """Yield ("item", value) for each stream item, then ("result", value); errors raise."""
-        for reply in self._execute(name, args, kwargs, timeout_s, retries):
+        request_id = self.send("execute", **core.execute_fields(name, args, kwargs, timeout_s, retries))
+        for reply in self.replies(request_id, core.reply_wait(self.timeout, timeout_s)):
             if protocol.is_terminal(reply):
                 yield "result", result_of(reply)
             else:
                 yield "item", reply["item"]
 
-    def _execute(
+    # -- many calls ----------------------------------------------------------------------------
+
+    def execute_many(
         self,
         name: str,
-        args: list[Any] | None,
-        kwargs: dict[str, Any] | None,
+        calls: Iterable[core.Call],
+        *,
+        window: int = DEFAULT_WINDOW,
+        chunksize: int = 1,
+        timeout_s: float | None = None,
+        retries: int = 0,
+    ) -> Iterator[core.Outcome]:
+        """Run `name` once per (args, kwargs) in `calls`; yield an Outcome per call as it completes.
+
+        At most `window` requests are in flight, each carrying `chunksize` calls, and inputs are
+        read only as the window frees up: memory stays flat however long `calls` is. A call's
+        failure is its outcome (`error` set), never an exception here; a lost connection fails
+        the calls in flight with ConnectionLost and the rest go on once the daemon is back.
+        `timeout` (the client's) bounds the wait for each next reply.
+        """
+        for index, ok, value in self._outcomes(name, calls, window, chunksize, timeout_s, retries):
+            yield core.Outcome(index, value, None) if ok else core.Outcome(index, None, value)
+
+    def imap_unordered(
+        self,
+        name: str,
+        iterable: Iterable[Any],
+        *,
+        window: int = DEFAULT_WINDOW,
+        chunksize: int = 1,
+        timeout_s: float | None = None,
+        retries: int = 0,
+    ) -> Iterator[Any]:
+        """Like multiprocessing.Pool.imap_unordered: each item is the one argument of a call;
+        results in completion order; the first failed call raises its typed error."""
+        calls = core.single_argument_calls(iterable)
+        for _, ok, value in self._outcomes(name, calls, window, chunksize, timeout_s, retries):
+            if not ok:
+                raise value
+            yield value
+
+    def map(
+        self,
+        name: str,
+        iterable: Iterable[Any],
+        *,
+        window: int = DEFAULT_WINDOW,
+        chunksize: int = 1,
+        timeout_s: float | None = None,
+        retries: int = 0,
+    ) -> list[Any]:
+        """Like Pool.map: the results in input order; the first failed call raises."""
+        results: dict[int, Any] = {}
+        calls = core.single_argument_calls(iterable)
+        for index, ok, value in self._outcomes(name, calls, window, chunksize, timeout_s, retries):
+            if not ok:
+                raise value
+            results[index] = value
+        return [results[i] for i in range(len(results))]
+
+    def _outcomes(
+        self,
+        name: str,
+        calls: Iterable[core.Call],
+        window: int,
+        chunksize: int,
         timeout_s: float | None,
         retries: int,
-    ) -> Iterator[dict[str, Any]]:
-        fields: dict[str, Any] = {"name": name, "args": args or [], "kwargs": kwargs or {}}
-        if timeout_s is not None:
-            fields["timeout_s"] = timeout_s
-        if retries:
-            fields["retries"] = retries
-        request_id = self.send("execute", **fields)
-        # The daemon enforces timeout_s and always answers; give it a moment beyond that.
-        wait = self.timeout
-        if timeout_s is not None and wait is not None:
-            wait = max(wait, timeout_s + 5.0)
-        yield from self.replies(request_id, wait)
+        idle: Callable[[], None] | None = None,
+    ) -> Iterator[tuple[int, bool, Any]]:
+        """(index, True, result) or (index, False, error) per call; `idle` runs before each wait."""
+        batch = core.Batch(
+            self._core, name, calls, window=window, chunksize=chunksize, timeout_s=timeout_s, retries=retries
+        )
+        wait = core.reply_wait(self.timeout, timeout_s)
+        try:
+            while not batch.done:
+                while (request := batch.next_request()) is not None:
+                    request_id, frames = request
+                    try:
+                        self._check_size(frames)
+                    except errors.MessageTooLarge as exc:
+                        batch.refused(request_id, exc)
+                        continue
+                    self._transmit(request_id, frames)
+                if batch.waiting:
+                    if idle is not None:
+                        idle()
+                    deadline = None if wait is None else time.monotonic() + wait
+                    while not batch.inbox.queue:
+                        self._pump(deadline, wait)
+                yield from batch.take()
+        finally:
+            batch.close()

@@ -37,6 +37,14 @@ class DaemonUnreachable(WorkerdError):
     exit_code = EXIT_UNREACHABLE
 
 
+class ConnectionLost(DaemonUnreachable):
+    """The connection dropped while the request was in flight: its reply will never come.
+
+    The request may or may not have run. The client reconnects by itself; send again."""
+
+    code = "CONNECTION_LOST"
+
+
 class ConnectionDenied(WorkerdError):
     code = "PERMISSION_DENIED"
     exit_code = EXIT_DENIED
@@ -58,6 +66,10 @@ class ProtocolMismatch(WorkerdError):
 class BadRequest(WorkerdError):
     code = protocol.BAD_REQUEST
     exit_code = EXIT_USAGE
+
+
+class MessageTooLarge(BadRequest):
+    """Refused before sending: over the daemon's daemon.max_message_mb (it would drop it)."""
 
 
 class UnsupportedVersion(WorkerdError):
@@ -125,6 +137,9 @@ _BY_CODE: dict[str, type[WorkerdError]] = {
         InternalError,
     )
 }
+# Made on the client side and delivered like a daemon's error, so one path handles both.
+_BY_CODE[ConnectionLost.code] = ConnectionLost
+_BY_CODE[ProtocolMismatch.code] = ProtocolMismatch
 
 
 def error_from_reply(error: dict[str, Any]) -> WorkerdError:

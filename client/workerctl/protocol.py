@@ -18,6 +18,17 @@ Error    body: {"v": 1, "id": <same|null>, "ok": false,
 Stream   body: {"v": 1, "id": <same>, "stream": "item", "seq": <int>, "item": ...}
                (zero or more, before the terminal reply or error of the same id)
 
+Raw frames: a body may refer to the frames that follow it through two msgpack extension types,
+so large buffers travel as frames of their own instead of being copied into the body:
+
+    ext 1  RAW       data = msgpack(uint i)                        -> bytes of raw frame i
+    ext 2  NDARRAY   data = msgpack({"dtype": str, "shape": [int], "frame": i})
+                                                                   -> numpy array over frame i
+
+i counts from 0 = the first frame after the body. What goes raw (`raw_frames_rule`): numpy arrays
+and `Raw(buffer)` wherever they sit, and bytes of at least RAW_THRESHOLD at the top level (each
+positional argument, each keyword value, each result or stream item).
+
 Nothing here touches a socket: the functions take and return bytes and dicts, so the daemon, the
 sync client and the async client all use the one implementation. docs/protocol.md is the full
 specification.
@@ -25,6 +36,8 @@ specification.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
@@ -60,6 +73,9 @@ ERROR_CODES = (
     INTERNAL,
 )
 
+# A frame: bytes, or any C-contiguous buffer (a memoryview of a numpy array is sent zero-copy).
+Buffer = bytes | bytearray | memoryview
+
 # A request id is echoed back verbatim; bound it so a client cannot make us echo megabytes.
 MAX_ID_LENGTH = 256
 
@@ -83,17 +99,170 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def unpack(data: bytes) -> Any:
+def unpack(data: bytes, raw: Sequence[Buffer] | None = None) -> Any:
     """Deserialise one body without trusting it.
 
     msgpack bounds every declared length by the size of the buffer itself, so a tiny message
     cannot make us allocate gigabytes; map keys must be str or bytes so a hostile key cannot be
     an unhashable or surprising type. Any failure is a BAD_REQUEST, never a crash.
+
+    With `raw` (the frames after the body), references to raw frames are resolved; without it
+    they stay msgpack.ExtType values (the master checks envelopes and never needs them).
     """
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=True)
+        if raw is None:
+            return msgpack.unpackb(data, raw=False, strict_map_key=True)
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=FrameReader(raw))
+    except ProtocolError:
+        raise
     except Exception as exc:  # msgpack raises ValueError, TypeError, StackError, ExtraData...
         raise ProtocolError(BAD_REQUEST, f"body is not valid msgpack: {exc}") from None
+
+
+# -- raw frames ------------------------------------------------------------------------------------
+
+EXT_RAW = 1
+EXT_NDARRAY = 2
+# bytes at least this long at the top level of a message go raw: below it, a frame of its own
+# costs more than the copy into the body saves.
+RAW_THRESHOLD = 64 * 1024
+_BYTES_TYPES = (bytes, bytearray, memoryview)
+
+
+class Raw:
+    """Send `buffer` (anything with the buffer protocol) as a raw frame, wherever it sits.
+
+    It arrives as bytes. Without the wrapper only bytes of at least RAW_THRESHOLD at the top level
+    of a message go raw; numpy arrays always do.
+    """
+
+    __slots__ = ("buffer",)
+
+    def __init__(self, buffer: Any) -> None:
+        self.buffer = buffer
+
+    def __repr__(self) -> str:
+        return f"Raw(<{frame_size(as_frame(self.buffer))} bytes>)"
+
+
+def frame_size(frame: Buffer) -> int:
+    return frame.nbytes if isinstance(frame, memoryview) else len(frame)
+
+
+def as_frame(buffer: Any) -> Buffer:
+    if isinstance(buffer, bytes | bytearray):
+        return buffer
+    view = memoryview(buffer)
+    if not view.c_contiguous:
+        raise TypeError("a raw frame must be a C-contiguous buffer")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def promote(value: Any) -> Any:
+    """The raw-frames rule at the top level: large bytes become Raw, anything else is unchanged."""
+    if isinstance(value, _BYTES_TYPES) and frame_size(value) >= RAW_THRESHOLD:
+        return Raw(value)
+    return value
+
+
+class FrameWriter:
+    """Collects the raw frames of one message while it is packed (msgpack's `default` hook)."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self) -> None:
+        self.frames: list[Buffer] = []
+
+    def add(self, frame: Buffer) -> bytes:
+        self.frames.append(frame)
+        return pack(len(self.frames) - 1)
+
+    def __call__(self, obj: Any) -> Any:
+        if isinstance(obj, Raw):
+            return msgpack.ExtType(EXT_RAW, self.add(as_frame(obj.buffer)))
+        # Never import numpy here: if the caller holds an array, numpy is already imported.
+        numpy = sys.modules.get("numpy")
+        if numpy is not None:
+            if isinstance(obj, numpy.ndarray):
+                return msgpack.ExtType(EXT_NDARRAY, self.add_array(numpy, obj))
+            if isinstance(obj, numpy.generic):
+                return obj.item()
+        if isinstance(obj, int):  # msgpack hands over the ints it cannot hold
+            raise OverflowError(f"integer {obj} is outside msgpack's range (-2**63 .. 2**64-1)")
+        raise TypeError(f"cannot serialize {type(obj).__name__!s} (msgpack types, Raw and numpy arrays only)")
+
+    def add_array(self, numpy: Any, array: Any) -> bytes:
+        if array.dtype.hasobject:
+            raise TypeError("numpy arrays of Python objects cannot be sent (dtype has objects)")
+        # ascontiguousarray copies only when it must (a non-contiguous view, Fortran order).
+        flat = numpy.ascontiguousarray(array).reshape(-1).view(numpy.uint8)
+        index = len(self.frames)
+        self.frames.append(memoryview(flat))
+        return pack({"dtype": array.dtype.str, "shape": list(array.shape), "frame": index})
+
+
+def pack_frames(obj: Any) -> list[Buffer]:
+    """[body, *raw frames] for one message, by the raw-frames rule."""
+    writer = FrameWriter()
+    body = msgpack.packb(obj, use_bin_type=True, default=writer)
+    return [body, *writer.frames]
+
+
+class FrameReader:
+    """Resolves raw-frame references while one body is unpacked (msgpack's `ext_hook`)."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self, frames: Sequence[Buffer]) -> None:
+        self.frames = frames
+
+    def frame(self, index: Any) -> Buffer:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.frames):
+            raise ProtocolError(
+                BAD_REQUEST, f"reference to raw frame {index!r}, but the message has {len(self.frames)}"
+            )
+        return self.frames[index]
+
+    def __call__(self, code: int, data: bytes) -> Any:
+        if code == EXT_RAW:
+            frame = self.frame(msgpack.unpackb(data))
+            return frame if isinstance(frame, bytes) else bytes(frame)
+        if code == EXT_NDARRAY:
+            return self.array(msgpack.unpackb(data, raw=False))
+        return msgpack.ExtType(code, data)
+
+    def array(self, spec: Any) -> Any:
+        if not isinstance(spec, dict) or not isinstance(spec.get("dtype"), str):
+            raise ProtocolError(BAD_REQUEST, "ndarray reference must be a map with 'dtype', 'shape', 'frame'")
+        shape = spec.get("shape")
+        if not isinstance(shape, list) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+        ):
+            raise ProtocolError(BAD_REQUEST, "ndarray 'shape' must be a list of non-negative integers")
+        frame = self.frame(spec.get("frame"))
+        try:
+            import numpy  # only a message that holds an array needs it
+        except ImportError:
+            raise ProtocolError(
+                BAD_REQUEST, "the message holds a numpy array, but numpy is not installed here"
+            ) from None
+        try:
+            dtype = numpy.dtype(spec["dtype"])
+        except Exception:
+            raise ProtocolError(BAD_REQUEST, f"unknown ndarray dtype {spec['dtype']!r}") from None
+        if dtype.hasobject:
+            raise ProtocolError(BAD_REQUEST, "ndarray dtype must not hold Python objects")
+        count = 1
+        for n in shape:
+            count *= n
+        if count * dtype.itemsize != frame_size(frame):
+            raise ProtocolError(
+                BAD_REQUEST,
+                f"ndarray of shape {shape} and dtype {dtype.str} needs {count * dtype.itemsize} bytes, "
+                f"raw frame has {frame_size(frame)}",
+            )
+        # Zero-copy: the array is a read-only view of the frame.
+        return numpy.frombuffer(frame, dtype=dtype).reshape(shape)
 
 
 def is_valid_id(value: object) -> bool:
@@ -151,10 +320,26 @@ def encode_item(request_id: int | str | None, seq: int, item: Any) -> bytes:
     return pack({"v": VERSION, "id": request_id, "stream": "item", "seq": seq, "item": item})
 
 
-def decode_reply(data: bytes) -> dict[str, Any]:
-    """Decode a reply, error or stream item, checking the fields a client relies on."""
+def encode_request_frames(request_id: int | str, cmd: str, fields: dict[str, Any]) -> list[Buffer]:
+    """[body, *raw frames] of a request; the caller applies `promote` to top-level values."""
+    return pack_frames({"v": VERSION, "id": request_id, "cmd": cmd, **fields})
+
+
+def encode_result_frames(request_id: int | str | None, result: Any) -> list[Buffer]:
+    return pack_frames({"v": VERSION, "id": request_id, "ok": True, "result": promote(result)})
+
+
+def encode_item_frames(request_id: int | str | None, seq: int, item: Any) -> list[Buffer]:
+    return pack_frames({"v": VERSION, "id": request_id, "stream": "item", "seq": seq, "item": promote(item)})
+
+
+def decode_reply(data: bytes, raw: Sequence[Buffer] = ()) -> dict[str, Any]:
+    """Decode a reply, error or stream item, checking the fields a client relies on.
+
+    `raw` are the frames after the body: references to them become bytes and numpy arrays.
+    """
     try:
-        body = unpack(data)
+        body = unpack(data, raw)
     except ProtocolError as exc:
         raise ProtocolError(INTERNAL, f"reply is not valid msgpack: {exc.message}") from None
     if not isinstance(body, dict) or body.get("v") != VERSION:

@@ -10,6 +10,9 @@ from workerctl import protocol
 
 MAX_RETRIES = 10
 MAX_RAW_FRAMES = 1024
+# Calls in one chunked execute: enough to amortise the per-message cost many times over, few
+# enough that one chunk's results stay well inside the message size limit for small values.
+MAX_CALLS = 10_000
 
 
 class RequestRejected(Exception):
@@ -60,11 +63,10 @@ def check_execute(request: dict[str, Any], default_timeout: float) -> tuple[str,
     name = request.get("name")
     if not isinstance(name, str) or not name:
         raise RequestRejected(protocol.BAD_REQUEST, "'name' must be a non-empty string")
-    if not isinstance(request.get("args", []), list):
-        raise RequestRejected(protocol.BAD_REQUEST, "'args' must be an array")
-    kwargs = request.get("kwargs", {})
-    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-        raise RequestRejected(protocol.BAD_REQUEST, "'kwargs' must be a map with string keys")
+    if "calls" in request:
+        check_calls(request, name)
+    else:
+        check_arguments(request.get("args", []), request.get("kwargs", {}), "")
     timeout = request.get("timeout_s", default_timeout)
     if timeout is None:
         timeout = default_timeout
@@ -76,3 +78,39 @@ def check_execute(request: dict[str, Any], default_timeout: float) -> tuple[str,
     if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES:
         raise RequestRejected(protocol.BAD_REQUEST, f"'retries' must be an integer from 0 to {MAX_RETRIES}")
     return name, float(timeout), retries
+
+
+def check_arguments(args: Any, kwargs: Any, where: str) -> None:
+    if not isinstance(args, list):
+        raise RequestRejected(protocol.BAD_REQUEST, f"'args'{where} must be an array")
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise RequestRejected(protocol.BAD_REQUEST, f"'kwargs'{where} must be a map with string keys")
+
+
+def check_calls(request: dict[str, Any], name: str) -> None:
+    """A chunked execute: `calls` = [[args, kwargs], ...] in place of args and kwargs."""
+    if "args" in request or "kwargs" in request:
+        raise RequestRejected(
+            protocol.BAD_REQUEST, "'calls' replaces 'args' and 'kwargs': send one or the other"
+        )
+    if ":" not in name:
+        raise RequestRejected(
+            protocol.BAD_REQUEST, "'calls' is for CPU tasks (module:function), not pipelines"
+        )
+    calls = request["calls"]
+    if not isinstance(calls, list) or not 1 <= len(calls) <= MAX_CALLS:
+        raise RequestRejected(protocol.BAD_REQUEST, f"'calls' must be an array of 1 to {MAX_CALLS} calls")
+    # The master's one thread checks every call of every chunk: keep the loop tight (exact type
+    # checks, no call per entry); msgpack decodes arrays as list and maps as dict, nothing else.
+    for index, call in enumerate(calls):
+        if (
+            type(call) is not list
+            or len(call) != 2
+            or type(call[0]) is not list
+            or type(call[1]) is not dict
+            or (call[1] and not all(type(key) is str for key in call[1]))
+        ):
+            raise RequestRejected(
+                protocol.BAD_REQUEST,
+                f"'calls'[{index}] must be [args, kwargs]: an array and a map with string keys",
+            )

@@ -9,10 +9,10 @@ import a module on the say-so of the wire.
 from __future__ import annotations
 
 import importlib
-import inspect
 import re
 import traceback
 from collections.abc import Callable, Collection, Iterator
+from types import GeneratorType
 from typing import Any
 
 from workerctl import protocol
@@ -78,41 +78,95 @@ def bounded(kind: bytes, frame: bytes, request_id: Any, limit: int) -> tuple[byt
     """The frame itself, or a TASK_ERROR in its place if it exceeds the message size limit."""
     if len(frame) <= limit:
         return kind, frame
-    return ERROR, protocol.encode_error(
+    return ERROR, too_large(request_id, len(frame), limit)
+
+
+def too_large(request_id: Any, size: int, limit: int) -> bytes:
+    return protocol.encode_error(
         request_id,
         protocol.TASK_ERROR,
-        f"result is {len(frame)} bytes, over the {limit} byte message limit",
-        {"type": "ResultTooLarge", "bytes": len(frame), "limit": limit},
+        f"result is {size} bytes, over the {limit} byte message limit",
+        {"type": "ResultTooLarge", "bytes": size, "limit": limit},
     )
 
 
-def run(body: dict[str, Any], allowed: Collection[str], limit: int) -> Iterator[tuple[bytes, bytes]]:
-    """Run one execute request; yield (kind, reply frame) pairs, kind one of ITEM, OK, ERROR.
+Frames = list[protocol.Buffer]
+
+
+def bounded_frames(kind: bytes, frames: Frames, request_id: Any, limit: int) -> tuple[bytes, Frames]:
+    """`bounded` for a reply body and its raw frames: their total is what the limit bounds."""
+    size = sum(map(protocol.frame_size, frames))
+    if size <= limit:
+        return kind, frames
+    return ERROR, [too_large(request_id, size, limit)]
+
+
+def run(body: dict[str, Any], allowed: Collection[str], limit: int) -> Iterator[tuple[bytes, Frames]]:
+    """Run one execute request; yield (kind, [reply body, *raw frames]), kind one of ITEM, OK, ERROR.
 
     A generator task yields one stream item per value, then a terminal reply whose result is
-    {"items": count}. Every failure becomes a typed error reply: the worker never dies of a task.
+    {"items": count}. A chunked request (`calls`) runs each call in order and ends in one reply
+    (see run_calls). Every failure becomes a typed error reply: the worker never dies of a task.
     An oversized item ends the stream with that error.
     """
     request_id = body.get("id")
     try:
         function = resolve(body["name"], allowed)
+        if "calls" in body:
+            result = {"results": run_calls(function, body["calls"])}
+            yield bounded_frames(OK, protocol.encode_result_frames(request_id, result), request_id, limit)
+            return
         value = function(*body.get("args", ()), **body.get("kwargs", {}))
-        if inspect.isgenerator(value):
+        if isinstance(value, GeneratorType):
             count = 0
             for count, item in enumerate(value, 1):
-                kind, frame = bounded(ITEM, protocol.encode_item(request_id, count, item), request_id, limit)
-                yield kind, frame
+                kind, frames = bounded_frames(
+                    ITEM, protocol.encode_item_frames(request_id, count, item), request_id, limit
+                )
+                yield kind, frames
                 if kind is ERROR:
                     value.close()
                     return
             value = {"items": count}
-        yield bounded(OK, protocol.encode_result(request_id, value), request_id, limit)
+        yield bounded_frames(OK, protocol.encode_result_frames(request_id, value), request_id, limit)
     except TaskLookupError as exc:
-        yield ERROR, protocol.encode_error(request_id, exc.code, exc.message)
+        yield ERROR, [protocol.encode_error(request_id, exc.code, exc.message)]
     except Exception as exc:  # the task's own failure, reported, never fatal
-        yield (
-            ERROR,
-            protocol.encode_error(
-                request_id, protocol.TASK_ERROR, f"{type(exc).__name__}: {exc}", error_details(exc)
-            ),
-        )
+        yield ERROR, [task_error(request_id, exc)]
+
+
+def task_error(request_id: Any, exc: Exception) -> bytes:
+    return protocol.encode_error(
+        request_id, protocol.TASK_ERROR, f"{type(exc).__name__}: {exc}", error_details(exc)
+    )
+
+
+def run_calls(function: Callable[..., Any], calls: list[list[Any]]) -> list[dict[str, Any]]:
+    """Run each [args, kwargs] of a chunk in order; one outcome per call, in call order.
+
+    A call's failure is its own outcome and the chunk goes on; a generator's items are collected
+    into a list (a chunk has one terminal reply and no stream). The timeout and retries of the
+    request apply to the chunk as a whole. Results are not promoted to raw frames one by one
+    (this loop runs once per call; chunks are for many small calls): numpy arrays and Raw
+    values still travel raw.
+    """
+    outcomes: list[dict[str, Any]] = []
+    append = outcomes.append
+    for args, kwargs in calls:
+        try:
+            value = function(*args, **kwargs)
+            if isinstance(value, GeneratorType):
+                value = list(value)
+            append({"ok": True, "result": value})
+        except Exception as exc:
+            append(
+                {
+                    "ok": False,
+                    "error": {
+                        "code": protocol.TASK_ERROR,
+                        "message": f"{type(exc).__name__}: {exc}",
+                        "details": error_details(exc),
+                    },
+                }
+            )
+    return outcomes

@@ -83,13 +83,24 @@ def worker_id(pid: int) -> bytes:
 def run_job(
     sock: zmq.Socket[Any], settings: WorkerSettings, job: bytes, body: bytes, raw: list[bytes]
 ) -> None:
-    request = protocol.unpack(body)
-    for kind, frame in tasks.run(request, settings.allowed, settings.max_message_bytes):
+    try:
+        request = protocol.unpack(body, raw)  # resolves references to the raw frames
+    except protocol.ProtocolError as exc:
+        # The master decoded the envelope already, so this is a bad raw-frame reference (or an
+        # array without numpy here): answer it as the client's error, keep serving.
+        request_id = protocol.unpack(body).get("id")
+        frame = protocol.encode_error(request_id, exc.code, exc.message)
+        sock.send_multipart([b"done", job, tasks.ERROR, frame, protocol.pack({})])
+        return
+    for kind, frames in tasks.run(request, settings.allowed, settings.max_message_bytes):
+        # Raw frames (numpy arrays, large bytes) leave zero-copy; small messages take the
+        # ordinary path, which is cheaper for them.
+        copy = len(frames) == 1
         if kind is tasks.ITEM:
-            sock.send_multipart([b"item", job, frame])
+            sock.send_multipart([b"item", job, *frames], copy=copy)
             continue
         extra = {"uss": memory.uss_bytes(os.getpid())} if settings.report_uss else {}
-        sock.send_multipart([b"done", job, kind, frame, protocol.pack(extra)])
+        sock.send_multipart([b"done", job, kind, frames[0], protocol.pack(extra), *frames[1:]], copy=copy)
 
 
 def collect_garbage(pid: int) -> dict[str, Any]:
