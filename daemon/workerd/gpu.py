@@ -181,13 +181,15 @@ class GpuWorker:
             self.failures = 0
             log.info("GPU worker restored pipelines: %s", protocol.unpack(frames[1]))
         elif kind == b"done":
-            self.run_done(frames[1], frames[2], frames[3], protocol.unpack(frames[4]))
+            self.run_done(frames[1], frames[2], frames[3], protocol.unpack(frames[4]), frames[5:])
         elif kind in (b"memory", b"cleared"):
             waiting = self.waiting.pop(frames[1], None)
             if waiting:
                 waiting[0](protocol.unpack(frames[2]))
 
-    def run_done(self, job_id: bytes, outcome: bytes, frame: bytes, extra: dict[str, Any]) -> None:
+    def run_done(
+        self, job_id: bytes, outcome: bytes, frame: bytes, extra: dict[str, Any], raw: list[bytes]
+    ) -> None:
         job = self.job
         if job is None or job_id != b"%d" % job.id or self.state != "busy":
             return
@@ -199,7 +201,7 @@ class GpuWorker:
             self.failures = 0
         job.answered = True
         self.counters[f"pipeline_{outcome.decode()}"] += 1
-        self.reply(job.client, frame)
+        self.reply(job.client, frame, raw)
         if self.stopping:
             self.stop_process()
         self.restart_if_idle()
@@ -238,7 +240,7 @@ class GpuWorker:
         job.started_at, job.deadline = now, now + job.timeout_s
         job.attempts += 1
         self.job, self.state = job, "busy"
-        self.backend.send_multipart([b"gpu", b"run", b"%d" % job.id, job.body])
+        self.backend.send_multipart([b"gpu", b"run", b"%d" % job.id, job.body, *job.raw])
 
     def next_deadline(self) -> float:
         times = [self.respawn_at, self.kill_at]

@@ -67,7 +67,7 @@ class Runner(threading.Thread):
                 return
             op = frames[0]
             if op == b"run":
-                self.out.send_multipart(self.run_pipeline(frames[1], frames[2]))
+                self.out.send_multipart(self.run_pipeline(frames[1], frames[2], frames[3:]), copy=False)
             elif op == b"restore":
                 self.out.send_multipart(
                     [b"restored", protocol.pack(self.restore(protocol.unpack(frames[1])))]
@@ -76,27 +76,36 @@ class Runner(threading.Thread):
                 result = self.cache.clear(frames[2].decode())
                 self.out.send_multipart([b"cleared", frames[1], protocol.pack(result)])
 
-    def run_pipeline(self, job: bytes, body: bytes) -> list[bytes]:
+    def run_pipeline(self, job: bytes, body: bytes, raw: list[bytes]) -> list[Any]:
+        """One pipeline run: [b"done", job, kind, reply body, extra, *raw frames of the reply]."""
         from .pipelines import PipelineError
 
-        request = protocol.unpack(body)
+        request, error = tasks.decode(body, raw)
+        if request is None:
+            return self.done(job, tasks.ERROR, [error])
         request_id = request.get("id")
+        frames: list[Any]
         try:
             result = self.cache.run(request["name"], request.get("args", []), request.get("kwargs", {}))
-            kind, frame = tasks.bounded(
-                tasks.OK, protocol.encode_result(request_id, result), request_id, self.max_message_bytes
+            kind, frames = tasks.bounded_frames(
+                tasks.OK,
+                protocol.encode_result_frames(request_id, result),
+                request_id,
+                self.max_message_bytes,
             )
         except PipelineError as exc:
-            kind, frame = tasks.ERROR, protocol.encode_error(request_id, exc.code, exc.message, exc.details)
-        except Exception as exc:
-            kind, frame = (
+            kind, frames = (
                 tasks.ERROR,
-                protocol.encode_error(
-                    request_id, protocol.TASK_ERROR, f"{type(exc).__name__}: {exc}", tasks.error_details(exc)
-                ),
+                [protocol.encode_error(request_id, exc.code, exc.message, exc.details)],
             )
-        extra = {"cached": list(self.cache.entries)}
-        return [b"done", job, kind, frame, protocol.pack(extra)]
+        except Exception as exc:
+            kind, frames = tasks.ERROR, [tasks.task_error(request_id, exc)]
+        return self.done(job, kind, frames)
+
+    def done(self, job: bytes, kind: bytes, frames: list[Any]) -> list[Any]:
+        # The cache's contents ride along, so the master knows what to restore after a crash.
+        extra = protocol.pack({"cached": list(self.cache.entries)})
+        return [b"done", job, kind, frames[0], extra, *frames[1:]]
 
     def restore(self, names: list[str]) -> dict[str, list[str]]:
         loaded, failed = [], []

@@ -101,6 +101,18 @@ def bounded_frames(kind: bytes, frames: Frames, request_id: Any, limit: int) -> 
     return ERROR, [too_large(request_id, size, limit)]
 
 
+def decode(body: bytes, raw: list[bytes]) -> tuple[dict[str, Any] | None, bytes]:
+    """The request with its raw-frame references resolved, or (None, the error reply).
+
+    The master decoded the envelope already, so a failure here is a bad raw-frame reference (or
+    an array where numpy is missing): the client's error, answered, never fatal."""
+    try:
+        return protocol.unpack(body, raw), b""
+    except protocol.ProtocolError as exc:
+        request_id = protocol.unpack(body).get("id")
+        return None, protocol.encode_error(request_id, exc.code, exc.message)
+
+
 def run(body: dict[str, Any], allowed: Collection[str], limit: int) -> Iterator[tuple[bytes, Frames]]:
     """Run one execute request; yield (kind, [reply body, *raw frames]), kind one of ITEM, OK, ERROR.
 

@@ -83,14 +83,9 @@ def worker_id(pid: int) -> bytes:
 def run_job(
     sock: zmq.Socket[Any], settings: WorkerSettings, job: bytes, body: bytes, raw: list[bytes]
 ) -> None:
-    try:
-        request = protocol.unpack(body, raw)  # resolves references to the raw frames
-    except protocol.ProtocolError as exc:
-        # The master decoded the envelope already, so this is a bad raw-frame reference (or an
-        # array without numpy here): answer it as the client's error, keep serving.
-        request_id = protocol.unpack(body).get("id")
-        frame = protocol.encode_error(request_id, exc.code, exc.message)
-        sock.send_multipart([b"done", job, tasks.ERROR, frame, protocol.pack({})])
+    request, error = tasks.decode(body, raw)
+    if request is None:
+        sock.send_multipart([b"done", job, tasks.ERROR, error, protocol.pack({})])
         return
     for kind, frames in tasks.run(request, settings.allowed, settings.max_message_bytes):
         # Raw frames (numpy arrays, large bytes) leave zero-copy; small messages take the

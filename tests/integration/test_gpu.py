@@ -316,3 +316,17 @@ def test_reload_applies_new_pipelines_and_restores_the_rest(gpu_daemon: Daemon, 
         assert client.execute("c")["output"]["version"] == 3
         wait_until(lambda: "a" in cached(client))
         assert client.execute("a")["warm"] is True
+
+
+def test_numpy_arrays_travel_to_and_from_pipelines_as_raw_frames(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    numpy = pytest.importorskip("numpy")
+    path = tmp_path / "double.py"
+    path.write_text("def load(device):\n    return 2\n\ndef run(factor, array):\n    return array * factor\n")
+    daemon = start_daemon(config=gpu_config(tmp_path, names=()) + f'[pipelines.double]\npath = "{path}"\n')
+    array = numpy.arange(300_000, dtype=numpy.float32)
+    with daemon.client() as client:
+        result = client.execute("double", array)
+    assert isinstance(result["output"], numpy.ndarray)
+    assert numpy.array_equal(result["output"], array * 2)
