@@ -17,15 +17,9 @@ import zmq
 import zmq.asyncio
 
 from . import core, errors, paths, protocol
-from .client import (
-    DEFAULT_RECONNECT_TIMEOUT,
-    DEFAULT_TIMEOUT,
-    DEFAULT_WINDOW,
-    RCVMORE,
-    probe_socket,
-    readable,
-)
+from .client import DEFAULT_RECONNECT_TIMEOUT, DEFAULT_TIMEOUT, DEFAULT_WINDOW, probe_socket
 from .core import result_of
+from .frames import RCVMORE, readable
 from .protocol import Buffer
 
 

@@ -12,12 +12,13 @@ import errno
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, cast
+from typing import Any
 
 import zmq
 
 from . import core, errors, paths, protocol
 from .core import result_of
+from .frames import RCVMORE, readable, send_frames
 from .protocol import Buffer
 
 DEFAULT_TIMEOUT = 30.0
@@ -56,25 +57,6 @@ def probe_socket(path: str) -> None:
         raise errors.DaemonUnreachable(f"cannot connect to workerd at {path}: {exc}") from None
     finally:
         probe.close()
-
-
-# Plain ints: pyzmq's constants are enums, and enum arithmetic costs microseconds per message.
-EVENTS, RCVMORE, POLLIN, SNDMORE = int(zmq.EVENTS), int(zmq.RCVMORE), int(zmq.POLLIN), int(zmq.SNDMORE)
-
-
-def readable(sock: zmq.Socket[Any]) -> bool:
-    """A message waits on `sock`. Cheaper than a NOBLOCK recv that raises zmq.Again."""
-    return bool(cast(int, sock.getsockopt(EVENTS)) & POLLIN)
-
-
-def send_frames(sock: zmq.Socket[Any], frames: Sequence[Buffer]) -> None:
-    """send_multipart without its per-frame enum arithmetic. Raw frames (numpy arrays, large
-    bytes) leave zero-copy: zmq holds a reference to each buffer until it is sent, so do not
-    modify an array you just sent."""
-    last = len(frames) - 1
-    copy = last == 1  # the delimiter and a body: copying small frames is cheaper
-    for index, frame in enumerate(frames):
-        sock.send(frame, SNDMORE if index < last else 0, copy=copy)
 
 
 class Client:

@@ -25,6 +25,7 @@ from typing import Any
 import zmq
 
 from workerctl import protocol
+from workerctl.frames import readable
 
 from . import memory
 from .config import Config
@@ -154,12 +155,8 @@ class GpuWorker:
     # -- frames --------------------------------------------------------------------------------
 
     def handle_backend(self) -> None:
-        while True:
-            try:
-                frames = self.backend.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            self.handle_frames(frames[1:])
+        while readable(self.backend):
+            self.handle_frames(self.backend.recv_multipart()[1:])
         self.dispatch()
 
     def handle_frames(self, frames: list[bytes]) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import zmq
 
 from workerctl import protocol
+from workerctl.frames import readable, send_frames
 from workerctl.paths import resolve_socket_path
 
 from . import config as configuration
@@ -187,11 +188,9 @@ class Master:
 
     def handle_control(self) -> None:
         for _ in range(CONTROL_BATCH):
-            try:
-                frames = self.control.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            if not readable(self.control):
                 return
-            self.handle_request(frames)
+            self.handle_request(self.control.recv_multipart())
 
     def handle_request(self, frames: list[bytes]) -> None:
         client = frames[0]
@@ -243,7 +242,7 @@ class Master:
 
         A ROUTER never blocks here: a reply to a client that has gone is dropped by libzmq, as
         is one past CLIENT_SNDHWM queued replies to a client that stopped reading."""
-        self.control.send_multipart([client, b"", frame, *raw], zmq.NOBLOCK)
+        send_frames(self.control, [client, b"", frame, *raw], copy=False)
 
     # -- reload --------------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import zmq
 
 from workerctl import protocol
+from workerctl.frames import readable, send_frames
 
 from . import memory
 from .config import Config
@@ -315,12 +316,8 @@ class Pool:
 
     def handle_backend(self) -> None:
         """Drain every frame the workers have sent."""
-        while True:
-            try:
-                frames = self.backend.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            self.handle_worker_frames(frames)
+        while readable(self.backend):
+            self.handle_worker_frames(self.backend.recv_multipart())
         self.dispatch()
 
     def handle_worker_frames(self, frames: list[bytes]) -> None:
@@ -455,7 +452,7 @@ class Pool:
             job.deadline = now + job.timeout_s
             job.attempts += 1
             worker.state, worker.job = "busy", job
-            self.backend.send_multipart([worker.ident, b"run", b"%d" % job.id, job.body, *job.raw])
+            send_frames(self.backend, [worker.ident, b"run", b"%d" % job.id, job.body, *job.raw], copy=False)
 
     def finish(self, job: Job, frame: bytes, outcome: str, raw: Sequence[bytes] = ()) -> None:
         job.answered = True

@@ -26,6 +26,7 @@ from typing import Any
 import zmq
 
 from workerctl import protocol
+from workerctl.frames import send_frames
 
 from . import memory, tasks
 
@@ -80,22 +81,24 @@ def worker_id(pid: int) -> bytes:
     return b"w%d" % pid
 
 
+NO_EXTRA = protocol.pack({})
+
+
 def run_job(
     sock: zmq.Socket[Any], settings: WorkerSettings, job: bytes, body: bytes, raw: list[bytes]
 ) -> None:
     request, error = tasks.decode(body, raw)
     if request is None:
-        sock.send_multipart([b"done", job, tasks.ERROR, error, protocol.pack({})])
+        send_frames(sock, [b"done", job, tasks.ERROR, error, NO_EXTRA])
         return
     for kind, frames in tasks.run(request, settings.allowed, settings.max_message_bytes):
-        # Raw frames (numpy arrays, large bytes) leave zero-copy; small messages take the
-        # ordinary path, which is cheaper for them.
-        copy = len(frames) == 1
+        # copy=False: raw frames (numpy arrays, large bytes) leave zero-copy; pyzmq still copies
+        # frames under its copy threshold, which is cheaper for them.
         if kind is tasks.ITEM:
-            sock.send_multipart([b"item", job, *frames], copy=copy)
+            send_frames(sock, [b"item", job, *frames], copy=False)
             continue
-        extra = {"uss": memory.uss_bytes(os.getpid())} if settings.report_uss else {}
-        sock.send_multipart([b"done", job, kind, frames[0], protocol.pack(extra), *frames[1:]], copy=copy)
+        extra = protocol.pack({"uss": memory.uss_bytes(os.getpid())}) if settings.report_uss else NO_EXTRA
+        send_frames(sock, [b"done", job, kind, frames[0], extra, *frames[1:]], copy=False)
 
 
 def collect_garbage(pid: int) -> dict[str, Any]:
