@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout",
         type=float,
-        help=f"seconds to wait for a reply (default {CONTROL_TIMEOUT:g}; for run: until the "
-        "daemon answers, which it does within the task timeout)",
+        help=f"seconds to wait for a reply (default {CONTROL_TIMEOUT:g}; for run: no limit: the "
+        "daemon answers once the task ends or times out, after any time it waits in the queue)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -148,11 +148,7 @@ def command_run(client: Client, args: argparse.Namespace) -> int:
 
     if args.batch is not None:
         return command_batch(client, args)
-    if args.output or args.resume:
-        raise ValueError("--output and --resume go with --batch")
-    positional = parse_json_arg(args.args_json, list, "--args") if args.args_json else []
-    keywords = parse_json_arg(args.kwargs_json, dict, "--kwargs") if args.kwargs_json else {}
-    keywords.update(parse_assignment(text) for text in args.assignments)
+    positional, keywords = args.arguments
     options = {"timeout_s": args.task_timeout, "retries": args.retries}
     if args.json:
         print(batch.dumps(client.call(args.name, positional, keywords, **options)))
@@ -169,15 +165,7 @@ def command_run(client: Client, args: argparse.Namespace) -> int:
 def command_batch(client: Client, args: argparse.Namespace) -> int:
     from . import batch
 
-    if args.assignments or args.args_json or args.kwargs_json:
-        raise ValueError("--batch takes the arguments from its input lines, not key=value, --args, --kwargs")
     output = args.output or "-"
-    if args.resume and output == "-":
-        raise ValueError("--resume needs --output FILE (the results so far tell what is done)")
-    if not os.path.isfile(args.batch):
-        raise ValueError(f"--batch: no such file: {args.batch}")
-    if output != "-" and not args.resume and os.path.exists(output) and os.path.getsize(output) > 0:
-        raise ValueError(f"{output} already holds results: --resume to go on with it, or remove it")
     show = sys.stderr.isatty() and not args.json
     options = batch.Options(
         name=args.name,
@@ -226,6 +214,29 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
 }
 
 
+def check_run(args: argparse.Namespace) -> None:
+    """Parse run's arguments before connecting: a usage error is exit 2 even with no daemon."""
+    if args.batch is not None:
+        if args.assignments or args.args_json or args.kwargs_json:
+            raise ValueError(
+                "--batch takes the arguments from its input lines, not key=value, --args, --kwargs"
+            )
+        output = args.output or "-"
+        if args.resume and output == "-":
+            raise ValueError("--resume needs --output FILE (the results so far tell what is done)")
+        if not os.path.isfile(args.batch):
+            raise ValueError(f"--batch: no such file: {args.batch}")
+        if output != "-" and not args.resume and os.path.exists(output) and os.path.getsize(output) > 0:
+            raise ValueError(f"{output} already holds results: --resume to go on with it, or remove it")
+        return
+    if args.output or args.resume:
+        raise ValueError("--output and --resume go with --batch")
+    positional = parse_json_arg(args.args_json, list, "--args") if args.args_json else []
+    keywords = parse_json_arg(args.kwargs_json, dict, "--kwargs") if args.kwargs_json else {}
+    keywords.update(parse_assignment(text) for text in args.assignments)
+    args.arguments = (positional, keywords)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -233,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if timeout is None and args.command != "run":
         timeout = CONTROL_TIMEOUT
     try:
+        if args.command == "run":
+            check_run(args)
         with Client(args.socket, timeout=timeout) as client:
             return COMMANDS[args.command](client, args)
     except ValueError as exc:

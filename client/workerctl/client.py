@@ -9,7 +9,9 @@ instead of waiting out their timeout; the DEALER reconnects by itself.
 from __future__ import annotations
 
 import errno
+import os
 import socket
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -47,13 +49,19 @@ def probe_socket(path: str) -> None:
             f"permission denied on {path}: join the socket's group (e.g. 'workerd') or ask its owner"
         ) from None
     except ConnectionRefusedError:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise errors.DaemonUnreachable(
+                f"cannot connect to workerd at {path}: that is not a socket (wrong --socket?)"
+            ) from None
         raise errors.DaemonUnreachable(
             f"cannot connect to workerd at {path}: stale socket, the daemon is not running "
             "(systemctl status workerd)"
         ) from None
     except OSError as exc:
         if exc.errno == errno.ENAMETOOLONG or "too long" in str(exc):
-            raise errors.WorkerdError(f"socket path too long: {path}") from None
+            raise errors.UsageError(
+                f"socket path too long: {path} (Unix sockets allow {paths.MAX_SOCKET_PATH} bytes)"
+            ) from None
         raise errors.DaemonUnreachable(f"cannot connect to workerd at {path}: {exc}") from None
     finally:
         probe.close()

@@ -50,6 +50,13 @@ class ConnectionDenied(WorkerdError):
     exit_code = EXIT_DENIED
 
 
+class UsageError(WorkerdError):
+    """The command line or the arguments cannot work (e.g. a socket path too long)."""
+
+    code = "USAGE"
+    exit_code = EXIT_USAGE
+
+
 class RequestTimeout(WorkerdError):
     """No terminal reply within the client's timeout."""
 

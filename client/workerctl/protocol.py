@@ -99,7 +99,7 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def unpack(data: bytes, raw: Sequence[Buffer] | None = None) -> Any:
+def unpack(data: bytes, raw: Sequence[Buffer] | None = None, strict: bool = True) -> Any:
     """Deserialise one body without trusting it.
 
     msgpack bounds every declared length by the size of the buffer itself, so a tiny message
@@ -108,11 +108,13 @@ def unpack(data: bytes, raw: Sequence[Buffer] | None = None) -> Any:
 
     With `raw` (the frames after the body), references to raw frames are resolved; without it
     they stay msgpack.ExtType values (the master checks envelopes and never needs them).
+    `strict=False` admits other hashable map keys (a task may return {1: "a"}): for replies,
+    which come from the daemon, never for requests.
     """
     try:
         if raw is None:
-            return msgpack.unpackb(data, raw=False, strict_map_key=True)
-        return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=FrameReader(raw))
+            return msgpack.unpackb(data, raw=False, strict_map_key=strict)
+        return msgpack.unpackb(data, raw=False, strict_map_key=strict, ext_hook=FrameReader(raw))
     except ProtocolError:
         raise
     except Exception as exc:  # msgpack raises ValueError, TypeError, StackError, ExtraData...
@@ -339,7 +341,7 @@ def decode_reply(data: bytes, raw: Sequence[Buffer] = ()) -> dict[str, Any]:
     `raw` are the frames after the body: references to them become bytes and numpy arrays.
     """
     try:
-        body = unpack(data, raw)
+        body = unpack(data, raw, strict=False)
     except ProtocolError as exc:
         raise ProtocolError(INTERNAL, f"reply is not valid msgpack: {exc.message}") from None
     if not isinstance(body, dict) or body.get("v") != VERSION:

@@ -33,6 +33,14 @@ def render_status(status: dict[str, Any]) -> str:
         f"generation {pool.get('generation', 0)}",
         f"queue   {queue.get('depth', 0)}/{queue.get('max', 0)} waiting",
     ]
+    if pool.get("error"):
+        lines.insert(4, f"ERROR   CPU pool unavailable: {pool['error']}")
+    gpu = status.get("gpu") or {}
+    if gpu.get("enabled"):
+        lines.append(
+            f"gpu     {gpu.get('state')} on {gpu.get('device') or '-'}, pid {gpu.get('pid') or '-'}, "
+            f"{gpu.get('queue', 0)} waiting, cached: {', '.join(gpu.get('cached') or []) or '-'}"
+        )
     counters = status.get("counters") or {}
     if counters:
         lines.append("counters")

@@ -146,7 +146,7 @@ def test_socket_and_directory_modes(start_daemon: Callable[..., Daemon], tmp_pat
 def test_workerctl_ping_json(daemon: Daemon) -> None:
     result = workerctl("--socket", daemon.socket, "--json", "ping")
     assert result.returncode == 0, result.stderr
-    assert f"\"pid\": {daemon.proc.pid}" in result.stdout
+    assert f'"pid": {daemon.proc.pid}' in result.stdout
 
 
 def test_workerctl_finds_the_socket_from_the_environment(daemon: Daemon) -> None:
@@ -244,3 +244,32 @@ def test_daemons_starting_together_on_one_path_leave_exactly_one(tmp_path: Path)
             proc.wait()
             assert proc.stderr is not None
             proc.stderr.close()
+
+
+def test_workerctl_usage_errors_come_before_connecting(tmp_path: Path) -> None:
+    absent = str(tmp_path / "absent.sock")
+    result = workerctl("--socket", absent, "run", "x:y", "--kwargs", "[1]")
+    assert result.returncode == errors.EXIT_USAGE and "--kwargs must be a JSON object" in result.stderr
+    result = workerctl("--socket", absent, "run", "x:y", "--batch", str(tmp_path / "missing.jsonl"))
+    assert result.returncode == errors.EXIT_USAGE and "no such file" in result.stderr
+
+
+def test_workerctl_tells_a_regular_file_from_a_stale_socket(tmp_path: Path) -> None:
+    path = tmp_path / "plain-file"
+    path.write_text("")
+    result = workerctl("--socket", str(path), "ping")
+    assert result.returncode == errors.EXIT_UNREACHABLE and "not a socket" in result.stderr
+
+
+def test_workerctl_socket_path_too_long(tmp_path: Path) -> None:
+    result = workerctl("--socket", "/tmp/" + "x" * 200 + "/w.sock", "ping")
+    assert result.returncode == errors.EXIT_USAGE and "socket path too long" in result.stderr
+
+
+def test_results_with_integer_map_keys(daemon: Daemon) -> None:
+    with daemon.client() as client:
+        assert client.execute("workerd.examples.tasks:word_lengths", "a bb cc ddd") == {1: 1, 2: 2, 3: 1}
+    result = workerctl(
+        "--socket", daemon.socket, "--json", "run", "workerd.examples.tasks:word_lengths", "text=a bb"
+    )
+    assert result.returncode == 0 and '"1": 1' in result.stdout

@@ -39,6 +39,14 @@ def hash_work(rounds: int = 100_000, data: str = "workerd") -> str:
     return digest.hex()
 
 
+def word_lengths(text: str = "") -> dict[int, int]:
+    """How many words of each length: a result whose map keys are integers."""
+    lengths: dict[int, int] = {}
+    for word in text.split():
+        lengths[len(word)] = lengths.get(len(word), 0) + 1
+    return lengths
+
+
 def count(n: int = 5, delay: float = 0.0) -> Iterator[int]:
     """A generator: yields 1..n, one stream item each."""
     for i in range(1, n + 1):
