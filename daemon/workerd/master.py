@@ -46,6 +46,11 @@ EXIT_WAIT_S = 3.0
 # Replies waiting for a slow client before libzmq drops them: high, because a dropped terminal
 # reply is a request that never ends for its caller.
 CLIENT_SNDHWM = 100_000
+# The longest one poll sleeps. Deadlines come from clients (a task's timeout_s may be 1e300 s):
+# converted to milliseconds unclamped, such a deadline overflowed the int zmq_poll takes (or
+# became infinite) and the exception ended the loop, i.e. one request killed the daemon. Waking
+# once a minute with nothing to do costs nothing.
+MAX_POLL_MS = 60_000
 
 
 class Master:
@@ -134,8 +139,11 @@ class Master:
 
     def poll_once(self) -> None:
         zygotes = {z.events_fd: z for z in self.pool.zygotes.values()}
-        self.watch_zygotes(zygotes.keys())
-        ready = dict(self.poller.poll(self.poll_timeout_ms()))
+        if zygotes.keys() != self.watched:
+            self.watch_zygotes(zygotes.keys())
+        # Deadlines read once a turn: whatever this turn adds is due later, not now.
+        pool_due, gpu_due = self.pool.next_deadline(), self.gpu.next_deadline()
+        ready = dict(self.poller.poll(self.poll_timeout_ms(min(pool_due, gpu_due))))
         if self.wake_read in ready:
             self.handle_signals()
         if self.backend in ready:
@@ -148,9 +156,9 @@ class Master:
             if fd in ready:
                 self.pool.handle_zygote(zygote)
         now = time.monotonic()
-        if now >= self.pool.next_deadline():
+        if now >= pool_due:
             self.pool.tick()
-        if now >= self.gpu.next_deadline():
+        if now >= gpu_due:
             self.gpu.tick()
         self.ping_watchdog(now)
         if self.state == "stopping":
@@ -165,17 +173,15 @@ class Master:
             self.poller.register(fd, zmq.POLLIN)
         self.watched = wanted
 
-    def poll_timeout_ms(self) -> int:
-        deadline = min(
-            self.pool.next_deadline(), self.gpu.next_deadline(), self.stop_deadline, self.exit_deadline
-        )
+    def poll_timeout_ms(self, due: float) -> int:
+        deadline = min(due, self.stop_deadline, self.exit_deadline)
         if self.notifier.watchdog_interval:
             deadline = min(deadline, self.next_watchdog)
         if self.state == "stopping":
             deadline = min(deadline, time.monotonic() + 0.1)
         if deadline == math.inf:
             return -1
-        return max(0, math.ceil((deadline - time.monotonic()) * 1000))
+        return max(0, math.ceil(min((deadline - time.monotonic()) * 1000, MAX_POLL_MS)))
 
     def ping_watchdog(self, now: float) -> None:
         # Sent from the loop itself, so a loop that stalls stops the pings and systemd notices.
