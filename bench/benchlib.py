@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
+import hashlib
 import math
 import os
 import platform
@@ -392,10 +393,28 @@ def environment() -> str:
 LOAD_AT_START = os.getloadavg()[0]
 
 
+def code_version() -> str:
+    """A digest of the daemon's and client's sources, to tell which code a figure belongs to."""
+    digest = hashlib.sha256()
+    newest = 0.0
+    for path in sorted([*ROOT.glob("daemon/workerd/**/*.py"), *ROOT.glob("client/workerctl/**/*.py")]):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+        newest = max(newest, path.stat().st_mtime)
+    changed = datetime.datetime.fromtimestamp(newest, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return f"sources sha256 {digest.hexdigest()[:12]} (newest file {changed})"
+
+
+CODE_AT_START = code_version()
+
+
 def stamp() -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    # The benchmark's own processes count in the load average at the end.
     load = f"1-min load average {LOAD_AT_START:.2f} at start, {os.getloadavg()[0]:.2f} at end"
-    return f"_Measured {now} on: {environment()}; {load}._"
+    code = f"daemon+client {CODE_AT_START}"
+    if code_version() != CODE_AT_START:
+        code += f"; **changed during the run**, now {code_version()}"
+    return f"_Measured {now} on: {environment()}; {load}; {code}._"
 
 
 def write_section(name: str, body: str) -> None:
