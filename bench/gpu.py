@@ -58,6 +58,7 @@ def start_daemon(directory: Path, env: dict[str, str]) -> tuple[subprocess.Popen
     config.write_text(
         '[pool]\nworkers = 1\n[tasks]\nmodules = []\n[gpu]\nenabled = "true"\nstart = "boot"\n'
         f'[pipelines.big]\npath = "{HERE / "big_model.py"}"\n'
+        f'[pipelines.noop]\npath = "{HERE / "noop_pipeline.py"}"\n'
     )
     log = open(directory / "workerd.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -78,11 +79,13 @@ def start_daemon(directory: Path, env: dict[str, str]) -> tuple[subprocess.Popen
     raise SystemExit("daemon did not start; see workerd.log")
 
 
-def warm_runs(client: Client, runs: int) -> tuple[list[float], list[float], list[tuple[int, int]]]:
+def warm_runs(
+    client: Client, runs: int, name: str = "big"
+) -> tuple[list[float], list[float], list[tuple[int, int]]]:
     end_to_end, inside, memory = [], [], []
     for _ in range(runs):
         started = time.perf_counter()
-        result = client.execute("big")
+        result = client.execute(name)
         end_to_end.append(time.perf_counter() - started)
         inside.append(result["run_s"])
         gpu = client.memory_status()["gpu"]
@@ -128,11 +131,14 @@ def main() -> None:
                 first = client.execute("big")
                 daemon_cold = time.monotonic() - started
                 end_to_end, inside, memory = warm_runs(client, args.runs)
+                client.execute("noop")
+                noop_total, noop_inside, _ = warm_runs(client, 200, "noop")
                 first_ok, first_warm = recovery(client)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
     overhead = [(e - i) * 1000 for e, i in zip(end_to_end, inside, strict=True)]
+    noop = [(e - i) * 1000 for e, i in zip(noop_total, noop_inside, strict=True)]
     print("| measure | median | min | max |\n|---|---|---|---|")
     print(
         f"| cold: fresh process (import torch, load, run), s | {statistics.median(colds):.2f} | "
@@ -154,6 +160,10 @@ def main() -> None:
     print(
         f"| daemon overhead (end-to-end - inside), ms: p50 / p99 | {statistics.median(overhead):.3f} / "
         f"{percentile(overhead, 0.99):.3f} | {min(overhead):.3f} | {max(overhead):.3f} |"
+    )
+    print(
+        f"| daemon overhead, no-op pipeline (200 runs), ms: p50 / p99 | {statistics.median(noop):.3f} / "
+        f"{percentile(noop, 0.99):.3f} | {min(noop):.3f} | {max(noop):.3f} |"
     )
     print(f"| SIGKILL of GPU worker -> first successful run, s | {first_ok:.2f} | | |")
     print(f"| SIGKILL of GPU worker -> first warm run, s | {first_warm:.2f} | | |")
