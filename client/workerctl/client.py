@@ -137,6 +137,10 @@ class Client:
         """Send a request without waiting; returns its id."""
         request_id, frames = self._core.encode(cmd, fields)
         self._check_size(frames)
+        # Take in the news of a connection lost while nothing was in flight before this request
+        # is registered: taken in after, it failed the request with ConnectionLost before it was
+        # even sent (the first request after a daemon restart, on a client left idle).
+        self._poll_monitor(0)
         self._core.register(request_id)
         self._transmit(request_id, frames)
         return request_id
@@ -400,6 +404,7 @@ class Client:
         wait = core.reply_wait(self.timeout, timeout_s)
         try:
             while not batch.done:
+                self._poll_monitor(0)  # before next_request registers (see send)
                 while (request := batch.next_request()) is not None:
                     request_id, frames = request
                     try:

@@ -23,8 +23,12 @@ def readable(sock: zmq.Socket[Any]) -> bool:
     return bool(cast(int, sock.getsockopt(EVENTS)) & POLLIN)
 
 
-def send_frames(sock: zmq.Socket[Any], frames: Sequence[Buffer], copy: bool | None = None) -> None:
+def send_frames(
+    sock: zmq.Socket[Any], frames: Sequence[Buffer | zmq.Frame], copy: bool | None = None
+) -> None:
     """send_multipart without its per-frame enum arithmetic.
+
+    A zmq.Frame (what the daemon received from a client) is sent as is, without a copy.
 
     By default, raw frames (messages of more than two frames on the client: numpy arrays, large
     bytes) leave zero-copy: zmq holds a reference to each buffer until it is sent, so do not

@@ -7,7 +7,9 @@ failed boot say exactly what to fix. With no file, EMBEDDED_DEFAULT serves the b
 from __future__ import annotations
 
 import dataclasses
+import grp
 import os
+import pwd
 import re
 import tomllib
 from collections.abc import Callable
@@ -40,6 +42,12 @@ run_timeout_s = 600
 
 [pipelines.demo]
 module = "workerd.examples.demo_pipeline"
+
+[access]
+execute = []
+clear_memory = []
+scale = []
+reload = []
 """
 
 EMBEDDED_SOURCE = "<embedded default>"
@@ -94,6 +102,34 @@ class PipelineConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Principals:
+    """Who may use one command: users (by uid) and members of groups (by gid).
+
+    Empty means anyone who can connect to the socket (its mode and group are the first gate).
+    Names are resolved when the config is read: a user or group created later needs a reload."""
+
+    names: tuple[str, ...] = ()  # as written: "alice", "@ops", "uid:1000", "gid:50"
+    uids: frozenset[int] = frozenset()
+    gids: frozenset[int] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.names)
+
+
+@dataclasses.dataclass(frozen=True)
+class AccessConfig:
+    """[access]: commands limited to some users or groups (see access.py)."""
+
+    execute: Principals = Principals()
+    clear_memory: Principals = Principals()
+    scale: Principals = Principals()
+    reload: Principals = Principals()
+
+
+ACCESS_COMMANDS = tuple(field.name for field in dataclasses.fields(AccessConfig))
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     source: str
     daemon: DaemonConfig
@@ -101,6 +137,7 @@ class Config:
     tasks: TasksConfig
     gpu: GpuConfig
     pipelines: dict[str, PipelineConfig]
+    access: AccessConfig = AccessConfig()
 
     def with_overrides(self, socket: str | None = None, workers: int | None = None) -> Config:
         """The config with command-line flags applied (flags beat the file)."""
@@ -154,6 +191,31 @@ def module_names(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def principals(value: Any) -> Principals:
+    """A list of "user", "@group", "uid:N" or "gid:N"; names must exist on this machine."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError('expected a list of user names, "@group" names, "uid:N" or "gid:N"')
+    uids: set[int] = set()
+    gids: set[int] = set()
+    for entry in value:
+        kind, _, number = entry.partition(":")
+        if kind in ("uid", "gid") and number:
+            if not number.isdigit():
+                raise ValueError(f"{entry!r}: expected {kind}:N with N a number")
+            (uids if kind == "uid" else gids).add(int(number))
+        elif entry.startswith("@"):
+            try:
+                gids.add(grp.getgrnam(entry[1:]).gr_gid)
+            except KeyError:
+                raise ValueError(f"unknown group {entry[1:]!r}") from None
+        else:
+            try:
+                uids.add(pwd.getpwnam(entry).pw_uid)
+            except KeyError:
+                raise ValueError(f"unknown user {entry!r}") from None
+    return Principals(tuple(value), frozenset(uids), frozenset(gids))
+
+
 def one_of(*choices: Any) -> Checker:
     def check(value: Any) -> str:
         # TOML writes `enabled = true`; keep the three-way setting as one string.
@@ -197,6 +259,7 @@ SECTIONS: dict[str, tuple[type, dict[str, Checker]]] = {
             "run_timeout_s": number(0, exclusive=True),
         },
     ),
+    "access": (AccessConfig, dict.fromkeys(ACCESS_COMMANDS, principals)),
 }
 
 

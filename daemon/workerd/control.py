@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import resource
 import socket
 import stat
 from typing import Any
@@ -24,6 +25,26 @@ SD_LISTEN_FDS_START = 3
 
 class ControlSocketError(Exception):
     pass
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise our soft limit on open descriptors to the hard limit; returns (old, new) soft limit.
+
+    Every client connection holds one descriptor in the daemon, and libzmq (4.3.5) aborts the
+    whole process when accept() on an ipc socket fails with EMFILE. Under systemd's default
+    (LimitNOFILE=1024:524288) a thousand idle connections from any member of the socket's group
+    killed the daemon. The hard limit is the one systemd means us to use (its documentation
+    asks services that need many descriptors to raise the soft limit themselves); the loop
+    polls with epoll, so descriptors above 1024 are no problem.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY or soft >= hard:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):  # pragma: no cover - a hard limit we may not take
+        return soft, soft
+    return soft, hard
 
 
 def inherited_fd() -> int | None:

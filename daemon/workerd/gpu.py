@@ -132,12 +132,20 @@ class GpuWorker:
         remove_quietly(stack_path(self.stack_dir, pid))
         was = self.state
         self.state = "stopped"
+        how = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"
         if self.stopping:
+            # No respawn and no retry now, but what waited on this worker is answered at once:
+            # it used to be left as it was, so a run in flight held the daemon's exit until the
+            # grace period ended (then got SHUTTING_DOWN), and a memory or clear request waiting
+            # on the worker got no reply at all.
+            job, self.job = self.job, None
+            if job is not None and not job.answered:
+                self.job_lost(job, pid, how)
+            self.answer_waiting(how)
             return
         if was == "stopping":  # replaced after a config reload: start the new one now
             self.respawn_at = time.monotonic() if self.enabled else math.inf
             return
-        how = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"
         log.warning("GPU worker %d %s (state %s)", pid, how, was)
         self.counters["gpu_worker_deaths"] += 1
         job, self.job = self.job, None
@@ -145,12 +153,15 @@ class GpuWorker:
             self.job_lost(job, pid, how)
         if self.restoring:
             self.cached = []  # it died restoring: do not try the same thing in a loop
-        for token, (callback, _) in list(self.waiting.items()):
-            del self.waiting[token]
-            callback({"error": f"GPU worker {how}"})
+        self.answer_waiting(how)
         self.failures += 1
         delay = min(BACKOFF_FIRST_S * 2 ** (self.failures - 1), BACKOFF_MAX_S)
         self.respawn_at = time.monotonic() + (delay if was == "starting" else 0.0)
+
+    def answer_waiting(self, how: str) -> None:
+        for token, (callback, _) in list(self.waiting.items()):
+            del self.waiting[token]
+            callback({"error": f"GPU worker {how}"})
 
     # -- frames --------------------------------------------------------------------------------
 
@@ -204,7 +215,7 @@ class GpuWorker:
         self.restart_if_idle()
 
     def job_lost(self, job: Job, pid: int, how: str) -> None:
-        if job.retries > 0:
+        if job.retries > 0 and not self.stopping:
             job.retries -= 1
             self.counters["retries"] += 1
             log.info("pipeline run %d: GPU worker %d %s; retrying (%d left)", job.id, pid, how, job.retries)

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Sized
 from typing import TYPE_CHECKING, Any
 
+import zmq
+
 from workerctl import protocol
 
 from . import __version__, memory
@@ -34,7 +36,7 @@ class Incoming:
     client: bytes  # the ROUTER routing id to answer
     body: bytes  # the request as it arrived, forwarded to workers untouched
     request: dict[str, Any]
-    raw: list[bytes]  # raw buffer frames after the body (see docs/protocol.md)
+    raw: list[zmq.Frame]  # raw buffer frames after the body (see docs/protocol.md), as received
 
     @property
     def id(self) -> Any:

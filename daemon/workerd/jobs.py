@@ -6,6 +6,8 @@ import dataclasses
 import math
 from typing import Any
 
+import zmq
+
 from workerctl import protocol
 
 MAX_RETRIES = 10
@@ -32,7 +34,7 @@ class Job:
     client: bytes  # the ROUTER routing id of the requester
     request_id: Any
     body: bytes  # the request as the client sent it; the worker decodes it again
-    raw: list[bytes]  # raw buffer frames that follow the body, forwarded untouched
+    raw: list[zmq.Frame]  # raw buffer frames that follow the body, forwarded without a copy
     name: str
     timeout_s: float
     retries: int
@@ -45,7 +47,7 @@ class Job:
     answered: bool = False
 
 
-def check_raw_frames(raw: list[bytes], max_bytes: int) -> None:
+def check_raw_frames(raw: list[zmq.Frame], max_bytes: int) -> None:
     """Bound the raw frames of a request: their count, and their total size with the body.
 
     libzmq's ZMQ_MAXMSGSIZE bounds each frame; this bounds the whole message."""

@@ -8,6 +8,7 @@ smaps_rollup gives all of them in one read, far cheaper than walking /proc/PID/s
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 FIELDS = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty")
@@ -42,3 +43,22 @@ def process_memory(pid: int) -> dict[str, Any]:
 def uss_bytes(pid: int) -> int:
     rollup = read_rollup(pid)
     return rollup["Private_Clean"] + rollup["Private_Dirty"]
+
+
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def trim() -> None:
+    """Give the heap's free memory back to the system (glibc's malloc_trim, in every arena).
+
+    glibc keeps what a burst freed (a flood of connections, large messages) inside its arenas,
+    so a long-lived process stays at its high-water mark; malloc_trim(0) releases it."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)

@@ -143,6 +143,8 @@ class Pool:
         self.idle: collections.deque[Worker] = collections.deque()
         self.queue: collections.deque[Job] = collections.deque()
         self.fanouts: list[Fanout] = []
+        # Workers that said "ready" before the zygote's "forked" event for them was read.
+        self.early_ready: set[int] = set()
         self.failure: str | None = None  # why there is no usable zygote, if there is none
         self.stopping = False
         self.respawn_at = 0.0
@@ -198,6 +200,9 @@ class Pool:
             elif kind == "forked":
                 worker = Worker(event["pid"], zygote.generation, self.task_limit())
                 self.workers[worker.pid] = worker
+                if worker.pid in self.early_ready:
+                    self.early_ready.discard(worker.pid)
+                    self.worker_ready(worker)
             elif kind == "exited":
                 self.worker_exited(event["pid"], event["status"])
         self.manage_workers()
@@ -324,7 +329,13 @@ class Pool:
         ident, kind = frames[0], frames[1]
         worker = self.workers.get(int(ident[1:]))
         if worker is None:
-            return  # a worker we already gave up on
+            if kind == b"ready":
+                # A new worker's "ready" (on this socket) can overtake the zygote's "forked"
+                # event for it (on the zygote's pipe). Dropped, it left the worker "starting"
+                # for good: a slot of the pool that never took a task and was never replaced
+                # (seen with 100 workers forked at once). Kept until "forked" is read.
+                self.early_ready.add(int(ident[1:]))
+            return  # otherwise, about a worker we already gave up on
         if kind == b"ready":
             self.worker_ready(worker)
             return
@@ -388,6 +399,7 @@ class Pool:
         return None
 
     def worker_exited(self, pid: int, status: int) -> None:
+        self.early_ready.discard(pid)
         worker = self.workers.pop(pid, None)
         if worker is None:
             return

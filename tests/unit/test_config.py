@@ -62,6 +62,11 @@ def test_shipped_config_file_parses_and_matches_the_embedded_default() -> None:
     shipped = Path(__file__).parents[2] / "systemd" / "workerd.toml"
     cfg = config.load(str(shipped))
     default = config.load(None)
-    assert (cfg.daemon, cfg.pool, cfg.tasks, cfg.gpu, cfg.pipelines) == (
-        default.daemon, default.pool, default.tasks, default.gpu, default.pipelines
+    assert (cfg.daemon, cfg.pool, cfg.tasks, cfg.gpu, cfg.pipelines, cfg.access) == (
+        default.daemon,
+        default.pool,
+        default.tasks,
+        default.gpu,
+        default.pipelines,
+        default.access,
     )
