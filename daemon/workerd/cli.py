@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from . import __version__, config, control
+from .logs import setup_logging
 from .master import Master, load_config
 
 # Named exit codes (sysexits.h), so systemd can tell a bad config from a crash and need not
@@ -34,14 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("debug", "info", "warning", "error"),
     )
     return parser
-
-
-def setup_logging(level: str) -> None:
-    # Under systemd the journal stamps each line; by hand, a timestamp helps.
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    if not os.environ.get("JOURNAL_STREAM"):
-        fmt = "%(asctime)s " + fmt
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

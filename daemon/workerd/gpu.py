@@ -83,6 +83,7 @@ class GpuWorker:
         gpu = self.config.gpu
         return {
             "master_pid": os.getpid(),
+            "log_level": logging.getLogger().getEffectiveLevel(),
             "endpoint": self.endpoint,
             "stack_dir": self.stack_dir,
             "device": gpu.device,

@@ -38,6 +38,7 @@ from workerctl import protocol
 
 from . import tasks
 from .config import PipelineConfig
+from .logs import setup_logging
 from .worker import stack_path
 from .zygote import die_with_parent
 
@@ -166,7 +167,7 @@ def main() -> None:
     settings = json.loads(sys.argv[1])
     die_with_parent(settings["master_pid"])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master decides what Ctrl-C means
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging(logging.getLevelName(settings.get("log_level", logging.INFO)))
     serve(settings)
 
 

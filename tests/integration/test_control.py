@@ -273,3 +273,15 @@ def test_results_with_integer_map_keys(daemon: Daemon) -> None:
         "--socket", daemon.socket, "--json", "run", "workerd.examples.tasks:word_lengths", "text=a bb"
     )
     assert result.returncode == 0 and '"1": 1' in result.stdout
+
+
+def test_workerctl_quiet_when_its_reader_goes_away(daemon: Daemon) -> None:
+    command = [*WORKERCTL, "--socket", daemon.socket, "run", "workerd.examples.tasks:count", "n=100000"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline() == b"1\n"
+    proc.stdout.close()  # like `| head -1`
+    stderr = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(30) == 0
+    assert "Traceback" not in stderr
