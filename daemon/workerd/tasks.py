@@ -8,6 +8,7 @@ import a module on the say-so of the wire.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 import traceback
@@ -44,7 +45,10 @@ def check_allowed(name: str, allowed: Collection[str]) -> tuple[str, str]:
     return module, function
 
 
-def resolve(name: str, allowed: Collection[str]) -> Callable[..., Any]:
+# A worker's modules never change during its life (new code means new workers), so a resolved
+# name stays good; only successes are cached, and only names of allowed modules' callables.
+@functools.lru_cache(maxsize=1024)
+def resolve(name: str, allowed: frozenset[str]) -> Callable[..., Any]:
     module_name, function_name = check_allowed(name, allowed)
     try:
         # Already imported by the zygote before the fork, so this is a dict lookup.
@@ -113,7 +117,7 @@ def decode(body: bytes, raw: list[bytes]) -> tuple[dict[str, Any] | None, bytes]
         return None, protocol.encode_error(request_id, exc.code, exc.message)
 
 
-def run(body: dict[str, Any], allowed: Collection[str], limit: int) -> Iterator[tuple[bytes, Frames]]:
+def run(body: dict[str, Any], allowed: frozenset[str], limit: int) -> Iterator[tuple[bytes, Frames]]:
     """Run one execute request; yield (kind, [reply body, *raw frames]), kind one of ITEM, OK, ERROR.
 
     A generator task yields one stream item per value, then a terminal reply whose result is
