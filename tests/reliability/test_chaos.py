@@ -218,14 +218,22 @@ def test_zygote_killed_under_load(start_daemon: Callable[..., Daemon], tmp_path:
     """The zygote's death takes every worker with it: each request still ends exactly once
     (retried, or WORKER_LOST once its retry is spent), and the pool comes back."""
     daemon = start_with_tasks(start_daemon, tmp_path, workers=2)
-    count = scaled(1_000, 20_000)
-    requests = (
-        (n, request(n, "execute", name=f"{TASKS}:hash_work", kwargs={"rounds": 2000}, retries=1))
-        for n in range(count)
-    )
+    minimum = scaled(1_000, 20_000)
+    sent: list[int] = []
+
+    def requests(chaos: Chaos) -> Iterator[tuple[int, list[bytes]]]:
+        # At least `minimum`, and on until the zygote has been killed once: on a fast machine
+        # the minimum can end before the first kill, and then the test would prove nothing.
+        n = 0
+        while n < minimum or (not chaos.killed and n < 20 * minimum):
+            sent.append(n)
+            yield n, request(n, "execute", name=f"{TASKS}:hash_work", kwargs={"rounds": 2000}, retries=1)
+            n += 1
+
     alive = lambda: daemon.proc.poll() is None  # noqa: E731
     with Counter(daemon.socket) as counter, Chaos(busy_zygote, daemon.socket, (0.5, 1.0)) as chaos:
-        lost = counter.drive(requests, window=32, timeout_s=scaled(100, 800), alive=alive)
+        lost = counter.drive(requests(chaos), window=32, timeout_s=scaled(100, 800), alive=alive)
+    count = len(sent)
     tally = counter.tally
     report(
         "chaos: zygote killed",
