@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import datetime
 import hashlib
 import math
@@ -210,8 +211,15 @@ def wait_for_echo(endpoint: str, timeout: float = 10.0) -> None:
         dealer.close()
 
 
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent exits (Linux; best effort)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 def broker_worker(backend: str) -> None:
     """A bare worker: DEALER to the broker's backend, answers each request with its echo."""
+    die_with_parent()  # a broker killed without its `finally` must not leave workers behind
     context = zmq.Context()
     dealer = context.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -88,6 +89,7 @@ def round_trips(rounds: int, pings: int) -> str:
     if echo.exitcode is None:
         echo.kill()
         echo.join()
+    shutil.rmtree(echo_dir, ignore_errors=True)
 
     def p(name: str, q: float) -> list[float]:
         return [percentile(run, q) for run in samples[name]]
