@@ -41,11 +41,60 @@ def render_status(status: dict[str, Any]) -> str:
             f"gpu     {gpu.get('state')} on {gpu.get('device') or '-'}, pid {gpu.get('pid') or '-'}, "
             f"{gpu.get('queue', 0)} waiting, cached: {', '.join(gpu.get('cached') or []) or '-'}"
         )
+    lines.extend(render_metrics(status.get("metrics") or {}))
     counters = status.get("counters") or {}
     if counters:
         lines.append("counters")
         lines.extend(f"  {key}: {value}" for key, value in sorted(counters.items()))
     return "\n".join(lines)
+
+
+def render_metrics(metrics: dict[str, Any]) -> list[str]:
+    """The same figures the Prometheus endpoint serves (docs/operations.md, "Metrics")."""
+    lines = [f"metrics {metrics.get('endpoint') or 'endpoint off ([metrics] listen)'}"]
+    latency = {(h["command"], h["pool"]): h for h in metrics.get("latency_seconds", [])}
+    rows = []
+    for entry in metrics.get("requests", []):
+        histogram = latency.get((entry["command"], entry["pool"]))
+        rows.append(
+            [
+                entry["command"],
+                entry["pool"] or "-",
+                entry["outcome"],
+                entry["count"],
+                *latency_cells(histogram),
+            ]
+        )
+    if rows:
+        headers = ["command", "pool", "outcome", "count", "mean ms", "p50 <= ms", "p99 <= ms"]
+        lines += ["", table(headers, rows), "(latency per command and pool, all outcomes together)", ""]
+    cache = metrics.get("pipeline_cache") or {}
+    if any(cache.values()):
+        lines.append("pipeline cache  " + ", ".join(f"{key} {value}" for key, value in cache.items()))
+    recycles = metrics.get("recycles") or {}
+    if recycles:
+        lines.append("recycled  " + ", ".join(f"{key} {value}" for key, value in recycles.items()))
+    restarts = [r for r in metrics.get("restarts", []) if r["count"]]
+    if restarts:
+        lines.append("restarts  " + ", ".join(f"{r['kind']} {r['reason']} {r['count']}" for r in restarts))
+    return lines
+
+
+def latency_cells(histogram: dict[str, Any] | None) -> list[str]:
+    """Mean, and the bucket bounds the median and 99th percentile fall under, in ms."""
+    if not histogram or not histogram["count"]:
+        return ["-", "-", "-"]
+    count = histogram["count"]
+    mean = f"{histogram['sum'] / count * 1000:.2f}"
+    return [mean, *(bucket_bound(histogram["buckets"], count, q) for q in (0.5, 0.99))]
+
+
+def bucket_bound(buckets: Sequence[Sequence[float]], count: int, q: float) -> str:
+    """The smallest bucket bound (ms) with at least q of the observations at or under it."""
+    for bound, cumulative in buckets:
+        if cumulative >= q * count:
+            return f"{bound * 1000:g}"
+    return f"> {buckets[-1][0] * 1000:g}" if buckets else "-"
 
 
 def render_memory(memory: dict[str, Any]) -> str:

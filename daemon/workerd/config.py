@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import grp
+import ipaddress
 import os
 import pwd
 import re
@@ -48,6 +49,10 @@ execute = []
 clear_memory = []
 scale = []
 reload = []
+
+[metrics]
+# A Prometheus endpoint, e.g. "127.0.0.1:9464" (loopback only); empty: off.
+listen = ""
 """
 
 EMBEDDED_SOURCE = "<embedded default>"
@@ -126,6 +131,17 @@ class AccessConfig:
     reload: Principals = Principals()
 
 
+@dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+    """[metrics]: the optional Prometheus endpoint (exporter.py)."""
+
+    listen: str = ""  # "HOST:PORT" on a loopback address; "" = off
+
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) to bind, or None when off."""
+        return listen_address(self.listen) if self.listen else None
+
+
 ACCESS_COMMANDS = tuple(field.name for field in dataclasses.fields(AccessConfig))
 
 
@@ -138,6 +154,7 @@ class Config:
     gpu: GpuConfig
     pipelines: dict[str, PipelineConfig]
     access: AccessConfig = AccessConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     def with_overrides(self, socket: str | None = None, workers: int | None = None) -> Config:
         """The config with command-line flags applied (flags beat the file)."""
@@ -216,6 +233,38 @@ def principals(value: Any) -> Principals:
     return Principals(tuple(value), frozenset(uids), frozenset(gids))
 
 
+LOOPBACK_NAMES = {"localhost": "127.0.0.1"}
+
+
+def listen_address(value: Any) -> tuple[str, int]:
+    """("127.0.0.1", 9464) from "127.0.0.1:9464", "[::1]:9464" or "localhost:9464".
+
+    Loopback only: the metrics say what runs and how much memory it holds, and an HTTP server
+    reachable from the network is more than this daemon should open. Port 0 picks a free one
+    (`workerctl status` shows which)."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError('expected "HOST:PORT", e.g. "127.0.0.1:9464"')
+    host, _, port = value.rpartition(":")
+    host = LOOPBACK_NAMES.get(host, host.removeprefix("[").removesuffix("]"))
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(
+            "the metrics endpoint listens on a loopback address only (127.0.0.1, ::1, localhost)"
+        )
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("expected a port from 0 to 65535")
+    return host, int(port)
+
+
+def listen(value: Any) -> str:
+    if value != "":
+        listen_address(value)
+    return str(value)
+
+
 def one_of(*choices: Any) -> Checker:
     def check(value: Any) -> str:
         # TOML writes `enabled = true`; keep the three-way setting as one string.
@@ -260,6 +309,7 @@ SECTIONS: dict[str, tuple[type, dict[str, Checker]]] = {
         },
     ),
     "access": (AccessConfig, dict.fromkeys(ACCESS_COMMANDS, principals)),
+    "metrics": (MetricsConfig, {"listen": listen}),
 }
 
 

@@ -30,6 +30,7 @@ from workerctl.frames import readable
 from . import memory
 from .config import Config
 from .jobs import Job
+from .metrics import CACHE_EVENTS, Metrics, error_outcome
 from .pool import BACKOFF_FIRST_S, BACKOFF_MAX_S, STACK_DUMP_GRACE_S, Reply, read_text, remove_quietly
 from .worker import stack_path
 
@@ -45,7 +46,13 @@ Callback = Callable[[Any], None]
 
 class GpuWorker:
     def __init__(
-        self, config: Config, backend: zmq.Socket[Any], endpoint: str, stack_dir: str, reply: Reply
+        self,
+        config: Config,
+        backend: zmq.Socket[Any],
+        endpoint: str,
+        stack_dir: str,
+        reply: Reply,
+        metrics: Metrics,
     ) -> None:
         self.config = config
         self.backend = backend
@@ -67,7 +74,8 @@ class GpuWorker:
         self.restart_pending = False
         self.tokens = (b"%d" % n for n in itertools.count(1))
         self.waiting: dict[bytes, tuple[Callback, float]] = {}
-        self.counters: collections.Counter[str] = collections.Counter()
+        self.metrics = metrics
+        self.counters = metrics.events
 
     @property
     def enabled(self) -> bool:
@@ -148,7 +156,8 @@ class GpuWorker:
             self.respawn_at = time.monotonic() if self.enabled else math.inf
             return
         log.warning("GPU worker %d %s (state %s)", pid, how, was)
-        self.counters["gpu_worker_deaths"] += 1
+        if was != "killing":  # killed for a timeout: counted as gpu_timeouts
+            self.counters["gpu_worker_deaths"] += 1
         job, self.job = self.job, None
         if job is not None and not job.answered:
             self.job_lost(job, pid, how)
@@ -209,7 +218,12 @@ class GpuWorker:
         if not self.restoring:
             self.failures = 0
         job.answered = True
-        self.counters[f"pipeline_{outcome.decode()}"] += 1
+        kind = outcome.decode()
+        self.counters[f"pipeline_{kind}"] += 1
+        for name, key in CACHE_EVENTS.items():  # this run's cache hits, misses and evictions
+            self.counters[key] += int(extra.get(name, 0))
+        code = error_outcome(frame) if kind == "error" else kind
+        self.metrics.answered("execute", code, job.accepted_at, "gpu")
         self.reply(job.client, frame, raw)
         if self.stopping:
             self.stop_process()
@@ -232,6 +246,7 @@ class GpuWorker:
     def fail(self, job: Job, code: str, message: str, details: dict[str, Any] | None = None) -> None:
         job.answered = True
         self.counters[f"pipeline_{code.lower()}"] += 1
+        self.metrics.answered("execute", code.lower(), job.accepted_at, "gpu")
         self.reply(job.client, protocol.encode_error(job.request_id, code, message, details))
 
     # -- jobs ----------------------------------------------------------------------------------

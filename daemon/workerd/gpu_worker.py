@@ -13,7 +13,8 @@ Frames (GPU worker DEALER <-> master ROUTER, routing id b"gpu"):
                     [b"memory", token]                       answered at once
                     [b"stop"]
     gpu -> master   [b"ready", msgpack({"pid", "device", "import_s"})]
-                    [b"done", job id, b"ok"|b"error", reply frame, msgpack({"cached": [names]})]
+                    [b"done", job id, b"ok"|b"error", reply frame, msgpack({"cached": [names],
+                                                                   "hits", "misses", "evictions"})]
                     [b"restored", msgpack({"loaded": [names], "failed": [names]})]
                     [b"cleared", token, msgpack(result)]
                     [b"memory", token, msgpack(snapshot)]
@@ -81,9 +82,10 @@ class Runner(threading.Thread):
         """One pipeline run: [b"done", job, kind, reply body, extra, *raw frames of the reply]."""
         from .pipelines import PipelineError
 
+        counts_before = dict(self.cache.counts)
         request, error = tasks.decode(body, raw)
         if request is None:
-            return self.done(job, tasks.ERROR, [error])
+            return self.done(job, tasks.ERROR, [error], counts_before)
         request_id = request.get("id")
         frames: list[Any]
         try:
@@ -101,11 +103,13 @@ class Runner(threading.Thread):
             )
         except Exception as exc:
             kind, frames = tasks.ERROR, [tasks.task_error(request_id, exc)]
-        return self.done(job, kind, frames)
+        return self.done(job, kind, frames, counts_before)
 
-    def done(self, job: bytes, kind: bytes, frames: list[Any]) -> list[Any]:
-        # The cache's contents ride along, so the master knows what to restore after a crash.
-        extra = protocol.pack({"cached": list(self.cache.entries)})
+    def done(self, job: bytes, kind: bytes, frames: list[Any], counts_before: dict[str, int]) -> list[Any]:
+        # The cache's contents ride along, so the master knows what to restore after a crash;
+        # and what this run counted (hits, misses, evictions), for the daemon's metrics.
+        counted = {name: n - counts_before[name] for name, n in self.cache.counts.items()}
+        extra = protocol.pack({"cached": list(self.cache.entries), **counted})
         return [b"done", job, kind, frames[0], extra, *frames[1:]]
 
     def restore(self, names: list[str]) -> dict[str, list[str]]:

@@ -37,6 +37,7 @@ class Incoming:
     body: bytes  # the request as it arrived, forwarded to workers untouched
     request: dict[str, Any]
     raw: list[zmq.Frame]  # raw buffer frames after the body (see docs/protocol.md), as received
+    arrived_at: float  # time.monotonic() when it was read, for the latency metrics
 
     @property
     def id(self) -> Any:
@@ -92,12 +93,21 @@ class Commands:
                 "queue": len(master.gpu.queue),
                 "cached": master.gpu.cached,
             },
-            "counters": dict(master.counters + pool.counters + master.gpu.counters),
+            "counters": dict(+master.counters),  # only the non-zero ones
+            "metrics": self.metrics(),
         }
 
+    def metrics(self) -> dict[str, Any]:
+        exporter = self.master.exporter
+        return {**self.master.metrics.snapshot(), "endpoint": exporter.url if exporter else None}
+
     def memory_status(self, msg: Incoming) -> object:
+        self.gather_memory(lambda result: self.master.answer(msg, result))
+        return DEFERRED
+
+    def gather_memory(self, callback: Callable[[dict[str, Any]], None]) -> None:
         """Memory of every process; the GPU figures come from the GPU worker itself."""
-        master, pool, gpu = self.master, self.master.pool, self.master.gpu
+        pool, gpu = self.master.pool, self.master.gpu
         result = {
             "daemon": {"pid": os.getpid(), "rss_bytes": memory.process_memory(os.getpid())["rss_bytes"]},
             "zygotes": [
@@ -110,10 +120,28 @@ class Commands:
 
         def answer(gpu_stats: dict[str, Any] | None) -> None:
             result["gpu"] = gpu_stats
-            master.reply(msg.client, protocol.encode_result(msg.id, result))
+            callback(result)
 
         gpu.memory(answer)
-        return DEFERRED
+
+    def scrape(self, deliver: Callable[[dict[str, Any]], None]) -> None:
+        """What the Prometheus endpoint shows (exporter.families): the counters and histograms
+        of `status`, queue depths, and each worker's state and memory as memory_status reads them."""
+        master = self.master
+        queues = {"cpu": len(master.pool.queue), "gpu": len(master.gpu.queue)}
+
+        def answer(memory_result: dict[str, Any]) -> None:
+            gpu = memory_result["gpu"]
+            deliver(
+                {
+                    "metrics": master.metrics.snapshot(),
+                    "queue": queues,
+                    "workers": memory_result["workers"],
+                    "gpu": gpu if isinstance(gpu, dict) and "error" not in gpu else None,
+                }
+            )
+
+        self.gather_memory(answer)
 
     def clear_memory(self, msg: Incoming) -> object:
         """gc in every CPU worker; and in the GPU worker gc, cache or full, as asked."""
@@ -127,8 +155,7 @@ class Commands:
             def put(value: Any) -> None:
                 parts[part] = value
                 if len(parts) == 2:
-                    result = {"level": level, **parts["cpu"], "gpu": parts["gpu"]}
-                    master.reply(msg.client, protocol.encode_result(msg.id, result))
+                    master.answer(msg, {"level": level, **parts["cpu"], "gpu": parts["gpu"]})
 
             return put
 

@@ -9,7 +9,6 @@ period) bound how long one poll may sleep.
 
 from __future__ import annotations
 
-import collections
 import faulthandler
 import logging
 import math
@@ -19,7 +18,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -33,8 +32,12 @@ from .access import Access
 from .gpu import GpuWorker
 from .handlers import DEFERRED, Commands, Incoming
 from .jobs import RequestRejected
+from .metrics import Metrics
 from .notify import Notifier
 from .pool import Pool
+
+if TYPE_CHECKING:
+    from .exporter import Exporter
 
 log = logging.getLogger("workerd")
 
@@ -67,7 +70,9 @@ class Master:
         self.overrides = overrides
         self.started = time.monotonic()
         self.state = "starting"
-        self.counters: collections.Counter[str] = collections.Counter()
+        self.metrics = Metrics()
+        self.counters = self.metrics.events
+        self.exporter: Exporter | None = None
         self.notifier = Notifier()
         self.signals: list[int] = []
         self.pending_reloads: list[Incoming] = []
@@ -103,7 +108,7 @@ class Master:
         self.backend.setsockopt(zmq.LINGER, 0)
         endpoint = f"ipc://{self.private_dir}/workers.sock"
         self.backend.bind(endpoint)
-        self.pool = Pool(self.config, self.backend, endpoint, self.private_dir, self.reply)
+        self.pool = Pool(self.config, self.backend, endpoint, self.private_dir, self.reply, self.metrics)
         self.pool.on_generation = self.generation_done
         self.pool.start_generation(self.config)
         # The GPU worker has a socket of its own: its frames are not a CPU worker's.
@@ -111,15 +116,33 @@ class Master:
         self.gpu_backend.setsockopt(zmq.LINGER, 0)
         gpu_endpoint = f"ipc://{self.private_dir}/gpu.sock"
         self.gpu_backend.bind(gpu_endpoint)
-        self.gpu = GpuWorker(self.config, self.gpu_backend, gpu_endpoint, self.private_dir, self.reply)
+        self.gpu = GpuWorker(
+            self.config, self.gpu_backend, gpu_endpoint, self.private_dir, self.reply, self.metrics
+        )
         if self.gpu.enabled and self.config.gpu.start == "boot":
             self.gpu.spawn()
         self.poller = zmq.Poller()
         for item in (self.control, self.backend, self.gpu_backend, self.wake_read):
             self.poller.register(item, zmq.POLLIN)
         self.watched: set[int] = set()
+        self.start_exporter()
         log.info("workerd listening on %s (config: %s)", self.socket_path, self.config.source)
         self.notifier.status(f"importing task code; serving {self.socket_path}")
+
+    def start_exporter(self) -> None:
+        address = self.config.metrics.address()
+        if address is None:
+            return
+        from .exporter import Exporter  # prometheus_client is loaded only when asked for
+
+        try:
+            self.exporter = Exporter(*address)
+        except OSError as exc:
+            raise control.ControlSocketError(
+                f"cannot serve metrics on {self.config.metrics.listen}: {exc.strerror or exc}"
+            ) from None
+        self.poller.register(self.exporter.wake_read, zmq.POLLIN)
+        log.info("metrics at %s", self.exporter.url)
 
     def install_signals(self) -> None:
         self.wake_read, self.wake_write = os.pipe()
@@ -164,6 +187,8 @@ class Master:
         for fd, zygote in zygotes.items():
             if fd in ready:
                 self.pool.handle_zygote(zygote)
+        if self.exporter is not None and self.exporter.wake_read in ready:
+            self.handle_scrapes(self.exporter)
         now = time.monotonic()
         if now >= pool_due:
             self.pool.tick()
@@ -228,56 +253,59 @@ class Master:
         return frames
 
     def handle_request(self, frames: list[Any]) -> None:
+        arrived_at = time.monotonic()
         client = frames[0].bytes
         if len(frames) < 3 or frames[1] != b"":
-            self.counters["bad_requests"] += 1
-            self.reply(
-                client,
-                protocol.encode_error(
-                    None,
-                    protocol.BAD_REQUEST,
-                    "a request is two frames: an empty delimiter and a msgpack body",
-                ),
-            )
+            message = "a request is two frames: an empty delimiter and a msgpack body"
+            self.refuse_bad(client, None, protocol.BAD_REQUEST, message, arrived_at)
             return
         try:
             request = protocol.decode_request(frames[2])
         except protocol.ProtocolError as exc:
-            self.counters["bad_requests"] += 1
-            self.reply(client, protocol.encode_error(exc.request_id, exc.code, exc.message))
+            self.refuse_bad(client, exc.request_id, exc.code, exc.message, arrived_at)
             return
         cmd = request["cmd"]
         handler = self.commands.lookup(cmd)
         if handler is None:
-            self.counters["bad_requests"] += 1
-            self.reply(
-                client,
-                protocol.encode_error(request["id"], protocol.UNKNOWN_COMMAND, f"unknown command {cmd!r}"),
-            )
+            message = f"unknown command {cmd!r}"
+            self.refuse_bad(client, request["id"], protocol.UNKNOWN_COMMAND, message, arrived_at)
             return
         self.counters[f"requests_{cmd}"] += 1
+        msg = Incoming(client, frames[2], request, frames[3:], arrived_at)
         denial = self.access.denial(cmd, frames[0])
         if denial is not None:
             self.counters["access_denied"] += 1
             message, details = denial
             log.info("denied: %s", message)
-            self.reply(client, protocol.encode_error(request["id"], protocol.DENIED, message, details))
+            self.refuse(msg, protocol.DENIED, message, details)
             return
         try:
-            result = handler(Incoming(client, frames[2], request, frames[3:]))
+            result = handler(msg)
         except RequestRejected as exc:
             self.counters[f"rejected_{exc.code.lower()}"] += 1
-            self.reply(client, protocol.encode_error(request["id"], exc.code, exc.message))
+            self.refuse(msg, exc.code, exc.message)
             return
         except Exception as exc:
             log.exception("command %s failed", cmd)
-            self.reply(
-                client,
-                protocol.encode_error(request["id"], protocol.INTERNAL, f"{type(exc).__name__}: {exc}"),
-            )
+            self.refuse(msg, protocol.INTERNAL, f"{type(exc).__name__}: {exc}")
             return
         if result is not DEFERRED:
-            self.reply(client, protocol.encode_result(request["id"], result))
+            self.answer(msg, result)
+
+    def answer(self, msg: Incoming, result: Any) -> None:
+        """The final reply to a command other than execute (the pool and GPU worker answer those)."""
+        self.metrics.answered(msg.request["cmd"], "ok", msg.arrived_at)
+        self.reply(msg.client, protocol.encode_result(msg.id, result))
+
+    def refuse(self, msg: Incoming, code: str, message: str, details: dict[str, Any] | None = None) -> None:
+        self.metrics.answered(msg.request["cmd"], code.lower(), msg.arrived_at)
+        self.reply(msg.client, protocol.encode_error(msg.id, code, message, details))
+
+    def refuse_bad(self, client: bytes, request_id: Any, code: str, message: str, arrived_at: float) -> None:
+        """A message that is no command at all: counted under the command "invalid"."""
+        self.counters["bad_requests"] += 1
+        self.metrics.answered("invalid", code.lower(), arrived_at)
+        self.reply(client, protocol.encode_error(request_id, code, message))
 
     def reply(self, client: bytes, frame: bytes, raw: Sequence[bytes] = ()) -> None:
         """Send one reply body, followed by the raw buffer frames it refers to, if any.
@@ -285,6 +313,13 @@ class Master:
         A ROUTER never blocks here: a reply to a client that has gone is dropped by libzmq, as
         is one past CLIENT_SNDHWM queued replies to a client that stopped reading."""
         send_frames(self.control, [client, b"", frame, *raw], copy=False)
+
+    # -- metrics -------------------------------------------------------------------------------
+
+    def handle_scrapes(self, exporter: Exporter) -> None:
+        """Prometheus asked (exporter.py): one snapshot answers every scrape waiting now."""
+        if exporter.take_requests():
+            self.commands.scrape(exporter.deliver)
 
     # -- reload --------------------------------------------------------------------------------
 
@@ -347,9 +382,9 @@ class Master:
         """Answer every pending reload: its new generation, or the error `code`."""
         for msg in self.pending_reloads:
             if code is None:
-                self.reply(msg.client, protocol.encode_result(msg.id, {"generation": self.pool.generation}))
+                self.answer(msg, {"generation": self.pool.generation})
             else:
-                self.reply(msg.client, protocol.encode_error(msg.id, code, message))
+                self.refuse(msg, code, message)
         self.pending_reloads.clear()
 
     # -- signals -------------------------------------------------------------------------------
@@ -414,6 +449,8 @@ class Master:
         gpu = getattr(self, "gpu", None)
         if gpu is not None:
             gpu.close()
+        if self.exporter is not None:
+            self.exporter.close()
         for sock in ("control", "backend", "gpu_backend"):
             if hasattr(self, sock):
                 getattr(self, sock).close(linger=0)

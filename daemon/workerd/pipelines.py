@@ -193,6 +193,8 @@ class PipelineCache:
         self.memory = Memory(self.device, budget_mb)
         self.entries: dict[str, Entry] = {}
         self.runs = 0
+        # What a run found and did, for the daemon's metrics (restores are not counted).
+        self.counts = {"hits": 0, "misses": 0, "evictions": 0}
         # Footprint of each pipeline's last load: what to make room for before loading it again.
         self.footprint_history: dict[str, int] = {}
         self._hashes: dict[str, tuple[tuple[int, int, int], str]] = {}
@@ -283,6 +285,7 @@ class PipelineCache:
         for victim in victims:
             log.info("evicting pipeline %s to make room for %s", victim, keep)
             self.evict(victim)
+            self.counts["evictions"] += 1
         if victims:
             self.memory.empty_cache()
         return victims
@@ -317,6 +320,7 @@ class PipelineCache:
             if others:
                 log.warning("out of memory in %s: evicting %s and retrying once", keep, others[0].name)
                 self.evict(others[0].name)
+                self.counts["evictions"] += 1
             gc.collect()
             self.memory.empty_cache()
         gc.collect()
@@ -330,6 +334,7 @@ class PipelineCache:
     def run(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
         started = time.monotonic()
         entry, warm = self.ensure_loaded(name)
+        self.counts["hits" if warm else "misses"] += 1
         load_s = 0.0 if warm else time.monotonic() - started
         self.make_room(entry.peak_bytes, keep=name)
         self.memory.reset_peak()

@@ -36,6 +36,7 @@ from workerctl.frames import readable, send_frames
 from . import memory
 from .config import Config
 from .jobs import Job
+from .metrics import Metrics, error_outcome
 from .worker import stack_path, worker_id
 from .zygote import ZygoteHandle
 
@@ -129,6 +130,7 @@ class Pool:
         endpoint: str,
         stack_dir: str,
         reply: Reply,
+        metrics: Metrics,
     ) -> None:
         self.backend = backend
         self.endpoint = endpoint
@@ -153,7 +155,8 @@ class Pool:
         self.zygote_failures = 0
         # Called with (generation, ok, message) when a zygote is ready or failed to import.
         self.on_generation: Callable[[int, bool, str], None] | None = None
-        self.counters: collections.Counter[str] = collections.Counter()
+        self.metrics = metrics
+        self.counters = metrics.events
 
     # -- zygotes -------------------------------------------------------------------------------
 
@@ -469,6 +472,8 @@ class Pool:
     def finish(self, job: Job, frame: bytes, outcome: str, raw: Sequence[bytes] = ()) -> None:
         job.answered = True
         self.counters[f"execute_{outcome}"] += 1
+        code = error_outcome(frame) if outcome == "error" else outcome
+        self.metrics.answered("execute", code, job.accepted_at, "cpu")
         self.reply(job.client, frame, raw)
 
     def fail(self, job: Job, code: str, message: str, details: dict[str, Any] | None = None) -> None:
@@ -507,6 +512,7 @@ class Pool:
         if now >= self.zygote_restart_at:
             self.zygote_restart_at = math.inf
             log.info("restarting the zygote")
+            self.counters["zygote_restarts"] += 1
             self.start_generation(self.config, restart=True)
         self.manage_workers()
 

@@ -31,6 +31,13 @@ def test_embedded_default_serves_the_examples() -> None:
         ("[pipelines.x]\n", "needs exactly one of 'module' or 'path'"),
         ("[pipelines.x]\npath = 'relative.py'\n", "absolute file path"),
         ("this is = = not toml", "not valid TOML"),
+        (
+            "[metrics]\nlisten = '0.0.0.0:9464'\n",
+            "[metrics] listen: the metrics endpoint listens on a loopback",
+        ),
+        ("[metrics]\nlisten = '10.1.2.3:9464'\n", "loopback address only"),
+        ("[metrics]\nlisten = '127.0.0.1'\n", '[metrics] listen: expected "HOST:PORT"'),
+        ("[metrics]\nlisten = '127.0.0.1:99999'\n", "expected a port from 0 to 65535"),
     ],
 )
 def test_errors_name_the_file_and_key(tmp_path: Path, text: str, fragment: str) -> None:
@@ -62,11 +69,27 @@ def test_shipped_config_file_parses_and_matches_the_embedded_default() -> None:
     shipped = Path(__file__).parents[2] / "systemd" / "workerd.toml"
     cfg = config.load(str(shipped))
     default = config.load(None)
-    assert (cfg.daemon, cfg.pool, cfg.tasks, cfg.gpu, cfg.pipelines, cfg.access) == (
+    assert cfg.metrics.listen == ""
+    assert (cfg.daemon, cfg.pool, cfg.tasks, cfg.gpu, cfg.pipelines, cfg.access, cfg.metrics) == (
         default.daemon,
         default.pool,
         default.tasks,
         default.gpu,
         default.pipelines,
         default.access,
+        default.metrics,
     )
+
+
+@pytest.mark.parametrize(
+    ("listen", "address"),
+    [
+        ("127.0.0.1:9464", ("127.0.0.1", 9464)),
+        ("localhost:9464", ("127.0.0.1", 9464)),
+        ("[::1]:0", ("::1", 0)),
+        ("127.8.9.10:80", ("127.8.9.10", 80)),
+    ],
+)
+def test_metrics_listen_addresses(listen: str, address: tuple[str, int]) -> None:
+    assert config.MetricsConfig(listen).address() == address
+    assert config.MetricsConfig("").address() is None

@@ -1,0 +1,151 @@
+"""The optional Prometheus endpoint ([metrics] listen): an HTTP thread that asks the loop.
+
+The master's state belongs to its one thread, so the HTTP thread (prometheus_client's) never
+reads it. A scrape writes a byte to a pipe that the master's poller watches; the master gathers
+a snapshot (what `status` shows, plus memory read from /proc and from the GPU worker, as
+`memory_status` does) and hands it back through a queue. A master that does not answer within
+SCRAPE_WAIT_S fails the scrape (HTTP 500), which is what a monitor should see of a stuck loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+# Longer than the GPU worker's memory answer may take (gpu.ANSWER_WAIT_S), shorter than a
+# typical scrape timeout (10 s).
+SCRAPE_WAIT_S = 8.0
+
+
+class Exporter:
+    def __init__(self, host: str, port: int) -> None:
+        self.wake_read, self.wake_write = os.pipe()
+        for fd in (self.wake_read, self.wake_write):
+            os.set_blocking(fd, False)
+        self.answers: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self.lock = threading.Lock()  # one scrape at a time asks the loop
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self)
+        self.server, self.thread = start_http_server(port, host, registry)
+        port = self.server.server_address[1]  # the one picked, if port 0 was asked for
+        self.url = f"http://[{host}]:{port}/metrics" if ":" in host else f"http://{host}:{port}/metrics"
+
+    # -- the master's side ---------------------------------------------------------------------
+
+    def take_requests(self) -> int:
+        """How many scrapes are waiting (the master calls this when wake_read is readable)."""
+        try:
+            return len(os.read(self.wake_read, 4096))
+        except BlockingIOError:
+            return 0
+
+    def deliver(self, snapshot: dict[str, Any]) -> None:
+        self.answers.put(snapshot)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        for fd in (self.wake_read, self.wake_write):
+            os.close(fd)
+
+    # -- the HTTP thread's side: a prometheus_client collector ---------------------------------
+
+    def collect(self) -> Iterator[Metric]:
+        with self.lock:
+            # An answer that came after an earlier scrape gave up is stale: drop it.
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self.answers.get_nowait()
+            with contextlib.suppress(BlockingIOError):  # full: the loop has wake-ups pending
+                os.write(self.wake_write, b".")
+            try:
+                snapshot = self.answers.get(timeout=SCRAPE_WAIT_S)
+            except queue.Empty:
+                raise TimeoutError(f"workerd's loop did not answer within {SCRAPE_WAIT_S:g} s") from None
+        yield from families(snapshot)
+
+
+def families(snapshot: dict[str, Any]) -> Iterator[Metric]:
+    """Prometheus metric families from a scrape snapshot (see Commands.scrape)."""
+    metrics = snapshot["metrics"]
+    requests = CounterMetricFamily(
+        "workerd_requests",
+        "Requests answered, by command, pool (cpu or gpu for execute) and outcome (ok or the error code)",
+        labels=["command", "pool", "outcome"],
+    )
+    for entry in metrics["requests"]:
+        requests.add_metric([entry["command"], entry["pool"], entry["outcome"]], entry["count"])
+    yield requests
+
+    latency = HistogramMetricFamily(
+        "workerd_request_duration_seconds",
+        "Time from a request's arrival to its final reply, by command and pool",
+        labels=["command", "pool"],
+    )
+    for histogram in metrics["latency_seconds"]:
+        buckets = [(repr(float(bound)), count) for bound, count in histogram["buckets"]]
+        buckets.append(("+Inf", histogram["count"]))
+        latency.add_metric([histogram["command"], histogram["pool"]], buckets, histogram["sum"])
+    yield latency
+
+    depth = GaugeMetricFamily("workerd_queue_depth", "Requests waiting for a worker", labels=["queue"])
+    for name, value in snapshot["queue"].items():
+        depth.add_metric([name], value)
+    yield depth
+
+    by_state = GaugeMetricFamily(
+        "workerd_workers", "Worker processes by kind and state", labels=["kind", "state"]
+    )
+    uss = GaugeMetricFamily(
+        "workerd_worker_uss_bytes", "Private memory (USS) of each worker process", labels=["kind", "pid"]
+    )
+    counts: dict[tuple[str, str], int] = {}
+    for worker in snapshot["workers"]:
+        key = (worker["kind"], worker["state"])
+        counts[key] = counts.get(key, 0) + 1
+        if worker.get("uss_bytes") is not None:
+            uss.add_metric([worker["kind"], str(worker["pid"])], worker["uss_bytes"])
+    for (kind, state), count in sorted(counts.items()):
+        by_state.add_metric([kind, state], count)
+    yield by_state
+    yield uss
+
+    gpu = snapshot.get("gpu") or {}
+    for field, help_text in (
+        ("allocated_bytes", "Memory allocated by tensors on the GPU worker's device"),
+        ("reserved_bytes", "Memory reserved by the caching allocator on the GPU worker's device"),
+    ):
+        gauge = GaugeMetricFamily(f"workerd_gpu_{field}", help_text, labels=["device"])
+        if isinstance(gpu.get(field), int):
+            gauge.add_metric([str(gpu.get("device"))], gpu[field])
+        yield gauge
+
+    for name, help_text in (
+        ("hits", "Pipeline runs that found their pipeline loaded"),
+        ("misses", "Pipeline runs that had to load their pipeline"),
+        ("evictions", "Pipelines evicted to make room or after running out of memory"),
+    ):
+        yield CounterMetricFamily(
+            f"workerd_pipeline_cache_{name}", help_text, value=metrics["pipeline_cache"][name]
+        )
+
+    recycles = CounterMetricFamily(
+        "workerd_worker_recycles", "Workers replaced on purpose, by reason", labels=["reason"]
+    )
+    for reason, count in metrics["recycles"].items():
+        recycles.add_metric([reason], count)
+    yield recycles
+
+    restarts = CounterMetricFamily(
+        "workerd_worker_restarts", "Processes replaced after dying or timing out", labels=["kind", "reason"]
+    )
+    for entry in metrics["restarts"]:
+        restarts.add_metric([entry["kind"], entry["reason"]], entry["count"])
+    yield restarts

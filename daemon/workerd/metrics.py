@@ -1,0 +1,108 @@
+"""What the daemon counts: kept by the master whether or not Prometheus is on.
+
+Three kinds of figures, all owned by the master's thread:
+
+  * `events`: the flat counters `status` has always shown (requests_<cmd>, execute_<outcome>,
+    recycled_<reason>, retries, worker_deaths, pipeline_cache_hits, ...): pool.py, gpu.py and
+    master.py add to them where the event happens;
+  * `requests`: every request counted once, when its final reply goes out, by command, pool
+    ("cpu" or "gpu" for execute, "" for the rest) and outcome ("ok", or the error code in
+    lower case);
+  * `latency`: the time from a request's arrival to that final reply, by command and pool.
+
+`snapshot()` is what `workerctl status` shows under "metrics" and what exporter.py turns into
+Prometheus metric families, so the two always agree.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import time
+from typing import Any
+
+from workerctl import protocol
+
+# Upper bounds in seconds. From a ping (~0.2 ms) to a model run of minutes.
+LATENCY_BUCKETS_S = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+)  # fmt: skip
+
+# Restarts, by process kind and reason, from the event counters that record them.
+RESTART_EVENTS = {
+    "worker_deaths": ("cpu", "died"),
+    "timeouts": ("cpu", "timeout"),
+    "zygote_restarts": ("zygote", "died"),
+    "gpu_worker_deaths": ("gpu", "died"),
+    "gpu_timeouts": ("gpu", "timeout"),
+}
+CACHE_EVENTS = {
+    "hits": "pipeline_cache_hits",
+    "misses": "pipeline_cache_misses",
+    "evictions": "pipeline_evictions",
+}
+RECYCLED = "recycled_"
+
+
+def error_outcome(frame: bytes) -> str:
+    """The code of an error reply a worker sent, in lower case: read only for errors."""
+    try:
+        return str(protocol.unpack(frame, strict=False)["error"]["code"]).lower()
+    except (protocol.ProtocolError, KeyError, TypeError):
+        return "error"
+
+
+class Histogram:
+    """Counts per latency bucket (not cumulative; the last slot is above every bound) and a sum."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        # bisect_left: a value equal to a bound belongs to that bucket (Prometheus's "le").
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+        self.sum += seconds
+
+    def snapshot(self) -> dict[str, Any]:
+        """{"count", "sum", "buckets": [[upper bound, cumulative count], ...]} (count is +Inf's)."""
+        cumulative, buckets = 0, []
+        for bound, count in zip(LATENCY_BUCKETS_S, self.counts, strict=False):
+            cumulative += count
+            buckets.append([bound, cumulative])
+        return {"count": cumulative + self.counts[-1], "sum": self.sum, "buckets": buckets}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.events: collections.Counter[str] = collections.Counter()
+        self.requests: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        self.latency: collections.defaultdict[tuple[str, str], Histogram] = collections.defaultdict(Histogram)
+
+    def answered(self, command: str, outcome: str, arrived_at: float, pool: str = "") -> None:
+        """A request's final reply is going out now."""
+        self.requests[(command, pool, outcome)] += 1
+        self.latency[(command, pool)].observe(time.monotonic() - arrived_at)
+
+    def snapshot(self) -> dict[str, Any]:
+        events = self.events
+        return {
+            "requests": [
+                {"command": command, "pool": pool, "outcome": outcome, "count": count}
+                for (command, pool, outcome), count in sorted(self.requests.items())
+            ],
+            "latency_seconds": [
+                {"command": command, "pool": pool, **histogram.snapshot()}
+                for (command, pool), histogram in sorted(self.latency.items())
+            ],
+            "recycles": {
+                key[len(RECYCLED) :]: n for key, n in sorted(events.items()) if key.startswith(RECYCLED)
+            },
+            "restarts": [
+                {"kind": kind, "reason": reason, "count": events[key]}
+                for key, (kind, reason) in RESTART_EVENTS.items()
+            ],
+            "pipeline_cache": {name: events[key] for name, key in CACHE_EVENTS.items()},
+        }
