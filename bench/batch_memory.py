@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import benchlib
 from benchlib import table
@@ -150,6 +151,7 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     rows = []
+    csv_rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="wbench-batch-") as scratch:
         for chunksize in [int(c) for c in args.chunksizes.split(",")]:
             for mode in args.modes.split(","):
@@ -160,6 +162,7 @@ def main() -> None:
                     figures = measure(mode, n, chunksize, args, Path(scratch))
                     first = first or figures
                     print(mode, chunksize, n, {k: round(v, 1) for k, v in figures.items()}, flush=True)
+                    csv_rows.append({"how": mode, "chunksize": chunksize, "calls": n, **figures})
                     rows.append(
                         [
                             mode,
@@ -193,6 +196,7 @@ def main() -> None:
             rows,
         )
     )
+    benchlib.write_csv("batch_memory", csv_rows)
     benchlib.report("batch_memory", body, write=not args.no_write)
 
 

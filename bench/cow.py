@@ -172,6 +172,25 @@ def render(results: dict[bool, list[dict[str, Any]]], workers: int, rounds: int)
     )
 
 
+def csv_rows(results: dict[bool, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per worker per round: its USS before and after each gc pass, in bytes."""
+    return [
+        {
+            "setting": f"gc_freeze={str(freeze).lower()}",
+            "round": number + 1,
+            "worker": index,
+            "uss_before_bytes": result["uss_before"][index],
+            "uss_after_gc_bytes": result["uss_after_gc"][index],
+            "uss_after_2nd_gc_bytes": result["uss_after_touch"][index],
+            "pss_total_before_bytes": result["pss_before"],
+            "pss_total_after_gc_bytes": result["pss_after_gc"],
+        }
+        for freeze, rounds in results.items()
+        for number, result in enumerate(rounds)
+        for index in range(len(result["uss_before"]))
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -187,6 +206,7 @@ def main() -> None:
             started = time.monotonic()
             results[freeze].append(measure(freeze, args.workers, args.heap_mb))
             print(f"round {round_number + 1}, gc_freeze={freeze}: {time.monotonic() - started:.1f} s")
+    benchlib.write_csv("cow", csv_rows(results))
     benchlib.report("cow", render(results, args.workers, args.rounds), write=not args.no_write)
 
 
