@@ -19,7 +19,8 @@ Each part writes its own section of bench/RESULTS.md and its rows to bench/out/N
 script writes the environment, serial and headline sections and merges every CSV into
 bench/results.csv (one row per measurement, a `section` column first). Nothing asserts a timing.
 A part that fails is reported as failed in the headline section, and the rest still runs.
-`--quick` shortens every part (for checking the suite itself, not for figures).
+`--quick` shortens every part and writes nothing but bench/out/ (it checks the suite itself; its
+figures mean nothing).
 """
 
 from __future__ import annotations
@@ -188,8 +189,8 @@ def headline() -> str:
     return "\n".join(lines)
 
 
-def merge_csvs(names: list[str]) -> Path:
-    """bench/results.csv: every part's rows, a `section` column first, columns united."""
+def merge_csvs(names: list[str], target: Path) -> Path:
+    """Every part's rows in one CSV, a `section` column first, columns united."""
     rows: list[dict[str, Any]] = []
     columns: dict[str, None] = {"section": None}
     for name in names:
@@ -201,7 +202,6 @@ def merge_csvs(names: list[str]) -> Path:
                 row = {"section": name, **{k: v for k, v in row.items() if k != "section"}}
                 columns.update(dict.fromkeys(row))
                 rows.append(row)
-    target = benchlib.BENCH_DIR / "results.csv"
     with open(target, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(columns))
         writer.writeheader()
@@ -213,11 +213,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="shorten every part (checks the suite only)")
+    parser.add_argument(
+        "--quick", action="store_true", help="shorten every part; print only (checks the suite)"
+    )
     parser.add_argument("--skip", default="", help="comma-separated parts to leave out (sweep, cow, ...)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
-    write, skip = not args.no_write, set(filter(None, args.skip.split(",")))
+    # --quick figures mean nothing: they never replace the real ones in RESULTS.md or results.csv.
+    write, skip = not (args.no_write or args.quick), set(filter(None, args.skip.split(",")))
     started = time.monotonic()
     torch_text, cuda = torch_description()
     benchlib.report("environment", environment(torch_text, args.quick), write, script="suite")
@@ -240,7 +243,8 @@ def main() -> None:
     else:
         outcomes.append(["gpu (CUDA)", "skipped: no CUDA device" if not cuda else "skipped", "0"])
 
-    merged = merge_csvs(["serial", *(name for name, _, _ in PARTS)])
+    target = benchlib.BENCH_DIR / ("results.csv" if write else "out/results.csv")
+    merged = merge_csvs(["serial", *(name for name, _, _ in PARTS)], target)
     summary = (
         headline() + f"\n\n#### Parts of this run (whole suite: {(time.monotonic() - started) / 60:.1f} min; "
         f"every row in {merged.relative_to(benchlib.ROOT)})\n\n"
