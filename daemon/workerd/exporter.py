@@ -19,6 +19,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+WORKER_STATES = {
+    "cpu": ("starting", "idle", "busy", "killing", "stopping"),
+    "gpu": ("starting", "idle", "busy", "killing", "stopping"),
+}
 # Longer than the GPU worker's memory answer may take (gpu.ANSWER_WAIT_S), shorter than a
 # typical scrape timeout (10 s).
 SCRAPE_WAIT_S = 8.0
@@ -31,6 +35,7 @@ class Exporter:
             os.set_blocking(fd, False)
         self.answers: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self.lock = threading.Lock()  # one scrape at a time asks the loop
+        self.closed = False
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self)
         self.server, self.thread = start_http_server(port, host, registry)
@@ -50,15 +55,22 @@ class Exporter:
         self.answers.put(snapshot)
 
     def close(self) -> None:
+        """Stop serving. The pipe stays open until the process exits: a scrape already accepted
+        runs on in a daemon thread and may still write to it (closed, its number could be reused
+        by another file); it then fails after SCRAPE_WAIT_S."""
+        self.closed = True
         self.server.shutdown()
         self.server.server_close()
-        for fd in (self.wake_read, self.wake_write):
-            os.close(fd)
 
     # -- the HTTP thread's side: a prometheus_client collector ---------------------------------
 
     def collect(self) -> Iterator[Metric]:
-        with self.lock:
+        # A stalled loop must not pile up waiting scrapes (threads, sockets) without bound.
+        if not self.lock.acquire(timeout=SCRAPE_WAIT_S):
+            raise TimeoutError("another scrape is still waiting for workerd's loop")
+        try:
+            if self.closed:
+                raise RuntimeError("workerd is stopping")
             # An answer that came after an earlier scrape gave up is stale: drop it.
             with contextlib.suppress(queue.Empty):
                 while True:
@@ -69,6 +81,8 @@ class Exporter:
                 snapshot = self.answers.get(timeout=SCRAPE_WAIT_S)
             except queue.Empty:
                 raise TimeoutError(f"workerd's loop did not answer within {SCRAPE_WAIT_S:g} s") from None
+        finally:
+            self.lock.release()
         yield from families(snapshot)
 
 
@@ -106,7 +120,8 @@ def families(snapshot: dict[str, Any]) -> Iterator[Metric]:
     uss = GaugeMetricFamily(
         "workerd_worker_uss_bytes", "Private memory (USS) of each worker process", labels=["kind", "pid"]
     )
-    counts: dict[tuple[str, str], int] = {}
+    # Every state of every kind, zeros included: a series that vanishes is not a series at 0.
+    counts = dict.fromkeys(((kind, state) for kind, states in WORKER_STATES.items() for state in states), 0)
     for worker in snapshot["workers"]:
         key = (worker["kind"], worker["state"])
         counts[key] = counts.get(key, 0) + 1

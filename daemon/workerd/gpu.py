@@ -72,6 +72,7 @@ class GpuWorker:
         self.runs = 0
         self.stopping = False
         self.restart_pending = False
+        self.killed_for_timeout = False  # its next exit is our kill, not a death
         self.tokens = (b"%d" % n for n in itertools.count(1))
         self.waiting: dict[bytes, tuple[Callback, float]] = {}
         self.metrics = metrics
@@ -139,8 +140,8 @@ class GpuWorker:
         pid = self.process.pid
         self.process = None
         remove_quietly(stack_path(self.stack_dir, pid))
-        was = self.state
-        self.state = "stopped"
+        was, timed_out = self.state, self.killed_for_timeout
+        self.state, self.killed_for_timeout = "stopped", False
         how = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"
         if self.stopping:
             # No respawn and no retry now, but what waited on this worker is answered at once:
@@ -156,7 +157,7 @@ class GpuWorker:
             self.respawn_at = time.monotonic() if self.enabled else math.inf
             return
         log.warning("GPU worker %d %s (state %s)", pid, how, was)
-        if was != "killing":  # killed for a timeout: counted as gpu_timeouts
+        if not timed_out:  # killed for its timeout: counted as gpu_timeouts
             self.counters["gpu_worker_deaths"] += 1
         job, self.job = self.job, None
         if job is not None and not job.answered:
@@ -296,6 +297,7 @@ class GpuWorker:
         pid = self.process.pid
         stack = read_text(stack_path(self.stack_dir, pid))
         self.process.kill()
+        self.killed_for_timeout = True
         if job is not None and not job.answered:
             self.counters["gpu_timeouts"] += 1
             self.fail(

@@ -195,7 +195,7 @@ class Commands:
             name=name,
             timeout_s=timeout_s,
             retries=retries,
-            accepted_at=time.monotonic(),
+            accepted_at=msg.arrived_at,  # latency metrics count from arrival, checks included
             module=module,
         )
         (master.gpu if is_pipeline else master.pool).submit(job)

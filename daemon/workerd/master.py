@@ -102,6 +102,7 @@ class Master:
         self.max_message_bytes = max_bytes
         # Remember which file is ours, to remove it at exit (an adopted socket stays systemd's).
         self.socket_inode = None if self.adopted else os.stat(self.socket_path).st_ino
+        self.start_exporter()  # before any process starts: a taken port stops us at once
         # Workers talk to us on a private socket, in a directory only we (and they) can enter.
         self.private_dir = tempfile.mkdtemp(prefix="workerd-")
         self.backend = self.context.socket(zmq.ROUTER)
@@ -124,8 +125,9 @@ class Master:
         self.poller = zmq.Poller()
         for item in (self.control, self.backend, self.gpu_backend, self.wake_read):
             self.poller.register(item, zmq.POLLIN)
+        if self.exporter is not None:
+            self.poller.register(self.exporter.wake_read, zmq.POLLIN)
         self.watched: set[int] = set()
-        self.start_exporter()
         log.info("workerd listening on %s (config: %s)", self.socket_path, self.config.source)
         self.notifier.status(f"importing task code; serving {self.socket_path}")
 
@@ -141,7 +143,6 @@ class Master:
             raise control.ControlSocketError(
                 f"cannot serve metrics on {self.config.metrics.listen}: {exc.strerror or exc}"
             ) from None
-        self.poller.register(self.exporter.wake_read, zmq.POLLIN)
         log.info("metrics at %s", self.exporter.url)
 
     def install_signals(self) -> None:
@@ -318,8 +319,12 @@ class Master:
 
     def handle_scrapes(self, exporter: Exporter) -> None:
         """Prometheus asked (exporter.py): one snapshot answers every scrape waiting now."""
-        if exporter.take_requests():
+        if not exporter.take_requests():
+            return
+        try:
             self.commands.scrape(exporter.deliver)
+        except Exception:  # a scrape must never end the loop; it then times out (HTTP 500)
+            log.exception("gathering metrics failed")
 
     # -- reload --------------------------------------------------------------------------------
 
