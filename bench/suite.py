@@ -221,6 +221,12 @@ def main() -> None:
     args = parser.parse_args()
     # --quick figures mean nothing: they never replace the real ones in RESULTS.md or results.csv.
     write, skip = not (args.no_write or args.quick), set(filter(None, args.skip.split(",")))
+    unknown = skip - {"serial", "gpu", *(name for name, _, _ in PARTS)}
+    if unknown:
+        parser.error(
+            f"--skip: no part named {', '.join(sorted(unknown))} "
+            "(parts: serial, sweep, cow, batch_memory, gpu)"
+        )
     started = time.monotonic()
     torch_text, cuda = torch_description()
     benchlib.report("environment", environment(torch_text, args.quick), write, script="suite")
