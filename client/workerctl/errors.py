@@ -127,6 +127,12 @@ class InternalError(WorkerdError):
     code = protocol.INTERNAL
 
 
+class Cancelled(WorkerdError):
+    """The request was cancelled (the `cancel` command) before it ran, or its worker killed."""
+
+    code = protocol.CANCELLED
+
+
 _BY_CODE: dict[str, type[WorkerdError]] = {
     cls.code: cls
     for cls in (
@@ -142,6 +148,7 @@ _BY_CODE: dict[str, type[WorkerdError]] = {
         OutOfMemory,
         ShuttingDown,
         InternalError,
+        Cancelled,
     )
 }
 # Made on the client side and delivered like a daemon's error, so one path handles both.

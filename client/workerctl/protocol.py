@@ -58,6 +58,7 @@ TASK_ERROR = "TASK_ERROR"
 OUT_OF_MEMORY = "OUT_OF_MEMORY"
 SHUTTING_DOWN = "SHUTTING_DOWN"
 INTERNAL = "INTERNAL"
+CANCELLED = "CANCELLED"
 ERROR_CODES = (
     BAD_REQUEST,
     UNSUPPORTED_VERSION,
@@ -71,6 +72,7 @@ ERROR_CODES = (
     OUT_OF_MEMORY,
     SHUTTING_DOWN,
     INTERNAL,
+    CANCELLED,
 )
 
 # A frame: bytes, or any C-contiguous buffer (a memoryview of a numpy array is sent zero-copy).

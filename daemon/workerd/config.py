@@ -30,6 +30,7 @@ gc_freeze = true
 max_tasks_per_worker = 0
 max_worker_memory_mb = 0
 task_timeout_s = 300
+prefetch = 1
 
 [tasks]
 modules = ["workerd.examples.tasks"]
@@ -80,6 +81,7 @@ class PoolConfig:
     max_tasks_per_worker: int = 0
     max_worker_memory_mb: float = 0
     task_timeout_s: float = 300.0
+    prefetch: int = 1  # jobs a worker may hold beyond the one it runs
 
     def worker_count(self) -> int:
         return self.workers or os.cpu_count() or 1
@@ -295,6 +297,7 @@ SECTIONS: dict[str, tuple[type, dict[str, Checker]]] = {
             "max_tasks_per_worker": integer(0),
             "max_worker_memory_mb": number(0),
             "task_timeout_s": number(0, exclusive=True),
+            "prefetch": integer(0),
         },
     ),
     "tasks": (TasksConfig, {"modules": module_names}),

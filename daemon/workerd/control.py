@@ -133,8 +133,16 @@ def claim_path(path: str) -> None:
 def bind(
     context: zmq.Context[Any], path: str | None, max_message_bytes: int, fd: int | None
 ) -> tuple[zmq.Socket[Any], str]:
-    """The bound ROUTER and the path it serves."""
+    """The bound ROUTER and the path it serves (closed again if it cannot be bound)."""
     router = context.socket(zmq.ROUTER)
+    try:
+        return router, bind_router(router, path, max_message_bytes, fd)
+    except BaseException:
+        router.close(linger=0)
+        raise
+
+
+def bind_router(router: zmq.Socket[Any], path: str | None, max_message_bytes: int, fd: int | None) -> str:
     router.setsockopt(zmq.LINGER, 0)
     # libzmq drops a peer that sends a frame bigger than this instead of buffering it.
     router.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
@@ -144,7 +152,7 @@ def bind(
         path = inherited_path(fd)
         router.setsockopt(zmq.USE_FD, fd)
         router.bind(paths.endpoint(path))
-        return router, path
+        return path
     assert path is not None
     check_path(path)
     ensure_directory(os.path.dirname(path) or ".")
@@ -156,9 +164,8 @@ def bind(
     try:
         router.bind(paths.endpoint(path))
     except zmq.ZMQError as exc:
-        router.close()
         raise ControlSocketError(f"cannot bind {path}: {exc}") from None
     finally:
         os.umask(previous)
     os.chmod(path, SOCKET_MODE)
-    return router, path
+    return path

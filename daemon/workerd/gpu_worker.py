@@ -1,11 +1,11 @@
 """The GPU worker process: a fresh interpreter (never forked: CUDA does not survive a fork).
 
 Two threads. The runner thread owns the pipeline cache and does the slow work one step at a
-time (load, run, restore, clear). The main thread owns the ZeroMQ sockets and answers `memory`
-at once, even while a run takes minutes. ZeroMQ sockets are not thread-safe, so the runner
-hands its replies to the main thread over an inproc PAIR socket instead of touching the DEALER.
+time (load, run, restore, clear). The main thread reads the channel and answers `memory` at
+once, even while a run takes minutes. Both write to the channel (transport.py), one whole
+message at a time under a lock; only the main thread reads it.
 
-Frames (GPU worker DEALER <-> master ROUTER, routing id b"gpu"):
+Messages (GPU worker <-> master, on the socketpair the master spawned us with):
 
     master -> gpu   [b"run", job id, request body, *raw]
                     [b"restore", msgpack([names])]          load these, in the background
@@ -13,6 +13,7 @@ Frames (GPU worker DEALER <-> master ROUTER, routing id b"gpu"):
                     [b"memory", token]                       answered at once
                     [b"stop"]
     gpu -> master   [b"ready", msgpack({"pid", "device", "import_s"})]
+                    [b"start", job id]                       the run begins now (its timeout too)
                     [b"done", job id, b"ok"|b"error", reply frame, msgpack({"cached": [names],
                                                                    "hits", "misses", "evictions"})]
                     [b"restored", msgpack({"loaded": [names], "failed": [names]})]
@@ -28,39 +29,37 @@ import logging
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
-
-import zmq
 
 from workerctl import protocol
 
 from . import tasks
 from .config import PipelineConfig
 from .logs import setup_logging
+from .processes import die_with_parent
+from .transport import Channel
 from .worker import stack_path
-from .zygote import die_with_parent
 
 log = logging.getLogger("workerd.gpu")
-GPU_ID = b"gpu"
-RESULTS = "inproc://gpu-results"
 
 
 class Runner(threading.Thread):
     """Runs the queued steps on the pipeline cache, one at a time, in order."""
 
-    def __init__(self, context: zmq.Context[Any], settings: dict[str, Any]) -> None:
+    def __init__(self, settings: dict[str, Any], send: Callable[[list[Any]], None]) -> None:
         super().__init__(name="gpu-runner", daemon=True)
         from .pipelines import PipelineCache  # imports torch: only ever in this process
 
         configs = {name: PipelineConfig(**fields) for name, fields in settings["pipelines"].items()}
         self.cache = PipelineCache(configs, settings["device"], settings["memory_budget_mb"])
         self.max_message_bytes: int = settings["max_message_bytes"]
-        self.inbox: queue.Queue[list[bytes] | None] = queue.Queue()
-        self.out = context.socket(zmq.PAIR)
-        self.out.connect(RESULTS)
+        self.inbox: queue.Queue[list[Any] | None] = queue.Queue()
+        self.send = send
 
     def run(self) -> None:
         while True:
@@ -69,14 +68,13 @@ class Runner(threading.Thread):
                 return
             op = frames[0]
             if op == b"run":
-                self.out.send_multipart(self.run_pipeline(frames[1], frames[2], frames[3:]), copy=False)
+                self.send([b"start", frames[1]])
+                self.send(self.run_pipeline(frames[1], frames[2], frames[3:]))
             elif op == b"restore":
-                self.out.send_multipart(
-                    [b"restored", protocol.pack(self.restore(protocol.unpack(frames[1])))]
-                )
+                self.send([b"restored", protocol.pack(self.restore(protocol.unpack(frames[1])))])
             elif op == b"clear":
-                result = self.cache.clear(frames[2].decode())
-                self.out.send_multipart([b"cleared", frames[1], protocol.pack(result)])
+                result = self.cache.clear(bytes(frames[2]).decode())
+                self.send([b"cleared", frames[1], protocol.pack(result)])
 
     def run_pipeline(self, job: bytes, body: bytes, raw: list[bytes]) -> list[Any]:
         """One pipeline run: [b"done", job, kind, reply body, extra, *raw frames of the reply]."""
@@ -124,45 +122,41 @@ class Runner(threading.Thread):
         return {"loaded": loaded, "failed": failed}
 
 
-def serve(settings: dict[str, Any]) -> None:
+def serve(settings: dict[str, Any], sock: socket.socket) -> None:
     pid = os.getpid()
     dump = open(stack_path(settings["stack_dir"], pid), "w")  # noqa: SIM115 (kept open for life)
     faulthandler.register(signal.SIGUSR1, file=dump, all_threads=True)
-    context: zmq.Context[Any] = zmq.Context()
-    results = context.socket(zmq.PAIR)
-    results.bind(RESULTS)
+    channel = Channel(sock, max_frame=settings["max_message_bytes"], blocking=True)
+    lock = threading.Lock()
+
+    def send(frames: list[Any]) -> None:
+        with lock:
+            channel.send(frames)
+
     started = time.monotonic()
-    runner = Runner(context, settings)
+    runner = Runner(settings, send)
     runner.start()
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 2000)
-    sock.setsockopt(zmq.ROUTING_ID, GPU_ID)
-    sock.connect(settings["endpoint"])
-    ready = {"pid": pid, "device": runner.cache.device, "import_s": time.monotonic() - started}
-    sock.send_multipart([b"ready", protocol.pack(ready)])
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
-    poller.register(results, zmq.POLLIN)
+    send(
+        [
+            b"ready",
+            protocol.pack(
+                {"pid": pid, "device": runner.cache.device, "import_s": time.monotonic() - started}
+            ),
+        ]
+    )
     try:
-        while True:
-            events = dict(poller.poll())
-            if results in events:
-                sock.send_multipart(results.recv_multipart())
-            if sock in events:
-                frames = sock.recv_multipart()
+        while (messages := channel.receive(block=True)) is not None:
+            for frames in messages:
                 if frames[0] == b"memory":
-                    sock.send_multipart([b"memory", frames[1], protocol.pack(runner.cache.snapshot())])
+                    send([b"memory", frames[1], protocol.pack(runner.cache.snapshot())])
                 elif frames[0] == b"stop":
-                    break
+                    return
                 else:
                     runner.inbox.put(frames)
     finally:
         runner.inbox.put(None)
         runner.join(timeout=5)
-        sock.close()
-        results.close()
-        runner.out.close()
-        context.term()
+        channel.close()
         dump.close()
         os.unlink(dump.name)
 
@@ -172,7 +166,7 @@ def main() -> None:
     die_with_parent(settings["master_pid"])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master decides what Ctrl-C means
     setup_logging(logging.getLevelName(settings.get("log_level", logging.INFO)))
-    serve(settings)
+    serve(settings, socket.socket(fileno=int(sys.argv[2])))
 
 
 if __name__ == "__main__":

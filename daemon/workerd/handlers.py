@@ -1,8 +1,8 @@
 """Command handlers: one method per protocol command, no sockets.
 
-Each takes the requester's routing id and the decoded request and returns the result, raises
+Each takes an Incoming (the decoded request and who sent it) and returns the result, raises
 RequestRejected for a typed error, or returns DEFERRED when the answer comes later (execute,
-clear_memory and reload answer through the pool once the work is done).
+memory_status, clear_memory and reload answer once the work is done).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import dataclasses
 import itertools
 import os
 import time
-from collections.abc import Callable, Sized
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -19,7 +19,8 @@ import zmq
 from workerctl import protocol
 
 from . import __version__, memory
-from .jobs import Job, RequestRejected, check_execute, check_raw_frames
+from .admission import MAX_CANCEL_IDS, RequestRejected, check_execute, check_raw_frames
+from .lifecycle import Job
 from .pool import MAX_WORKERS
 from .tasks import TaskLookupError, check_allowed
 
@@ -45,6 +46,7 @@ class Incoming:
 
 
 CLEAR_LEVELS = ("gc", "cache", "full")
+COMMANDS = ("ping", "status", "memory_status", "clear_memory", "execute", "cancel", "scale", "reload")
 
 
 class Commands:
@@ -53,7 +55,7 @@ class Commands:
         self.job_ids = itertools.count(1)
 
     def lookup(self, cmd: str) -> Any:
-        if cmd not in ("ping", "status", "memory_status", "clear_memory", "execute", "scale", "reload"):
+        if cmd not in COMMANDS:
             return None
         return getattr(self, cmd)
 
@@ -64,6 +66,8 @@ class Commands:
             "uptime_s": time.monotonic() - self.master.started,
             "protocols": list(protocol.SUPPORTED_VERSIONS),
             "max_message_bytes": self.master.max_message_bytes,
+            # Why CPU tasks cannot run now (the task code failed to import), or None.
+            "degraded": self.master.pool.unavailable() if self.master.pool.failure else None,
         }
 
     def status(self, msg: Incoming) -> dict[str, Any]:
@@ -84,7 +88,11 @@ class Commands:
                 "error": pool.failure,
                 "workers": workers,
             },
-            "queue": {"depth": len(pool.queue), "max": master.config.daemon.max_queue},
+            "queue": {
+                "depth": pool.waiting(),
+                "prefetched": pool.waiting() - len(pool.queue),
+                "max": master.config.daemon.max_queue,
+            },
             "gpu": {
                 "enabled": master.gpu.enabled,
                 "state": master.gpu.state,
@@ -110,10 +118,7 @@ class Commands:
         pool, gpu = self.master.pool, self.master.gpu
         result = {
             "daemon": {"pid": os.getpid(), "rss_bytes": memory.process_memory(os.getpid())["rss_bytes"]},
-            "zygotes": [
-                {"pid": z.pid, "generation": g, **memory.process_memory(z.pid)}
-                for g, z in sorted(pool.zygotes.items())
-            ],
+            "zygotes": pool.zygote_memory(),
             "workers": pool.memory() + gpu.describe(),
             "gpu": None,
         }
@@ -128,7 +133,7 @@ class Commands:
         """What the Prometheus endpoint shows (exporter.families): the counters and histograms
         of `status`, queue depths, and each worker's state and memory as memory_status reads them."""
         master = self.master
-        queues = {"cpu": len(master.pool.queue), "gpu": len(master.gpu.queue)}
+        queues = {"cpu": master.pool.waiting(), "gpu": len(master.gpu.queue)}
 
         def answer(memory_result: dict[str, Any]) -> None:
             gpu = memory_result["gpu"]
@@ -172,7 +177,7 @@ class Commands:
         is_pipeline = ":" not in name
         if is_pipeline:
             self.check_pipeline(name)
-            queue: Sized = master.gpu.queue
+            full = len(master.gpu.queue) >= master.config.daemon.max_queue
             module = ""
             if msg.request.get("timeout_s") is None:
                 timeout_s = master.config.gpu.run_timeout_s
@@ -181,8 +186,8 @@ class Commands:
                 module, _ = check_allowed(name, master.config.tasks.modules)
             except TaskLookupError as exc:
                 raise RequestRejected(exc.code, exc.message) from None
-            queue = master.pool.queue
-        if len(queue) >= master.config.daemon.max_queue:
+            full = master.pool.full(master.config.daemon.max_queue)
+        if full:
             raise RequestRejected(
                 protocol.BUSY, f"queue is full ({master.config.daemon.max_queue} waiting); retry later"
             )
@@ -193,13 +198,36 @@ class Commands:
             body=msg.body,
             raw=msg.raw,
             name=name,
+            key=name if is_pipeline else module,
+            pool="gpu" if is_pipeline else "cpu",
             timeout_s=timeout_s,
             retries=retries,
             accepted_at=msg.arrived_at,  # latency metrics count from arrival, checks included
-            module=module,
         )
+        master.ledger.accept(job)
         (master.gpu if is_pipeline else master.pool).submit(job)
         return DEFERRED
+
+    def cancel(self, msg: Incoming) -> dict[str, Any]:
+        """Cancel requests of this connection: see docs/protocol.md (cancel)."""
+        ids = msg.request.get("ids")
+        terminate = msg.request.get("terminate", False)
+        if not isinstance(ids, list) or len(ids) > MAX_CANCEL_IDS:
+            raise RequestRejected(
+                protocol.BAD_REQUEST, f"'ids' must be an array of at most {MAX_CANCEL_IDS} request ids"
+            )
+        if not isinstance(terminate, bool):
+            raise RequestRejected(protocol.BAD_REQUEST, "'terminate' must be true or false")
+        result: dict[str, list[Any]] = {"cancelled": [], "running": [], "unknown": []}
+        master = self.master
+        for request_id in ids:
+            fates = [
+                (master.gpu if job.pool == "gpu" else master.pool).cancel(job, terminate)
+                for job in master.ledger.find(msg.client, request_id)
+            ]
+            fate = "running" if "running" in fates else "cancelled" if "cancelled" in fates else "unknown"
+            result[fate].append(request_id)
+        return result
 
     def check_pipeline(self, name: str) -> None:
         config = self.master.config

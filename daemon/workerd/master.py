@@ -2,9 +2,10 @@
 
 Like gunicorn's arbiter, signal handlers only queue the signal and wake the loop (through a
 wakeup fd the poller watches); the loop dispatches handle_<signal>. Everything else arrives as
-a readable socket or fd: client requests on the control ROUTER, worker frames on the internal
-ROUTER, zygote events on their pipes. Deadlines (task timeouts, the watchdog, the stop grace
-period) bound how long one poll may sleep.
+a readable socket or fd, each with its handler in the reactor: client requests on the control
+ROUTER, each worker's and zygote's channel. Deadlines (task timeouts, the watchdog, the stop
+grace period) bound how long one poll may sleep. At the end of each turn, jobs that can go are
+dispatched and what was queued for each worker is written in one go.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -27,14 +28,16 @@ from workerctl.frames import RCVMORE, readable, send_frames
 from workerctl.paths import resolve_socket_path
 
 from . import config as configuration
-from . import control, memory
+from . import control, memory, processes
 from .access import Access
+from .admission import RequestRejected
 from .gpu import GpuWorker
 from .handlers import DEFERRED, Commands, Incoming
-from .jobs import RequestRejected
+from .lifecycle import Ledger
 from .metrics import Metrics
 from .notify import Notifier
 from .pool import Pool
+from .reactor import Reactor
 
 if TYPE_CHECKING:
     from .exporter import Exporter
@@ -90,6 +93,7 @@ class Master:
 
     def start(self) -> None:
         self.install_signals()
+        processes.become_subreaper()
         old, new = control.raise_fd_limit()
         log.debug("open descriptor limit: %d (was %d)", new, old)
         self.context: zmq.Context[Any] = zmq.Context()
@@ -103,33 +107,28 @@ class Master:
         # Remember which file is ours, to remove it at exit (an adopted socket stays systemd's).
         self.socket_inode = None if self.adopted else os.stat(self.socket_path).st_ino
         self.start_exporter()  # before any process starts: a taken port stops us at once
-        # Workers talk to us on a private socket, in a directory only we (and they) can enter.
+        # Workers write their stack dumps here, in a directory only we (and they) can enter.
         self.private_dir = tempfile.mkdtemp(prefix="workerd-")
-        self.backend = self.context.socket(zmq.ROUTER)
-        self.backend.setsockopt(zmq.LINGER, 0)
-        endpoint = f"ipc://{self.private_dir}/workers.sock"
-        self.backend.bind(endpoint)
-        self.pool = Pool(self.config, self.backend, endpoint, self.private_dir, self.reply, self.metrics)
-        self.pool.on_generation = self.generation_done
-        self.pool.start_generation(self.config)
-        # The GPU worker has a socket of its own: its frames are not a CPU worker's.
-        self.gpu_backend = self.context.socket(zmq.ROUTER)
-        self.gpu_backend.setsockopt(zmq.LINGER, 0)
-        gpu_endpoint = f"ipc://{self.private_dir}/gpu.sock"
-        self.gpu_backend.bind(gpu_endpoint)
-        self.gpu = GpuWorker(
-            self.config, self.gpu_backend, gpu_endpoint, self.private_dir, self.reply, self.metrics
-        )
-        if self.gpu.enabled and self.config.gpu.start == "boot":
-            self.gpu.spawn()
-        self.poller = zmq.Poller()
-        for item in (self.control, self.backend, self.gpu_backend, self.wake_read):
-            self.poller.register(item, zmq.POLLIN)
+        self.reactor = Reactor()
+        self.reactor.watch(self.control, self.handle_control)
+        self.reactor.watch(self.wake_read, self.handle_signals)
         if self.exporter is not None:
-            self.poller.register(self.exporter.wake_read, zmq.POLLIN)
-        self.watched: set[int] = set()
+            exporter = self.exporter
+            self.reactor.watch(exporter.wake_read, lambda: self.handle_scrapes(exporter))
+        self.ledger = Ledger(self.reply, self.metrics)
+        self.pool = Pool(self.config, self.private_dir, self.ledger, self.reactor, self.metrics)
+        self.pool.on_generation = self.generation_done
+        self.gpu = GpuWorker(self.config, self.private_dir, self.ledger, self.reactor, self.metrics)
         log.info("workerd listening on %s (config: %s)", self.socket_path, self.config.source)
         self.notifier.status(f"importing task code; serving {self.socket_path}")
+        try:
+            self.pool.start_generation(self.config)
+        except OSError as exc:
+            self.pool.failure = f"cannot start the zygote: {exc}"
+            log.error("%s", self.pool.failure)
+            self.generation_done(0, False, self.pool.failure)
+        if self.gpu.enabled and self.config.gpu.start == "boot":
+            self.gpu.spawn()
 
     def start_exporter(self) -> None:
         address = self.config.metrics.address()
@@ -161,8 +160,8 @@ class Master:
     # -- loop ----------------------------------------------------------------------------------
 
     def run(self) -> int:
-        self.start()
         try:
+            self.start()
             while self.state != "stopped":
                 self.poll_once()
         finally:
@@ -171,43 +170,22 @@ class Master:
         return 0
 
     def poll_once(self) -> None:
-        zygotes = {z.events_fd: z for z in self.pool.zygotes.values()}
-        if zygotes.keys() != self.watched:
-            self.watch_zygotes(zygotes.keys())
         # Deadlines read once a turn: whatever this turn adds is due later, not now.
         pool_due, gpu_due = self.pool.next_deadline(), self.gpu.next_deadline()
-        ready = dict(self.poller.poll(self.poll_timeout_ms(min(pool_due, gpu_due))))
-        if self.wake_read in ready:
-            self.handle_signals()
-        if self.backend in ready:
-            self.pool.handle_backend()
-        if self.gpu_backend in ready:
-            self.gpu.handle_backend()
-        if self.control in ready:
-            self.handle_control()
-        for fd, zygote in zygotes.items():
-            if fd in ready:
-                self.pool.handle_zygote(zygote)
-        if self.exporter is not None and self.exporter.wake_read in ready:
-            self.handle_scrapes(self.exporter)
+        events = self.reactor.poll(self.poll_timeout_ms(min(pool_due, gpu_due)))
+        self.reactor.dispatch(events)
         now = time.monotonic()
         if now >= pool_due:
             self.pool.tick()
         if now >= gpu_due:
             self.gpu.tick()
+        self.pool.dispatch()
+        self.gpu.dispatch()
+        self.pool.flush()
         self.ping_watchdog(now)
-        self.trim_when_idle(bool(ready), now)
+        self.trim_when_idle(bool(events), now)
         if self.state == "stopping":
             self.advance_stop(now)
-
-    def watch_zygotes(self, fds: Iterable[int]) -> None:
-        """Keep the poller's set of zygote pipes in step with the pool's zygotes."""
-        wanted = set(fds)
-        for fd in self.watched - wanted:
-            self.poller.unregister(fd)
-        for fd in wanted - self.watched:
-            self.poller.register(fd, zmq.POLLIN)
-        self.watched = wanted
 
     def poll_timeout_ms(self, due: float) -> int:
         deadline = min(due, self.stop_deadline, self.exit_deadline, self.trim_at)
@@ -422,9 +400,11 @@ class Master:
         self.pool.scale(self.pool.target - 1)
 
     def handle_sigchld(self) -> None:
-        # Zygotes are our children too, but their pipe's EOF reports them; the GPU worker has
-        # no such pipe.
-        self.gpu.check_exit()
+        """Reap every child that exited: zygotes, the GPU worker, and (we are a subreaper)
+        whatever a dead zygote left behind."""
+        for pid, status in processes.reap():
+            if not (self.pool.reaped(pid, status) or self.gpu.reaped(pid, status)):
+                log.debug("reaped process %d (%s)", pid, processes.describe_exit(status))
 
     # -- stop ----------------------------------------------------------------------------------
 
@@ -444,21 +424,17 @@ class Master:
             self.pool.abort_running()
             self.gpu.abort_running()
             self.exit_deadline = now + EXIT_WAIT_S
-        if (not self.pool.workers and self.gpu.process is None) or now >= self.exit_deadline:
+        if (not self.pool.workers and self.gpu.pid is None) or now >= self.exit_deadline:
             self.state = "stopped"
 
     def cleanup(self) -> None:
         pool = getattr(self, "pool", None)
         if pool is not None:
             pool.close()
-        gpu = getattr(self, "gpu", None)
-        if gpu is not None:
-            gpu.close()
         if self.exporter is not None:
             self.exporter.close()
-        for sock in ("control", "backend", "gpu_backend"):
-            if hasattr(self, sock):
-                getattr(self, sock).close(linger=0)
+        if hasattr(self, "control"):
+            self.control.close(linger=0)
         if hasattr(self, "context"):
             self.context.term()
         inode = getattr(self, "socket_inode", None)

@@ -1,43 +1,39 @@
-"""The CPU pool, as the master sees it: zygotes, workers, the queue, and their life cycles.
+"""The CPU pool, as the master sees it: zygotes, workers, the queue, and how jobs reach them.
 
-Everything here runs on the master's one thread. The pool never blocks: it sends frames to
-workers, reads zygote events, and answers clients through the `reply` callback; the master's
-loop calls `handle_*` when something arrives and `tick` when a deadline may have passed.
+Everything here runs on the master's one thread and never blocks. Each worker is reached over
+its own channel (transport.py), watched by the master's reactor; jobs go through lifecycle.py,
+which owns their states, deadlines and single terminal reply.
 
-Worker states:
+What `status` shows of a worker, derived from its phase and the jobs it holds:
 
-    starting --ready--> idle <--done-- busy
-                         |  \\--run-->/   |
-                         |               |-- deadline --> killing --(stack read, SIGKILL)--> gone
-                         +--stop--> stopping --exit--> gone       (a busy worker to be retired
-                                                                   stops after its task)
+    starting --ready--> idle <--jobs--> busy --deadline--> killing --(stack, SIGKILL)--> gone
+                          \\               \\
+                           +--stop---------+--> stopping --exit--> gone
+                                                (it finishes the job it runs; the ones it held
+                                                 ahead are handed back first)
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import itertools
 import logging
 import math
 import os
-import random
 import signal
-import subprocess
+import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
-
-import zmq
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, TypeVar
 
 from workerctl import protocol
-from workerctl.frames import readable, send_frames
 
-from . import memory
+from . import memory, processes
 from .config import Config
-from .jobs import Job
-from .metrics import Metrics, error_outcome
-from .worker import stack_path, worker_id
+from .lifecycle import ANSWERED, ASSIGNED, RUNNING, Job, JobQueue, Lane, Ledger, settle
+from .metrics import Metrics
+from .reactor import Reactor
+from .transport import Channel, ChannelError
+from .worker import stack_path
 from .zygote import ZygoteHandle
 
 log = logging.getLogger("workerd.pool")
@@ -49,52 +45,26 @@ FANOUT_WAIT_S = 10.0
 # Respawn back-off after crashes at start-up, so a broken worker never becomes a fork loop.
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 30.0
-
-
 MAX_WORKERS = 1024
+# Worker frames carry a reply of at most max_message_bytes, plus a few small frames around it.
+FRAME_SLACK = 64 * 1024
 
 
-class Reply(Protocol):
-    """Sends one reply body (and its raw frames) to a client."""
-
-    def __call__(self, client: bytes, frame: bytes, raw: Sequence[bytes] = ()) -> None: ...
-
-
-@dataclasses.dataclass(eq=False)
-class Worker:
-    pid: int
-    generation: int
-    task_limit: float
-    state: str = "starting"
-    tasks_done: int = 0
-    job: Job | None = None
-    retire: bool = False  # stop after the current task
-    kill_at: float = math.inf
-    started_at: float = dataclasses.field(default_factory=time.monotonic)
+class Planned(Protocol):
+    """What plan_workers needs to know of a worker."""
 
     @property
-    def ident(self) -> bytes:
-        return worker_id(self.pid)
-
+    def generation(self) -> int: ...
     @property
-    def live(self) -> bool:
-        """Counts toward the pool's size: neither on its way out nor marked to leave."""
-        return self.state in ("starting", "idle", "busy") and not self.retire
+    def state(self) -> str: ...
+    @property
+    def live(self) -> bool: ...
 
 
-@dataclasses.dataclass
-class Fanout:
-    """A clear_memory(gc) waiting for each worker's answer."""
-
-    done: Callable[[dict[str, Any]], None]
-    waiting: set[int]
-    deadline: float
-    results: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+W = TypeVar("W", bound=Planned)
 
 
-def plan_workers(
-    workers: Iterable[Worker], target: int, generation: int, pending: int
-) -> tuple[int, list[Worker]]:
+def plan_workers(workers: Iterable[W], target: int, generation: int, pending: int) -> tuple[int, list[W]]:
     """How many workers to fork now and which to retire, given the pool as it stands.
 
     Outside a reload, fork what is missing and retire the excess (idle ones first). During a
@@ -115,38 +85,64 @@ def plan_workers(
     return max(missing, 0), pick_retirees(current, -missing)
 
 
-def pick_retirees(workers: list[Worker], count: int) -> list[Worker]:
+def pick_retirees(workers: list[W], count: int) -> list[W]:
     if count <= 0:
         return []
     order = {"starting": 0, "idle": 1, "busy": 2}
-    return sorted(workers, key=lambda w: order[w.state])[:count]
+    return sorted(workers, key=lambda w: order.get(w.state, 3))[:count]
+
+
+@dataclasses.dataclass(eq=False)
+class Worker:
+    pid: int
+    generation: int
+    channel: Channel
+    lane: Lane
+    phase: str = "starting"  # starting | serving | stopping | killing | killed | gone
+    tasks_done: int = 0
+    kill_at: float = math.inf
+    expired: Job | None = None  # the job it is being killed for: answered TIMEOUT at the kill
+    started_at: float = dataclasses.field(default_factory=time.monotonic)
+
+    @property
+    def state(self) -> str:
+        if self.phase == "serving":
+            return "busy" if self.lane.jobs else "idle"
+        return "killing" if self.phase == "killed" else self.phase
+
+    @property
+    def live(self) -> bool:
+        """Counts toward the pool's size: neither on its way out nor told to leave."""
+        return self.phase in ("starting", "serving")
+
+
+@dataclasses.dataclass
+class Fanout:
+    """A clear_memory(gc) waiting for each worker's answer."""
+
+    done: Callable[[dict[str, Any]], None]
+    waiting: set[int]
+    deadline: float
+    results: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 class Pool:
     def __init__(
-        self,
-        config: Config,
-        backend: zmq.Socket[Any],
-        endpoint: str,
-        stack_dir: str,
-        reply: Reply,
-        metrics: Metrics,
+        self, config: Config, stack_dir: str, ledger: Ledger, reactor: Reactor, metrics: Metrics
     ) -> None:
-        self.backend = backend
-        self.endpoint = endpoint
-        self.stack_dir = stack_dir
-        self.reply = reply
         self.config = config
+        self.stack_dir = stack_dir
+        self.ledger = ledger
+        self.reactor = reactor
+        self.counters = metrics.events
         self.target = config.pool.worker_count()
         self.generation = 0  # the generation serving now; numbers are never reused
-        self.generations = itertools.count(1)
+        self.last_generation = 0
         self.zygotes: dict[int, ZygoteHandle] = {}
         self.workers: dict[int, Worker] = {}
-        self.idle: collections.deque[Worker] = collections.deque()
-        self.queue: collections.deque[Job] = collections.deque()
+        self.queue = JobQueue()
         self.fanouts: list[Fanout] = []
-        # Workers that said "ready" before the zygote's "forked" event for them was read.
-        self.early_ready: set[int] = set()
+        self.unflushed: set[Worker] = set()
         self.failure: str | None = None  # why there is no usable zygote, if there is none
         self.stopping = False
         self.respawn_at = 0.0
@@ -154,9 +150,7 @@ class Pool:
         self.zygote_restart_at = math.inf
         self.zygote_failures = 0
         # Called with (generation, ok, message) when a zygote is ready or failed to import.
-        self.on_generation: Callable[[int, bool, str], None] | None = None
-        self.metrics = metrics
-        self.counters = metrics.events
+        self.on_generation: Callable[[int, bool, str], None] = lambda generation, ok, message: None
 
     # -- zygotes -------------------------------------------------------------------------------
 
@@ -166,123 +160,202 @@ class Pool:
             "preload": list(pool.preload),
             "task_modules": list(config.tasks.modules),
             "gc_freeze": pool.gc_freeze,
-            "endpoint": self.endpoint,
             "stack_dir": self.stack_dir,
-            "max_message_bytes": int(config.daemon.max_message_mb * 1024 * 1024),
-            "report_uss": pool.max_worker_memory_mb > 0,
+            "max_message_bytes": self.max_frame(config),
+            "max_tasks_per_worker": pool.max_tasks_per_worker,
+            "max_worker_memory_mb": pool.max_worker_memory_mb,
         }
 
-    def start_generation(self, config: Config, restart: bool = False) -> int:
+    @staticmethod
+    def max_frame(config: Config) -> int:
+        return int(config.daemon.max_message_mb * 1024 * 1024)
+
+    def start_generation(self, config: Config, generation: int | None = None) -> int:
         """Start a zygote for a new generation of task code; workers follow once it is ready.
 
         The config takes effect only when the zygote is ready: a reload whose code fails to
-        import leaves the running generation, and its settings, untouched. A restart (after the
-        zygote died) keeps the pool's current size."""
-        generation = next(self.generations)
-        self.zygotes[generation] = ZygoteHandle(self.settings(config), generation, config, restart)
-        log.info("zygote generation %d starting (pid %d)", generation, self.zygotes[generation].pid)
+        import leaves the running generation, and its settings, untouched. Raises OSError if
+        the zygote cannot be started (the caller answers for it)."""
+        if generation is None:
+            generation = self.last_generation + 1
+        zygote = ZygoteHandle.start(self.settings(config), generation, config)
+        self.last_generation = max(self.last_generation, generation)
+        self.add_zygote(zygote)
+        log.info("zygote generation %d starting (pid %d)", generation, zygote.pid)
         return generation
+
+    def add_zygote(self, zygote: ZygoteHandle) -> None:
+        self.zygotes[zygote.generation] = zygote
+        self.reactor.watch(zygote.fileno(), lambda: self.handle_zygote(zygote))
 
     def handle_zygote(self, zygote: ZygoteHandle) -> None:
         events = zygote.read_events()
         if events is None:
-            if zygote.retiring:
-                self.discard_zygote(zygote)
-            else:
-                self.lose_zygote(zygote)
-            self.manage_workers()
+            # Its end closed: it is exiting. Reaping it (SIGCHLD) says how; stop listening.
+            self.reactor.unwatch(zygote.fileno())
             return
-        for event in events:
-            kind = event.get("event")
-            if kind == "ready":
-                self.zygote_ready(zygote, event)
-            elif kind == "failed":
-                self.zygote_failed(
-                    zygote, f"task code failed to import: {event['error']}", event["traceback"]
-                )
-            elif kind == "forked":
-                worker = Worker(event["pid"], zygote.generation, self.task_limit())
-                self.workers[worker.pid] = worker
-                if worker.pid in self.early_ready:
-                    self.early_ready.discard(worker.pid)
-                    self.worker_ready(worker)
-            elif kind == "exited":
-                self.worker_exited(event["pid"], event["status"])
+        for event, fd in events:
+            self.zygote_event(zygote, event, fd)
         self.manage_workers()
+        self.dispatch()
+
+    def zygote_event(self, zygote: ZygoteHandle, event: dict[str, Any], fd: int | None) -> None:
+        kind = event.get("event")
+        if kind == "forked" and fd is not None:
+            self.add_worker(zygote, event["pid"], fd)
+        elif kind == "exited":
+            self.worker_exited(event["pid"], event["status"])
+        elif kind == "fork_failed":
+            self.fork_failed(event["error"])
+        elif kind == "ready":
+            zygote.adopt_standby(fd, event.get("standby_pid", 0))
+            self.zygote_ready(zygote, event)
+        elif kind == "standby":
+            zygote.adopt_standby(fd, event["pid"])
+        elif kind == "failed":
+            self.zygote_failed(zygote, f"task code failed to import: {event['error']}", event["traceback"])
+        elif fd is not None:
+            os.close(fd)
 
     def zygote_ready(self, zygote: ZygoteHandle, event: dict[str, Any]) -> None:
         zygote.ready = True
         self.zygote_failures = 0
         log.info("zygote generation %d ready: imports took %.3f s", zygote.generation, event["import_s"])
-        if zygote.generation > self.generation:
+        self.failure = None
+        if zygote.generation > self.generation:  # a new generation, not a restart of this one
             self.generation = zygote.generation
             self.config = zygote.config
-            if not zygote.restart:
-                self.target = zygote.config.pool.worker_count()
-            self.failure = None
-            if self.on_generation:
-                self.on_generation(zygote.generation, True, f"generation {zygote.generation} ready")
-        self.dispatch()
+            self.target = zygote.config.pool.worker_count()
+            self.refuse_removed_modules(zygote)
+            self.on_generation(zygote.generation, True, f"generation {zygote.generation} ready")
+
+    def refuse_removed_modules(self, zygote: ZygoteHandle) -> None:
+        """Queued jobs for a module the new generation no longer lists end now: no worker will
+        ever take them, and they must not wait forever (or block the queue)."""
+        for key in self.queue.waiting_keys():
+            if key not in zygote.modules:
+                for job in self.queue.pop_key(key):
+                    self.refuse_removed(job, zygote.generation)
+
+    def refuse_removed(self, job: Job, generation: int) -> None:
+        self.ledger.fail(
+            job,
+            protocol.DENIED,
+            f"module {job.key!r} is no longer listed in [tasks] modules "
+            f"(removed by the reload to generation {generation})",
+        )
 
     def zygote_failed(self, zygote: ZygoteHandle, message: str, details: str = "") -> None:
         log.error("zygote generation %d: %s\n%s", zygote.generation, message, details)
-        self.discard_zygote(zygote)
+        self.drop_zygote(zygote)
         current = self.zygotes.get(self.generation)
         if current is None or not current.ready:
             # Nothing to fall back on: stay up (ping, status, reload work) but refuse CPU tasks
             # until a reload brings good code. Never retried on our own: that is a fork loop.
             self.failure = message
             self.fail_queue(protocol.INTERNAL, f"CPU pool unavailable: {message}")
-        if self.on_generation:
-            self.on_generation(zygote.generation, False, message)
+        self.on_generation(zygote.generation, False, message)
 
-    def lose_zygote(self, zygote: ZygoteHandle) -> None:
-        """The zygote died (its workers die with it): answer their jobs, restart it later."""
-        if not zygote.ready:
-            status = zygote.process.wait()
-            self.zygote_failed(zygote, f"the zygote died while importing task code (exit status {status})")
-            return
-        log.error("zygote generation %d (pid %d) died", zygote.generation, zygote.pid)
+    def drop_zygote(self, zygote: ZygoteHandle) -> None:
+        if self.zygotes.get(zygote.generation) is zygote:
+            del self.zygotes[zygote.generation]
+        if zygote.sock.fileno() >= 0:
+            self.reactor.unwatch(zygote.fileno())
+        zygote.retire()
+
+    def reaped(self, pid: int, status: int) -> bool:
+        """A child of the master exited (SIGCHLD): a zygote, or a worker orphaned by one."""
+        zygote = next((z for z in self.zygotes.values() if z.pid == pid), None)
+        if zygote is None:
+            if pid in self.workers:
+                self.worker_exited(pid, status)
+                return True
+            return False
+        how = processes.describe_exit(status)
+        if zygote.retiring:
+            self.drop_zygote(zygote)
+        elif zygote.taking_over and not zygote.ready:
+            self.lose_zygote(zygote, how)  # the standby died before it served: import again
+        elif not zygote.ready:
+            self.zygote_failed(zygote, f"the zygote died while importing task code ({how})")
+        else:
+            self.lose_zygote(zygote, how)
+        self.manage_workers()
+        self.dispatch()
+        return True
+
+    def lose_zygote(self, zygote: ZygoteHandle, how: str) -> None:
+        """The zygote died (its workers die with it): settle their jobs, let the standby serve."""
+        log.error("zygote generation %d (pid %d) %s", zygote.generation, zygote.pid, how)
+        standby, zygote.standby = zygote.standby, None
         for worker in [w for w in self.workers.values() if w.generation == zygote.generation]:
-            try:
-                os.kill(worker.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.worker_exited(worker.pid, -signal.SIGKILL)
-        self.discard_zygote(zygote)
-        if zygote.generation == self.generation and not self.stopping:
-            # Restarted as a new generation of the same code, after a back-off.
-            self.zygote_failures += 1
-            delay = min(BACKOFF_FIRST_S * 2**self.zygote_failures, BACKOFF_MAX_S)
-            self.zygote_restart_at = time.monotonic() + delay
+            processes.signal_quietly(worker.pid, signal.SIGKILL)
+            self.remove_worker(worker, f"its zygote {how}")
+        self.drop_zygote(zygote)
+        if self.stopping or zygote.generation != self.generation:
+            if standby is not None:
+                standby.close()
+            return
+        self.counters["zygote_restarts"] += 1
+        if standby is not None:
+            log.info("the standby zygote (pid %d) takes over generation %d", standby.pid, zygote.generation)
+            standby.send({"cmd": "serve"})
+            standby.taking_over = True
+            self.add_zygote(standby)
+            return
+        # No standby (it died too, or could not be forked): import again, after a back-off.
+        log.warning(
+            "no standby zygote: generation %d restarts by importing its code again", zygote.generation
+        )
+        self.zygote_failures += 1
+        delay = min(BACKOFF_FIRST_S * 2**self.zygote_failures, BACKOFF_MAX_S)
+        self.zygote_restart_at = time.monotonic() + delay
 
-    def discard_zygote(self, zygote: ZygoteHandle) -> None:
-        """Forget a zygote whose event pipe reached EOF (so it is exiting) and reap it."""
-        zygote.close()
+    def restart_zygote(self) -> None:
+        self.zygote_restart_at = math.inf
         try:
-            zygote.process.wait(timeout=1)
-        except subprocess.TimeoutExpired:
-            zygote.process.kill()
-            zygote.process.wait()
-        self.zygotes.pop(zygote.generation, None)
+            self.start_generation(self.config, self.generation)
+        except OSError as exc:
+            self.zygote_spawn_failed(exc)
+
+    def zygote_spawn_failed(self, exc: OSError) -> None:
+        message = f"cannot start a zygote: {exc}"
+        log.error("%s", message)
+        self.zygote_failures += 1
+        if not any(w.live for w in self.workers.values()):
+            self.fail_queue(protocol.INTERNAL, f"CPU pool unavailable: {message}; retrying")
+        self.zygote_restart_at = time.monotonic() + min(
+            BACKOFF_FIRST_S * 2**self.zygote_failures, BACKOFF_MAX_S
+        )
 
     def retire_old_zygotes(self) -> None:
-        """Close the command pipe of each older zygote left without workers; EOF follows."""
+        """Close the channel of each older zygote left without workers; it exits."""
         for generation, zygote in list(self.zygotes.items()):
             if generation >= self.generation or zygote.retiring:
                 continue
             if not any(w.generation == generation for w in self.workers.values()):
                 log.info("zygote generation %d retired", generation)
+                self.reactor.unwatch(zygote.fileno())
                 zygote.retire()
 
     # -- workers -------------------------------------------------------------------------------
 
-    def task_limit(self) -> float:
-        limit = self.config.pool.max_tasks_per_worker
-        if not limit:
-            return math.inf
-        # Jitter, so workers started together do not all recycle together.
-        return limit + random.randint(0, max(1, limit // 10))
+    def add_worker(self, zygote: ZygoteHandle, pid: int, fd: int) -> None:
+        channel = Channel(socket.socket(fileno=fd), self.max_frame(self.config) + FRAME_SLACK, blocking=False)
+        lane = Lane(1 + self.config.pool.prefetch)
+        worker = Worker(pid, zygote.generation, channel, lane)
+        self.workers[pid] = worker
+        self.reactor.watch(channel.fileno(), lambda: self.handle_worker(worker))
+
+    def fork_failed(self, error: str) -> None:
+        log.error("%s", error)
+        self.counters["fork_failures"] += 1
+        self.early_deaths += 1
+        self.respawn_at = time.monotonic() + min(
+            BACKOFF_FIRST_S * 2 ** (self.early_deaths - 1), BACKOFF_MAX_S
+        )
+        if not any(w.live for w in self.workers.values()):
+            self.fail_queue(protocol.INTERNAL, f"CPU pool has no worker: {error}; retrying")
 
     def manage_workers(self) -> None:
         if self.stopping:
@@ -295,206 +368,277 @@ class Pool:
             self.workers.values(), self.target, self.generation, zygote.pending_forks
         )
         for worker in retire:
-            self.retire_worker(worker, "reload" if worker.generation != self.generation else "scale")
+            self.counters[
+                "recycled_reload" if worker.generation != self.generation else "recycled_scale"
+            ] += 1
+            self.stop_worker(worker)
         if forks and time.monotonic() >= self.respawn_at:
             zygote.fork(forks)
 
-    def retire_worker(self, worker: Worker, reason: str) -> None:
-        self.counters[f"recycled_{reason}"] += 1
-        if worker.state == "busy":
-            worker.retire = True  # after its task
-            return
-        self.stop_worker(worker)
-
     def stop_worker(self, worker: Worker) -> None:
-        if worker in self.idle:
-            self.idle.remove(worker)
-        if worker.state == "starting":
-            # It has not connected yet; a frame sent now would be dropped. It has no task.
-            self.signal_worker(worker, signal.SIGTERM)
+        """Hand back the jobs it holds ahead, then stop it once its running job is done."""
+        if not worker.live:
+            return
+        if worker.phase == "starting":
+            processes.signal_quietly(worker.pid, signal.SIGTERM)  # not listening yet
         else:
-            self.backend.send_multipart([worker.ident, b"stop"])
-        worker.state = "stopping"
+            self.withdraw(worker, worker.lane.prefetched())
+            self.send(worker, [b"stop"])
+        worker.phase = "stopping"
 
-    def signal_worker(self, worker: Worker, signum: int) -> None:
+    def send(self, worker: Worker, frames: list[Any]) -> None:
+        worker.channel.send(frames)
+        self.unflushed.add(worker)
+
+    def flush(self) -> None:
+        """Write what this turn queued for each worker, in one sendmsg each."""
+        for worker in self.unflushed:
+            self.flush_worker(worker)
+        self.unflushed.clear()
+
+    def flush_worker(self, worker: Worker) -> bool:
         try:
-            os.kill(worker.pid, signum)
-        except ProcessLookupError:
-            pass
+            done = worker.channel.flush()
+        except OSError:
+            done = True  # it is gone; its exit settles its jobs
+            worker.channel.out.clear()
+        self.reactor.want_write(worker.channel.fileno(), None if done else lambda: self.flush_quietly(worker))
+        return done
 
-    def handle_backend(self) -> None:
-        """Drain every frame the workers have sent."""
-        while readable(self.backend):
-            self.handle_worker_frames(self.backend.recv_multipart())
+    def flush_quietly(self, worker: Worker) -> None:
+        self.flush_worker(worker)
+
+    def handle_worker(self, worker: Worker) -> None:
+        self.read_worker(worker)
         self.dispatch()
 
-    def handle_worker_frames(self, frames: list[bytes]) -> None:
-        ident, kind = frames[0], frames[1]
-        worker = self.workers.get(int(ident[1:]))
-        if worker is None:
-            if kind == b"ready":
-                # A new worker's "ready" (on this socket) can overtake the zygote's "forked"
-                # event for it (on the zygote's pipe). Dropped, it left the worker "starting"
-                # for good: a slot of the pool that never took a task and was never replaced
-                # (seen with 100 workers forked at once). Kept until "forked" is read.
-                self.early_ready.add(int(ident[1:]))
-            return  # otherwise, about a worker we already gave up on
-        if kind == b"ready":
-            self.worker_ready(worker)
+    def read_worker(self, worker: Worker) -> None:
+        """Act on everything the worker has sent."""
+        try:
+            messages = worker.channel.receive()
+        except ChannelError as exc:
+            log.error("worker %d broke its channel (%s): killing it", worker.pid, exc)
+            messages = None
+        if messages is None:
+            # It closed its end: it is exiting, and its exit (reported by the zygote) settles
+            # its jobs. A channel it broke means it is alive and not to be trusted: kill it.
+            self.reactor.unwatch(worker.channel.fileno())
+            if not worker.channel.closed:
+                processes.signal_quietly(worker.pid, signal.SIGKILL)
             return
-        if kind == b"gc":
-            self.fanout_answer(protocol.unpack(frames[2]))
-            return
-        job = worker.job
-        if job is None or frames[2] != b"%d" % job.id:
-            return  # about a job already answered (it timed out while this was on its way)
-        if kind == b"item":
-            self.forward_item(job, frames[3], frames[4:])
-        elif kind == b"done":
-            self.job_done(worker, job, frames[3], frames[4], protocol.unpack(frames[5]), frames[6:])
+        now = time.monotonic()
+        for frames in messages:
+            self.worker_message(worker, frames, now)
 
-    def worker_ready(self, worker: Worker) -> None:
-        self.early_deaths = 0
-        if worker.state != "starting":
-            return
-        worker.state = "idle"
-        self.idle.append(worker)
-        self.manage_workers()  # a new-generation worker lets an old one retire
-
-    def forward_item(self, job: Job, frame: bytes, raw: Sequence[bytes]) -> None:
-        if not job.answered:
-            job.items_sent += 1
-            self.reply(job.client, frame, raw)
-
-    def job_done(
-        self,
-        worker: Worker,
-        job: Job,
-        outcome: bytes,
-        frame: bytes,
-        extra: dict[str, Any],
-        raw: Sequence[bytes],
-    ) -> None:
-        if worker.state != "busy":
-            return  # being killed for its timeout; the caller has its TIMEOUT already
-        self.finish(job, frame, outcome.decode(), raw)
-        worker.job = None
-        worker.tasks_done += 1
-        reason = self.recycle_reason(worker, extra)
-        if reason:
+    def worker_message(self, worker: Worker, frames: list[Any], now: float) -> None:
+        kind = frames[0]
+        if kind == b"done":
+            job = worker.lane.done(int(frames[1]), now)
+            if job is not None:
+                worker.tasks_done += 1
+                self.ledger.result(job, frames[2], frames[3], frames[4:])
+        elif kind == b"item":
+            job = worker.lane.head
+            if job is not None and job.id == int(frames[1]):
+                self.ledger.item(job, frames[2], frames[3:])
+        elif kind == b"dropped":
+            for job_id in protocol.unpack(frames[1]):
+                job = worker.lane.find(job_id)
+                if job is not None and job.state is not ANSWERED:
+                    worker.lane.remove(job, now)
+                    self.hand_back(job)
+        elif kind == b"ready":
+            self.early_deaths = 0
+            if worker.phase == "starting":
+                worker.phase = "serving"
+                self.manage_workers()  # a new-generation worker lets an old one retire
+        elif kind == b"gc":
+            self.fanout_answer(protocol.unpack(frames[1]))
+        elif kind == b"recycling":
+            reason = bytes(frames[1]).decode()
+            if reason == "max_memory":
+                log.info("worker %d is over max_worker_memory_mb: recycled", worker.pid)
             self.counters[f"recycled_{reason}"] += 1
-            self.stop_worker(worker)
+            worker.phase = "stopping"
+            # Its last word: it started nothing after its last result, not even a job that
+            # reached it after it decided (those it did not read, so could not drop).
+            for job in list(worker.lane.jobs):
+                worker.lane.remove(job, now)
+                self.hand_back(job)
             self.manage_workers()
-        elif worker.retire:
-            self.stop_worker(worker)
-            self.manage_workers()
-        else:
-            worker.state = "idle"
-            self.idle.append(worker)
-
-    def recycle_reason(self, worker: Worker, extra: dict[str, Any]) -> str | None:
-        if worker.tasks_done >= worker.task_limit:
-            return "max_tasks"
-        limit_mb = self.config.pool.max_worker_memory_mb
-        if limit_mb and extra.get("uss", 0) > limit_mb * 1024 * 1024:
-            log.info("worker %d uses %d MiB private memory: recycling", worker.pid, extra["uss"] >> 20)
-            return "max_memory"
-        return None
 
     def worker_exited(self, pid: int, status: int) -> None:
-        self.early_ready.discard(pid)
-        worker = self.workers.pop(pid, None)
+        worker = self.workers.get(pid)
         if worker is None:
             return
-        if worker in self.idle:
-            self.idle.remove(worker)
-        remove_quietly(stack_path(self.stack_dir, pid))
-        for fanout in self.fanouts:
-            fanout.waiting.discard(pid)
-        job, worker.job = worker.job, None
-        if worker.state == "stopping" and job is None:
-            return
-        how = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"
-        log.warning("worker %d %s (state %s)", pid, how, worker.state)
-        self.counters["worker_deaths"] += 1
-        if worker.state == "starting":
+        how = processes.describe_exit(status)
+        if worker.phase != "stopping" or worker.lane.jobs:
+            log.warning("worker %d %s (state %s)", pid, how, worker.state)
+            if worker.phase not in ("killing", "killed"):  # not our kill for a timeout
+                self.counters["worker_deaths"] += 1
+        if worker.phase == "starting":
             self.early_deaths += 1
             delay = min(BACKOFF_FIRST_S * 2 ** (self.early_deaths - 1), BACKOFF_MAX_S)
             self.respawn_at = time.monotonic() + delay
-        if job is not None and not job.answered:
-            self.job_lost(job, pid, how)
+        self.remove_worker(worker, how)
+        self.manage_workers()
 
-    def job_lost(self, job: Job, pid: int, how: str) -> None:
-        # A stream that already sent items is not retried: its caller would see them twice.
-        if job.retries > 0 and not job.items_sent and not self.stopping:
-            job.retries -= 1
-            self.counters["retries"] += 1
-            log.info("job %d: worker %d %s; retrying (%d retries left)", job.id, pid, how, job.retries)
-            self.queue.appendleft(job)
-            self.dispatch()
+    def remove_worker(self, worker: Worker, how: str) -> None:
+        """The worker is gone: read what it sent before it went, then settle its jobs."""
+        worker.phase = "gone"
+        if worker.channel.sock.fileno() >= 0:
+            self.read_worker(worker)
+            self.reactor.unwatch(worker.channel.fileno())
+            self.reactor.want_write(worker.channel.fileno(), None)
+            worker.channel.close()
+        self.unflushed.discard(worker)
+        self.workers.pop(worker.pid, None)
+        for fanout in self.fanouts:
+            fanout.waiting.discard(worker.pid)
+        stack = lambda: read_text(stack_path(self.stack_dir, worker.pid))  # noqa: E731
+        retry = None if self.stopping else self.retry
+        if settle(
+            self.ledger, worker.lane, worker.pid, f"worker {worker.pid}", how, stack, retry, self.hand_back
+        ):
+            self.counters["timeouts"] += 1
+        remove_quietly(stack_path(self.stack_dir, worker.pid))
+
+    def retry(self, job: Job) -> None:
+        self.queue.push(job, front=True)
+
+    def hand_back(self, job: Job) -> None:
+        """A job a worker held and never started: queued again, ahead of later ones."""
+        if job.cancel_requested or job.cancelled:
+            self.ledger.cancel_reply(job)
+        elif self.stopping:
+            self.ledger.fail(job, protocol.SHUTTING_DOWN, "workerd is stopping")
+        else:
+            zygote = self.zygotes.get(self.generation)
+            if zygote is not None and zygote.ready and job.key not in zygote.modules:
+                self.refuse_removed(job, self.generation)
+            else:
+                self.queue.push(job, front=True)
+
+    # -- handing jobs back -----------------------------------------------------------------------
+
+    def withdraw(self, worker: Worker, jobs: list[Job]) -> list[Job]:
+        """Tell the worker to drop jobs it holds ahead; returns those surely not started.
+
+        The worker reads everything sent before it starts its next job. So once the drop is
+        written, read what the worker has sent: if its running job has not ended by then, the
+        worker will see the drop before it could start any of these. If it has ended (its
+        "done" was on the way), the next one may have started; that one stays, and its
+        "dropped" or its result says which it was. The ones surely dropped are handed back."""
+        if not jobs:
+            self.read_worker(worker)  # a result on its way may settle what the caller decides
+            return []
+        self.send(worker, [b"drop", protocol.pack([job.id for job in jobs])])
+        if not self.flush_worker(worker):
+            return []  # not all written yet: the worker's "dropped" settles them
+        self.read_worker(worker)
+        surely = [job for job in jobs if job.state is ASSIGNED and job in worker.lane.jobs]
+        for job in surely:
+            worker.lane.remove(job, time.monotonic())
+            self.hand_back(job)
+        return surely
+
+    def worker_of(self, job: Job) -> Worker | None:
+        for worker in self.workers.values():
+            if job in worker.lane.jobs:
+                return worker
+        return None
+
+    def cancel(self, job: Job, terminate: bool) -> str:
+        """`cancel` for one job of this pool: "cancelled" (surely: it will not run, or ran no
+        further, and is answered CANCELLED), "running" (it runs on and ends with its own result,
+        or CANCELLED if its worker turns out not to have started it) or "unknown"."""
+        if self.queue.remove(job):
+            self.ledger.cancel_reply(job)
+            return "cancelled"
+        worker = self.worker_of(job)
+        if worker is None:
+            return "unknown"
+        if job.state is ASSIGNED:
+            job.cancel_requested = True
+            if job in self.withdraw(worker, [job]):
+                return "cancelled"
+        if not terminate or job.state is not RUNNING or worker.phase == "killing":
+            return "running"
+        self.terminate(worker, job)
+        return "cancelled"
+
+    def terminate(self, worker: Worker, job: Job) -> None:
+        """Kill the worker running `job`, which is answered CANCELLED at once; the jobs it held
+        ahead go back to the queue (surely not started: the drop is written before the kill)."""
+        self.withdraw(worker, worker.lane.prefetched())
+        if job is not worker.lane.running:
             return
-        self.fail(
-            job,
-            protocol.WORKER_LOST,
-            f"worker {pid} {how} while running {job.name}",
-            {"pid": pid, "attempts": job.attempts},
-        )
+        job.cancelled = True
+        self.ledger.cancel_reply(job, terminated=True)
+        processes.signal_quietly(worker.pid, signal.SIGKILL)
+        worker.phase = "killed"
+        self.manage_workers()  # its replacement starts now
 
     # -- jobs ----------------------------------------------------------------------------------
 
     def submit(self, job: Job) -> None:
         if self.failure is not None:
-            self.fail(job, protocol.INTERNAL, f"CPU pool unavailable: {self.failure}")
+            self.ledger.fail(job, protocol.INTERNAL, self.unavailable())
             return
-        self.queue.append(job)
-        self.dispatch()
+        self.queue.push(job)
+        self.dispatch()  # now, not at the end of the turn: the queue's bound counts what waits
 
-    def accepts(self, worker: Worker, job: Job) -> bool:
-        """During a reload, old workers lack modules added by it: such a job waits for a new one."""
-        zygote = self.zygotes.get(worker.generation)
-        return zygote is not None and job.module in zygote.modules
+    def unavailable(self) -> str:
+        return (
+            f"CPU pool unavailable: {self.failure}. Fix [tasks] modules or [pool] preload "
+            "in the config, then run `workerctl reload`"
+        )
 
     def dispatch(self) -> None:
-        while self.queue and self.idle:
-            job = self.queue[0]
-            worker = next((w for w in self.idle if self.accepts(w, job)), None)
-            if worker is None:
-                return
-            self.idle.remove(worker)
-            self.queue.popleft()
-            now = time.monotonic()
-            job.started_at = now
-            job.deadline = now + job.timeout_s
-            job.attempts += 1
-            worker.state, worker.job = "busy", job
-            send_frames(self.backend, [worker.ident, b"run", b"%d" % job.id, job.body, *job.raw], copy=False)
+        """Give queued jobs to workers: idle ones first, then to hold one more job each."""
+        if not self.queue:
+            return
+        serving = [w for w in self.workers.values() if w.phase == "serving"]
+        capacity = 1 + self.config.pool.prefetch
+        now = time.monotonic()
+        for depth in range(capacity):
+            for worker in serving:
+                if len(worker.lane) != depth:
+                    continue
+                zygote = self.zygotes.get(worker.generation)
+                if zygote is None:
+                    continue
+                job = self.queue.take(zygote.modules.__contains__)
+                if job is None:
+                    continue
+                worker.lane.add(job, now)
+                self.send(worker, [b"run", b"%d" % job.id, job.body, *job.raw])
+                if not self.queue:
+                    return
 
-    def finish(self, job: Job, frame: bytes, outcome: str, raw: Sequence[bytes] = ()) -> None:
-        job.answered = True
-        self.counters[f"execute_{outcome}"] += 1
-        code = error_outcome(frame) if outcome == "error" else outcome
-        self.metrics.answered("execute", code, job.accepted_at, "cpu")
-        self.reply(job.client, frame, raw)
+    def waiting(self) -> int:
+        """Jobs accepted and not started: queued here, or prefetched by a worker."""
+        return len(self.queue) + sum(len(w.lane.prefetched()) for w in self.workers.values())
 
-    def fail(self, job: Job, code: str, message: str, details: dict[str, Any] | None = None) -> None:
-        self.finish(job, protocol.encode_error(job.request_id, code, message, details), code.lower())
+    def full(self, limit: int) -> bool:
+        """Do `limit` jobs wait already? (`waiting` costs a walk of the workers: most of the
+        time the queue alone says no.)"""
+        held = len(self.workers) * self.config.pool.prefetch
+        return len(self.queue) + held >= limit and self.waiting() >= limit
 
     def fail_queue(self, code: str, message: str) -> None:
-        while self.queue:
-            self.fail(self.queue.popleft(), code, message)
+        for job in self.queue.drain():
+            self.ledger.fail(job, code, message)
 
     def running(self) -> list[Job]:
-        return [w.job for w in self.workers.values() if w.job is not None]
+        return [job for w in self.workers.values() for job in w.lane.jobs]
 
     # -- time ----------------------------------------------------------------------------------
 
     def next_deadline(self) -> float:
         times = [self.zygote_restart_at]
         for worker in self.workers.values():
-            if worker.state == "busy" and worker.job is not None:
-                times.append(worker.job.deadline)
-            elif worker.state == "killing":
-                times.append(worker.kill_at)
+            times.append(worker.kill_at if worker.phase == "killing" else worker.lane.next_deadline())
         times.extend(f.deadline for f in self.fanouts)
         if self.respawn_at > time.monotonic():
             times.append(self.respawn_at)
@@ -503,41 +647,45 @@ class Pool:
     def tick(self) -> None:
         now = time.monotonic()
         for worker in list(self.workers.values()):
-            if worker.state == "busy" and worker.job is not None and now >= worker.job.deadline:
+            if worker.phase == "killing":
+                if now >= worker.kill_at:
+                    self.finish_kill(worker)
+            elif worker.phase != "killed" and worker.lane.next_deadline() <= now:
                 self.start_kill(worker, now)
-            elif worker.state == "killing" and now >= worker.kill_at:
-                self.finish_kill(worker)
         for fanout in [f for f in self.fanouts if now >= f.deadline]:
             self.answer_fanout(fanout)
         if now >= self.zygote_restart_at:
-            self.zygote_restart_at = math.inf
             log.info("restarting the zygote")
-            self.counters["zygote_restarts"] += 1
-            self.start_generation(self.config, restart=True)
+            self.restart_zygote()
         self.manage_workers()
+        self.dispatch()
 
     def start_kill(self, worker: Worker, now: float) -> None:
-        """A task ran past its timeout: ask for a stack dump, kill a moment later."""
-        worker.state = "killing"
+        """A task ran past its timeout: hand back what waits behind it, ask for a stack dump,
+        kill a moment later. From now on its answer is TIMEOUT, whatever else happens."""
+        self.withdraw(worker, worker.lane.prefetched())
+        job = worker.lane.running
+        if job is None or job.deadline > now:
+            return  # it finished just in time (its result was on the way)
+        job.expired = True
+        worker.expired = job
+        worker.phase = "killing"
         worker.kill_at = now + STACK_DUMP_GRACE_S
-        self.signal_worker(worker, signal.SIGUSR1)
+        processes.signal_quietly(worker.pid, signal.SIGUSR1)
         self.manage_workers()  # start its replacement now
 
     def finish_kill(self, worker: Worker) -> None:
-        self.signal_worker(worker, signal.SIGKILL)
+        """Answer TIMEOUT with the stack it dumped, and kill it. The job stays in its lane until
+        the worker is gone: only then is it known which job after it may have started."""
+        processes.signal_quietly(worker.pid, signal.SIGKILL)
         worker.kill_at = math.inf
-        job, worker.job = worker.job, None
-        worker.state = "stopping"
-        if job is None or job.answered:
+        worker.phase = "killed"
+        job, worker.expired = worker.expired, None
+        if job is None:
             return
-        stack = read_text(stack_path(self.stack_dir, worker.pid))
         self.counters["timeouts"] += 1
-        self.fail(
-            job,
-            protocol.TIMEOUT,
-            f"{job.name} ran longer than {job.timeout_s:g} s; worker {worker.pid} was killed",
-            {"timeout_s": job.timeout_s, "pid": worker.pid, "traceback": stack},
-        )
+        stack = read_text(stack_path(self.stack_dir, worker.pid))
+        self.ledger.timed_out(job, worker.pid, stack, f"worker {worker.pid}")
 
     # -- control -------------------------------------------------------------------------------
 
@@ -550,11 +698,11 @@ class Pool:
         """gc.collect() in every worker; busy ones answer after their task (or are skipped).
 
         `done` gets {"workers": [per-worker results], "freed_bytes": private memory freed}."""
-        targets = [w for w in self.workers.values() if w.state in ("idle", "busy")]
+        targets = [w for w in self.workers.values() if w.phase == "serving"]
         fanout = Fanout(done, {w.pid for w in targets}, time.monotonic() + FANOUT_WAIT_S)
         self.fanouts.append(fanout)
         for worker in targets:
-            self.backend.send_multipart([worker.ident, b"gc"])
+            self.send(worker, [b"gc"])
         if not fanout.waiting:
             self.answer_fanout(fanout)
 
@@ -581,6 +729,7 @@ class Pool:
                 "state": w.state,
                 "tasks_done": w.tasks_done,
                 "generation": w.generation,
+                "jobs": len(w.lane),
             }
             for w in sorted(self.workers.values(), key=lambda w: w.pid)
         ]
@@ -588,37 +737,41 @@ class Pool:
     def memory(self) -> list[dict[str, Any]]:
         return [{**entry, **memory.process_memory(entry["pid"])} for entry in self.snapshot()]
 
+    def zygote_memory(self) -> list[dict[str, Any]]:
+        entries: list[dict[str, Any]] = []
+        for generation, zygote in sorted(self.zygotes.items()):
+            entries.append({"pid": zygote.pid, "generation": generation, "role": "serving"})
+            if zygote.standby is not None and zygote.standby.pid > 0:
+                entries.append({"pid": zygote.standby.pid, "generation": generation, "role": "standby"})
+        return [{**entry, **memory.process_memory(entry["pid"])} for entry in entries]
+
     # -- stop ----------------------------------------------------------------------------------
 
     def begin_stop(self) -> None:
-        """No new work: queued jobs are answered SHUTTING_DOWN, idle workers are stopped."""
+        """No new work: queued jobs are answered SHUTTING_DOWN, prefetched ones handed back (and
+        answered so), workers stop once their running job is done."""
         self.stopping = True
         self.fail_queue(protocol.SHUTTING_DOWN, "workerd is stopping")
         for worker in list(self.workers.values()):
-            if worker.state == "busy":
-                worker.retire = True
-            elif worker.state in ("idle", "starting"):
-                self.stop_worker(worker)
+            self.stop_worker(worker)
 
     def abort_running(self) -> None:
         """The grace period is over: kill what still runs and answer its callers."""
         for worker in list(self.workers.values()):
-            job, worker.job = worker.job, None
-            if job is None:
-                continue
-            if not job.answered:
-                self.fail(
+            for job in list(worker.lane.jobs):
+                self.ledger.fail(
                     job,
                     protocol.SHUTTING_DOWN,
                     f"workerd stopped before {job.name} finished (grace period over)",
                 )
-            self.signal_worker(worker, signal.SIGKILL)
-            worker.state = "stopping"
+            processes.signal_quietly(worker.pid, signal.SIGKILL)
+            worker.phase = "stopping"
 
     def close(self) -> None:
         for zygote in list(self.zygotes.values()):
             zygote.retire()
-            self.discard_zygote(zygote)
+        for worker in self.workers.values():
+            worker.channel.close()
 
 
 def remove_quietly(path: str) -> None:

@@ -3,143 +3,170 @@
 Why a separate process: the master holds a ZeroMQ context, whose I/O threads do not survive a
 fork, and the master must never import task code (a module that crashes on import must not take
 the control socket down). The zygote is a fresh interpreter with no threads and no ZeroMQ, so a
-fork of it is clean; each child creates its own context after the fork.
+fork of it is clean.
 
-The master talks to it over two pipes, one JSON object per line:
+The master talks to it over one SOCK_SEQPACKET socketpair, one JSON object per packet; a packet
+may carry a file descriptor (SCM_RIGHTS):
 
-    master -> zygote   {"settings": {...}}        first line: what to import, how to fork
+    master -> zygote   {"settings": {...}, "generation": n}   first: what to import, how to fork
                        {"cmd": "fork", "count": n}
-    zygote -> master   {"event": "ready", "pid", "import_s"}
-                       {"event": "failed", "error", "traceback"}     import failed; zygote exits
-                       {"event": "forked", "pid"}
-                       {"event": "exited", "pid", "status"}          status < 0: killed by signal
+                       {"cmd": "serve"}                        to a standby: take over
+    zygote -> master   {"event": "ready", "pid", "import_s"}   + fd: the standby's channel
+                       {"event": "failed", "error", "traceback"}  import failed; zygote exits
+                       {"event": "forked", "pid"}              + fd: the worker's channel
+                       {"event": "fork_failed", "error"}       the kernel refused a fork
+                       {"event": "exited", "pid", "status"}    a worker; status < 0: a signal
+                       {"event": "standby", "pid"}             + fd: a new standby's channel
 
-The zygote exits when the master closes the command pipe, and dies with the master
-(PR_SET_PDEATHSIG); workers die with their zygote the same way, so nothing is ever orphaned.
-EOF on the event pipe tells the master the zygote and all its workers are gone.
+The standby: once imported, the zygote forks a copy of itself that does nothing but wait. If the
+zygote dies (killed, out of memory), the master tells the standby to serve, and it becomes the
+zygote of the same generation: the same code, never what is on disk now (an edit not yet
+reloaded, or a half-written file, would otherwise run or break the pool). It costs page tables:
+its heap is the zygote's, shared copy-on-write.
+
+The zygote exits when the master closes its end, and dies with the master (PR_SET_PDEATHSIG);
+workers die with their zygote the same way. The master reaps the zygote by SIGCHLD (it is the
+master's child, and the master is a subreaper, so the standby becomes its child too).
 """
 
 from __future__ import annotations
 
-import ctypes
+import array
 import gc
 import importlib
 import json
 import os
 import select
 import signal
-import subprocess
+import socket
 import sys
 import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
+from . import faults, processes
+
 if TYPE_CHECKING:
     from .config import Config
 
-PR_SET_PDEATHSIG = 1
+MAX_PACKET = 1 << 20
+
+Event = tuple[dict[str, Any], int | None]
 
 
-def die_with_parent(parent: int) -> None:
-    """Ask the kernel to SIGKILL us when our parent exits.
-
-    `parent` is the pid we expect as parent: if it died before the request was made (the race
-    prctl leaves open), we have been re-parented already and exit now rather than live orphaned.
-    """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # pragma: no cover - not Linux
-        return
-    if os.getppid() != parent:
-        os._exit(1)
+def send(sock: socket.socket, message: dict[str, Any], fd: int | None = None) -> None:
+    data = json.dumps(message).encode()
+    if fd is None:
+        sock.send(data)
+    else:
+        socket.send_fds(sock, [data], [fd])
 
 
-class LineReader:
-    """Splits what arrives on a non-blocking pipe into JSON objects, one per line."""
+def receive(sock: socket.socket) -> list[Event] | None:
+    """The packets waiting now, each with its fd; None at EOF.
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self._buffer = b""
-
-    def read(self) -> list[dict[str, Any]] | None:
-        """The complete messages available now, or None at EOF."""
+    Sends block (packets are small and both sides read promptly); reads never do."""
+    events: list[Event] = []
+    while True:
         try:
-            chunk = os.read(self.fd, 65536)
+            data, fds = receive_packet(sock)
         except BlockingIOError:
-            return []
-        if not chunk:
-            return None
-        self._buffer += chunk
-        *lines, self._buffer = self._buffer.split(b"\n")
-        return [json.loads(line) for line in lines if line]
+            return events
+        except ConnectionResetError:
+            data, fds = b"", []
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return events or None
+        events.append((json.loads(data), fds[0] if fds else None))
 
 
-def write_line(fd: int, message: dict[str, Any]) -> None:
-    os.write(fd, json.dumps(message).encode() + b"\n")
+def receive_packet(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One packet and its fds, without waiting (socket.recv_fds drops its flags on 3.11)."""
+    data, ancillary, _, _ = sock.recvmsg(MAX_PACKET, socket.CMSG_LEN(4), socket.MSG_DONTWAIT)
+    fds = array.array("i")
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds)
 
 
 # -- master side ------------------------------------------------------------------------------
 
 
 class ZygoteHandle:
-    """The master's view of one zygote: start it, ask for forks, read its events."""
+    """The master's view of one zygote (or standby): its channel, pid and what it serves."""
 
-    def __init__(self, settings: dict[str, Any], generation: int, config: Config, restart: bool) -> None:
+    def __init__(
+        self, sock: socket.socket, pid: int, generation: int, config: Config, modules: frozenset[str]
+    ) -> None:
+        self.sock = sock
+        self.pid = pid
         self.generation = generation
         self.config = config  # takes effect in the pool once this zygote is ready
-        self.restart = restart  # a restart of the same code after a crash, not a reload
-        self.modules = frozenset(settings["task_modules"])
+        self.modules = modules
         self.ready = False
         self.retiring = False
+        self.taking_over = False  # a standby told to serve, not ready yet
         self.pending_forks = 0
-        cmd_read, self._cmd_write = os.pipe()
-        self.events_fd, event_write = os.pipe()
-        os.set_blocking(self.events_fd, False)
-        self._events = LineReader(self.events_fd)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "workerd.zygote", str(cmd_read), str(event_write), str(os.getpid())],
-            pass_fds=(cmd_read, event_write),
-            stdin=subprocess.DEVNULL,
-        )
-        os.close(cmd_read)
-        os.close(event_write)
-        self._send({"settings": settings, "generation": generation})
+        self.standby: ZygoteHandle | None = None
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def _send(self, message: dict[str, Any]) -> None:
+    @classmethod
+    def start(cls, settings: dict[str, Any], generation: int, config: Config) -> ZygoteHandle:
+        """Spawn a fresh zygote and send it what to import. Raises OSError if it cannot start."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            write_line(self._cmd_write, message)
+            pid = processes.spawn(
+                "workerd.zygote", [str(theirs.fileno()), str(os.getpid())], [theirs.fileno()]
+            )
         except OSError:
-            pass  # the zygote died; its EOF on the event pipe reports that
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        handle = cls(ours, pid, generation, config, frozenset(settings["task_modules"]))
+        handle.send({"settings": settings, "generation": generation})
+        return handle
+
+    def adopt_standby(self, fd: int | None, pid: int) -> None:
+        """Keep the channel of this zygote's standby (replacing an earlier one)."""
+        if self.standby is not None:
+            self.standby.close()
+            self.standby = None
+        if fd is not None:
+            sock = socket.socket(fileno=fd)
+            self.standby = ZygoteHandle(sock, pid, self.generation, self.config, self.modules)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, message: dict[str, Any]) -> None:
+        try:
+            send(self.sock, message)
+        except OSError:
+            pass  # the zygote died; reaping it reports that
 
     def fork(self, count: int = 1) -> None:
         self.pending_forks += count
-        self._send({"cmd": "fork", "count": count})
+        self.send({"cmd": "fork", "count": count})
 
-    def read_events(self) -> list[dict[str, Any]] | None:
-        """The complete events available now, or None at EOF (zygote gone)."""
-        events = self._events.read()
-        if events is None:
-            return None
-        self.pending_forks -= sum(1 for e in events if e.get("event") == "forked")
+    def read_events(self) -> list[Event] | None:
+        events = receive(self.sock)
+        if events is not None:
+            self.pending_forks -= sum(1 for e, _ in events if e.get("event") in ("forked", "fork_failed"))
         return events
 
     def retire(self) -> None:
-        """Close the command pipe: the zygote exits once it has read everything."""
+        """Close the channel: the zygote exits once it has read everything (its standby too)."""
         self.retiring = True
-        if self._cmd_write >= 0:
-            os.close(self._cmd_write)
-            self._cmd_write = -1
+        self.close()
 
     def close(self) -> None:
-        self.retire()
-        if self.events_fd >= 0:
-            os.close(self.events_fd)
-            self.events_fd = -1
+        if self.standby is not None:
+            self.standby.close()
+            self.standby = None
+        if self.sock.fileno() >= 0:
+            self.sock.close()
 
 
 # -- zygote side ------------------------------------------------------------------------------
@@ -148,40 +175,6 @@ class ZygoteHandle:
 def import_modules(names: list[str]) -> None:
     for name in names:
         importlib.import_module(name)
-
-
-def fork_worker(settings: dict[str, Any], generation: int, close_fds: list[int]) -> int:
-    zygote = os.getpid()
-    pid = os.fork()
-    if pid:
-        return pid
-    # The child: drop the zygote's pipes and signal plumbing, then become a worker.
-    code = 0
-    try:
-        signal.set_wakeup_fd(-1)
-        for fd in close_fds:
-            os.close(fd)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        die_with_parent(zygote)
-        from .worker import WorkerSettings, serve
-
-        serve(WorkerSettings(settings, generation))
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    finally:
-        os._exit(code)
-
-
-def reap_children(event_fd: int) -> None:
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        write_line(event_fd, {"event": "exited", "pid": pid, "status": os.waitstatus_to_exitcode(status)})
 
 
 def freeze(enabled: bool) -> None:
@@ -195,61 +188,171 @@ def freeze(enabled: bool) -> None:
         gc.freeze()
 
 
-def wait_first_message(commands: LineReader) -> dict[str, Any]:
-    while True:
-        select.select([commands.fd], [], [])
-        messages = commands.read()
-        if messages is None:
-            sys.exit(0)
-        if messages:
-            return messages[0]
+class Zygote:
+    """The serving loop: fork workers on request, report their exits, keep a standby."""
+
+    def __init__(self, sock: socket.socket, settings: dict[str, Any], generation: int, master: int) -> None:
+        self.sock = sock
+        self.settings = settings
+        self.generation = generation
+        self.master = master
+        self.standby_pid = 0
+        self.wake_read, self.wake_write = os.pipe()
+        os.set_blocking(self.wake_write, False)
+
+    def closed_in_children(self) -> list[int]:
+        return [self.sock.fileno(), self.wake_read, self.wake_write]
+
+    def serve(self, import_s: float) -> None:
+        try:
+            self.loop(import_s)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the master is gone: so are we (and our workers, by their death signal)
+        if self.standby_pid:
+            processes.signal_quietly(self.standby_pid, signal.SIGKILL)
+
+    def loop(self, import_s: float) -> None:
+        signal.set_wakeup_fd(self.wake_write)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        freeze(self.settings["gc_freeze"])
+        standby = self.fork_standby()
+        ready = {"event": "ready", "pid": os.getpid(), "import_s": import_s, "standby_pid": self.standby_pid}
+        send(self.sock, ready, standby)
+        if standby is not None:
+            os.close(standby)
+        while True:
+            readable, _, _ = select.select([self.sock.fileno(), self.wake_read], [], [])
+            if self.wake_read in readable:
+                os.read(self.wake_read, 4096)
+                self.reap()
+            if self.sock.fileno() in readable:
+                commands = receive(self.sock)
+                if commands is None:
+                    break  # the master closed the channel: retire
+                for command, _ in commands:
+                    if command.get("cmd") == "fork":
+                        self.fork_workers(command["count"])
+
+    def reap(self) -> None:
+        for pid, status in processes.reap():
+            if pid == self.standby_pid:
+                self.standby_pid = 0
+                fd = self.fork_standby()  # a zygote always has a standby
+                if fd is not None:
+                    send(self.sock, {"event": "standby", "pid": self.standby_pid}, fd)
+                    os.close(fd)
+            else:
+                send(self.sock, {"event": "exited", "pid": pid, "status": status})
+
+    def fork_workers(self, count: int) -> None:
+        freeze(self.settings["gc_freeze"])
+        for _ in range(count):
+            try:
+                pid, fd = self.fork_worker()
+            except OSError as exc:
+                send(self.sock, {"event": "fork_failed", "error": f"cannot fork a worker: {exc}"})
+                continue
+            send(self.sock, {"event": "forked", "pid": pid}, fd)
+            os.close(fd)
+
+    def fork_worker(self) -> tuple[int, int]:
+        """Fork one worker; returns its pid and the master's end of its channel."""
+        faults.check("fork")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            raise
+        if pid == 0:
+            ours.close()
+            self.become_worker(theirs)
+        theirs.close()
+        return pid, ours.detach()
+
+    def become_worker(self, sock: socket.socket) -> None:
+        zygote = os.getppid()
+        code = 0
+        try:
+            self.leave()
+            processes.die_with_parent(zygote)
+            from .worker import WorkerSettings, serve
+
+            serve(WorkerSettings(self.settings, self.generation), sock)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            os._exit(code)
+
+    def leave(self) -> None:
+        """In a child: drop the zygote's channel and signal plumbing."""
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for fd in self.closed_in_children():
+            os.close(fd)
+
+    def fork_standby(self) -> int | None:
+        """Fork the standby; returns the master's end of its channel (None if the fork failed)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            print(f"workerd zygote: cannot fork a standby: {exc}", file=sys.stderr)
+            ours.close()
+            theirs.close()
+            return None
+        if pid == 0:
+            ours.close()
+            self.become_standby(theirs)
+        theirs.close()
+        self.standby_pid = pid
+        return ours.detach()
+
+    def become_standby(self, sock: socket.socket) -> None:
+        """Wait, doing nothing, until the master says serve (or goes away)."""
+        code = 0
+        try:
+            self.leave()
+            while True:
+                data = sock.recv(MAX_PACKET)
+                if not data:
+                    break  # the master or our zygote retired us
+                if json.loads(data).get("cmd") == "serve":
+                    # Our zygote is dead and we are the master's child now (it is a subreaper).
+                    processes.die_with_parent(self.master)
+                    Zygote(sock, self.settings, self.generation, self.master).serve(0.0)
+                    break
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            os._exit(code)
 
 
-def main(cmd_fd: int, event_fd: int, master: int) -> None:
-    die_with_parent(master)
+def main(fd: int, master: int) -> None:
+    processes.die_with_parent(master)
     # Ctrl-C on a foreground daemon reaches the whole process group; the master decides what
     # it means (a graceful stop), so the zygote and its workers must not die of it mid-task.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.set_blocking(cmd_fd, False)
-    commands = LineReader(cmd_fd)
-    first = wait_first_message(commands)  # the master sends settings alone, then waits for us
+    sock = socket.socket(fileno=fd)
+    data = sock.recv(MAX_PACKET)
+    if not data:
+        sys.exit(0)
+    first = json.loads(data)
     settings, generation = first["settings"], first["generation"]
     started = time.monotonic()
     try:
         import_modules(settings["preload"] + settings["task_modules"])
     except BaseException as exc:
-        write_line(
-            event_fd,
+        send(
+            sock,
             {"event": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()},
         )
         sys.exit(1)
-    write_line(event_fd, {"event": "ready", "pid": os.getpid(), "import_s": time.monotonic() - started})
-
-    wake_read, wake_write = os.pipe()
-    os.set_blocking(wake_write, False)
-    signal.set_wakeup_fd(wake_write)
-    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-    inherited = [cmd_fd, event_fd, wake_read, wake_write]
-    while True:
-        try:
-            readable, _, _ = select.select([cmd_fd, wake_read], [], [])
-        except InterruptedError:  # pragma: no cover - PEP 475 retries select for us
-            continue
-        if wake_read in readable:
-            os.read(wake_read, 4096)
-            reap_children(event_fd)
-        if cmd_fd in readable:
-            messages = commands.read()
-            if messages is None:
-                break  # the master closed the pipe: retire
-            for command in messages:
-                if command.get("cmd") == "fork":
-                    freeze(settings["gc_freeze"])
-                    for _ in range(command["count"]):
-                        pid = fork_worker(settings, generation, inherited)
-                        write_line(event_fd, {"event": "forked", "pid": pid})
-    reap_children(event_fd)
+    Zygote(sock, settings, generation, master).serve(time.monotonic() - started)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+    main(int(sys.argv[1]), int(sys.argv[2]))

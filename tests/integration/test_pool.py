@@ -307,7 +307,7 @@ def test_zygote_dying_during_import_is_not_a_hang(
     text = config(workers=1).replace("[tasks]", 'preload = ["suicidal"]\n[tasks]')
     daemon = start_daemon(config=text, env={"PYTHONPATH": str(tmp_path)})
     with daemon.client() as client:
-        assert "died while importing task code (exit status 3)" in client.status()["pool"]["error"]
+        assert "died while importing task code (exited with status 3)" in client.status()["pool"]["error"]
         with pytest.raises(errors.InternalError, match="CPU pool unavailable"):
             client.execute(f"{TASKS}:echo", 1)
 

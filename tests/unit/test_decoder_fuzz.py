@@ -1,7 +1,7 @@
 """Fuzz targets for the decoders every message goes through (hypothesis).
 
 Whatever the bytes: `protocol.decode_request`, `protocol.unpack` (with raw frames),
-`protocol.decode_reply`, the worker's `tasks.decode` and the master's `jobs.check_execute` raise
+`protocol.decode_reply`, the worker's `tasks.decode` and the master's `admission.check_execute` raise
 only their own typed error (ProtocolError / RequestRejected), never anything else, never hang,
 and what they accept satisfies the invariants their callers rely on. Inputs are random bytes,
 mutated valid messages (the fuzzer's best way into the decoder's depths), random msgpack
@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from workerctl import Raw, protocol
-from workerd import jobs, tasks
+from workerd import admission, tasks
 
 SCALE = 20 if os.environ.get("WORKERD_STRESS", "") not in ("", "0") else 1
 FUZZ = settings(
@@ -146,13 +146,13 @@ def test_execute_checks_reject_only_with_their_typed_error(body: dict[str, Any])
     if decoded is None:
         return
     try:
-        name, timeout_s, retries = jobs.check_execute(decoded, 300.0)
-    except jobs.RequestRejected as exc:
+        name, timeout_s, retries = admission.check_execute(decoded, 300.0)
+    except admission.RequestRejected as exc:
         assert exc.code == protocol.BAD_REQUEST
         return
     assert isinstance(name, str) and name
     assert math.isfinite(timeout_s) and timeout_s > 0
-    assert 0 <= retries <= jobs.MAX_RETRIES
+    assert 0 <= retries <= admission.MAX_RETRIES
 
 
 @FUZZ

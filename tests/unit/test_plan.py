@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
-from workerd.pool import Worker, plan_workers
+import dataclasses
+
+from workerd.pool import plan_workers
+
+
+@dataclasses.dataclass(eq=False)
+class Worker:
+    """What plan_workers reads of a worker (pool.Planned)."""
+
+    pid: int
+    generation: int
+    state: str
+    retiring: bool = False
+
+    @property
+    def live(self) -> bool:
+        return self.state in ("starting", "idle", "busy") and not self.retiring
 
 
 def workers(*specs: tuple[int, str]) -> list[Worker]:
-    return [
-        Worker(pid=100 + i, generation=gen, task_limit=float("inf"), state=state)
-        for i, (gen, state) in enumerate(specs)
-    ]
+    return [Worker(pid=100 + i, generation=gen, state=state) for i, (gen, state) in enumerate(specs)]
 
 
 def test_fills_an_empty_pool_in_one_batch() -> None:
@@ -43,11 +56,11 @@ def test_reload_retires_one_old_worker_per_ready_new_one() -> None:
 
 def test_reload_finishes_when_old_workers_are_gone() -> None:
     pool = workers((1, "busy"), (2, "idle"))
-    pool[0].retire = True  # it stops after its task
+    pool[0].retiring = True  # it stops after its task
     assert plan_workers(pool, 2, 2, pending=0) == (1, [])
 
 
 def test_workers_marked_to_retire_do_not_count() -> None:
     pool = workers((1, "busy"), (1, "idle"))
-    pool[0].retire = True
+    pool[0].retiring = True
     assert plan_workers(pool, 2, 1, pending=0) == (1, [])

@@ -1,8 +1,7 @@
-"""Requests accepted for execution, and the checks that come before acceptance."""
+"""The checks an execute request passes before it is accepted as a job (lifecycle.Job)."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -15,6 +14,7 @@ MAX_RAW_FRAMES = 1024
 # Calls in one chunked execute: enough to amortise the per-message cost many times over, few
 # enough that one chunk's results stay well inside the message size limit for small values.
 MAX_CALLS = 10_000
+MAX_CANCEL_IDS = 10_000
 
 
 class RequestRejected(Exception):
@@ -24,27 +24,6 @@ class RequestRejected(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-@dataclasses.dataclass(eq=False)
-class Job:
-    """One execute request from acceptance to its single terminal reply."""
-
-    id: int
-    client: bytes  # the ROUTER routing id of the requester
-    request_id: Any
-    body: bytes  # the request as the client sent it; the worker decodes it again
-    raw: list[zmq.Frame]  # raw buffer frames that follow the body, forwarded without a copy
-    name: str
-    timeout_s: float
-    retries: int
-    accepted_at: float
-    started_at: float = 0.0
-    deadline: float = math.inf
-    module: str = ""  # a CPU task's module; "" for a pipeline
-    attempts: int = 0
-    items_sent: int = 0
-    answered: bool = False
 
 
 def check_raw_frames(raw: list[zmq.Frame], max_bytes: int) -> None:

@@ -1,0 +1,352 @@
+"""One job lifecycle for every kind of worker: queued -> assigned -> running -> answered.
+
+    accepted --> QUEUED --dispatch--> ASSIGNED --starts--> RUNNING --result--> ANSWERED
+                   ^                     |                    |
+                   +----- handed back ---+    (never ran)     +-- deadline: expired, TIMEOUT once
+                   +----- retried ---------- worker lost -----+       its worker is gone
+                                                              +-- lost: WORKER_LOST
+
+A job is ASSIGNED when a worker holds it without having started it (prefetched): if that worker
+goes, the job goes to another one, and it is never a retry, since it never ran. Its timeout
+counts from its start, not its assignment.
+
+Two rules make "exactly one terminal reply per accepted request" hold by construction instead of
+by care in every backend:
+
+  * `Ledger.finish` is the only place a terminal reply is sent, and it sends at most once per
+    job: a late result, a second death, a stop racing a timeout all find the job ANSWERED and
+    are dropped there.
+  * `Lane` is the only record of which jobs a worker holds, and of which of them may have run.
+    A worker runs its jobs in the order it was sent them and reads everything the master sent
+    before it starts the next one; so of the jobs a lost worker held, only the first one not
+    finished may have run, and the others go back to the queue untouched.
+
+Backends (pool.py for CPU workers, gpu.py for GPU workers) decide what a worker is and how it
+is started and killed; they queue, assign, finish and settle jobs only through this module.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
+
+import zmq
+
+from workerctl import protocol
+
+from .metrics import Metrics, error_outcome
+
+log = logging.getLogger("workerd.jobs")
+
+QUEUED, ASSIGNED, RUNNING, ANSWERED = "queued", "assigned", "running", "answered"
+
+# The prefix of each pool's outcome counters in `status` (execute_ok, pipeline_timeout, ...).
+COUNTER_PREFIX = {"cpu": "execute_", "gpu": "pipeline_", "cluster": "cluster_"}
+
+
+class Reply(Protocol):
+    """Sends one reply body (and its raw frames) to a client."""
+
+    def __call__(self, client: bytes, frame: bytes, raw: Sequence[Any] = ()) -> None: ...
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class Job:
+    """One execute request from acceptance to its single terminal reply."""
+
+    id: int
+    client: bytes  # the ROUTER routing id of the requester
+    request_id: Any
+    body: bytes  # the request as the client sent it; the worker decodes it
+    raw: list[zmq.Frame]  # raw buffer frames that follow the body, forwarded without a copy
+    name: str
+    key: str  # what a worker needs to run it: a CPU task's module, or a pipeline's name
+    pool: str  # "cpu" | "gpu" | "cluster": for the metrics
+    timeout_s: float
+    retries: int
+    accepted_at: float
+    state: str = QUEUED
+    started_at: float = 0.0
+    deadline: float = math.inf
+    attempts: int = 0
+    items_sent: int = 0
+    expired: bool = False  # ran past its deadline: answered TIMEOUT, whatever comes later
+    cancelled: bool = False  # terminated by `cancel`: answered CANCELLED, its worker killed
+    cancel_requested: bool = False  # `cancel` asked while it was prefetched: CANCELLED if handed back
+
+    def start(self, now: float) -> None:
+        self.state = RUNNING
+        self.started_at = now
+        self.deadline = now + self.timeout_s
+        self.attempts += 1
+
+
+class Ledger:
+    """The jobs in flight, and the one place their terminal replies are sent."""
+
+    def __init__(self, reply: Reply, metrics: Metrics) -> None:
+        self.reply = reply
+        self.metrics = metrics
+        self.counters = metrics.events
+        # (client, request id) -> its jobs in flight, for `cancel`: a client may reuse an id.
+        self.in_flight: dict[tuple[bytes, Any], list[Job]] = {}
+
+    def accept(self, job: Job) -> None:
+        self.in_flight.setdefault((job.client, job.request_id), []).append(job)
+
+    def find(self, client: bytes, request_id: Any) -> list[Job]:
+        try:
+            return list(self.in_flight.get((client, request_id), ()))
+        except TypeError:  # an unhashable id (a list): never one of ours
+            return []
+
+    def item(self, job: Job, frame: bytes, raw: Sequence[Any]) -> None:
+        """A stream item: forwarded while the job has no terminal reply."""
+        if job.state is not ANSWERED and not job.expired and not job.cancelled:
+            job.items_sent += 1
+            self.reply(job.client, frame, raw)
+
+    def finish(self, job: Job, frame: bytes, outcome: str, raw: Sequence[Any] = ()) -> bool:
+        """Send the job's terminal reply: the first call does, every later one is dropped."""
+        if job.state is ANSWERED:
+            return False
+        job.state = ANSWERED
+        key = (job.client, job.request_id)
+        jobs = self.in_flight.get(key)
+        if jobs is not None:
+            if len(jobs) == 1:
+                del self.in_flight[key]
+            else:
+                jobs.remove(job)
+        self.counters[COUNTER_PREFIX[job.pool] + outcome] += 1
+        code = error_outcome(frame) if outcome == "error" else outcome
+        self.metrics.answered("execute", code, job.accepted_at, job.pool)
+        self.reply(job.client, frame, raw)
+        return True
+
+    def fail(self, job: Job, code: str, message: str, details: dict[str, Any] | None = None) -> bool:
+        return self.finish(job, protocol.encode_error(job.request_id, code, message, details), code.lower())
+
+    def result(self, job: Job, outcome: bytes, frame: bytes, raw: Sequence[Any]) -> None:
+        """What the worker answered: the reply, unless the job expired or was cancelled meanwhile
+        (then TIMEOUT or CANCELLED is decided already and is sent once its worker is gone)."""
+        if not job.expired and not job.cancelled:
+            self.finish(job, frame, outcome.decode(), raw)
+
+    def timed_out(self, job: Job, pid: int | None, stack: str, what: str) -> None:
+        self.fail(
+            job,
+            protocol.TIMEOUT,
+            f"{job.name} ran longer than {job.timeout_s:g} s; {what} was killed",
+            {"timeout_s": job.timeout_s, "pid": pid, "traceback": stack},
+        )
+
+    def lost(self, job: Job, pid: int, what: str, how: str, retry: Callable[[Job], None] | None) -> None:
+        """The worker running `job` died. Retried if the request asked for retries (and no
+        stream item reached the caller, who would see it twice) and `retry` is given (not while
+        stopping); WORKER_LOST otherwise."""
+        if job.state is ANSWERED:
+            return
+        if retry is not None and job.retries > 0 and not job.items_sent:
+            job.retries -= 1
+            self.counters["retries"] += 1
+            log.info("job %d: %s %s; retrying (%d retries left)", job.id, what, how, job.retries)
+            job.state = QUEUED
+            retry(job)
+            return
+        self.fail(
+            job,
+            protocol.WORKER_LOST,
+            f"{what} {how} while running {job.name}",
+            {"pid": pid, "attempts": job.attempts},
+        )
+
+    def cancel_reply(self, job: Job, terminated: bool = False) -> None:
+        how = "its worker was killed" if terminated else "it had not started"
+        self.fail(job, protocol.CANCELLED, f"cancelled by the client ({how})", {"terminated": terminated})
+
+
+def settle(
+    ledger: Ledger,
+    lane: Lane,
+    pid: int,
+    what: str,
+    how: str,
+    stack: Callable[[], str],
+    retry: Callable[[Job], None] | None,
+    hand_back: Callable[[Job], None],
+) -> bool:
+    """A worker is gone: answer or requeue every job it held. Returns True if this answered a
+    TIMEOUT (the worker died inside its kill window, before the kill itself).
+
+    Of its jobs only the first one it had not finished may have run: that one is retried or
+    WORKER_LOST (TIMEOUT if it was past its deadline, nothing if it was answered already); the
+    others never started and go back (`hand_back`) as if never dispatched."""
+    ran, never_ran = lane.release()
+    timed_out = False
+    if ran is not None:
+        if ran.expired and ran.state is not ANSWERED:
+            ledger.timed_out(ran, pid, stack(), what)
+            timed_out = True
+        else:
+            ledger.lost(ran, pid, what, how, retry)
+    for job in never_ran:
+        hand_back(job)
+    return timed_out
+
+
+class JobQueue:
+    """Jobs waiting for a worker, oldest first, kept per key (a module, a pipeline).
+
+    Per key, so that a job no free worker can take (its module is new in a reload the free
+    workers predate, its pipeline is pinned to a busy device) never blocks a job behind it that
+    a free worker can take. With one key, `take` is a popleft."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[str, collections.deque[Job]] = {}
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def push(self, job: Job, front: bool = False) -> None:
+        job.state = QUEUED
+        jobs = self.by_key.get(job.key)
+        if jobs is None:
+            jobs = self.by_key[job.key] = collections.deque()
+        if front:
+            jobs.appendleft(job)
+        else:
+            jobs.append(job)
+        self.count += 1
+
+    def push_back_all(self, jobs: Sequence[Job]) -> None:
+        """Jobs handed back by a worker, ahead of everything queued since, in their order."""
+        for job in reversed(jobs):
+            self.push(job, front=True)
+
+    def take(self, accepts: Callable[[str], bool]) -> Job | None:
+        """The oldest job whose key `accepts` says yes to, removed from the queue."""
+        best: collections.deque[Job] | None = None
+        for key, jobs in self.by_key.items():
+            if (best is None or jobs[0].id < best[0].id) and accepts(key):
+                best = jobs
+        if best is None:
+            return None
+        job = best.popleft()
+        if not best:
+            del self.by_key[job.key]
+        self.count -= 1
+        return job
+
+    def remove(self, job: Job) -> bool:
+        jobs = self.by_key.get(job.key)
+        if jobs is None or job not in jobs:
+            return False
+        jobs.remove(job)
+        if not jobs:
+            del self.by_key[job.key]
+        self.count -= 1
+        return True
+
+    def waiting_keys(self) -> list[str]:
+        return list(self.by_key)
+
+    def pop_key(self, key: str) -> list[Job]:
+        jobs = self.by_key.pop(key, collections.deque())
+        self.count -= len(jobs)
+        return list(jobs)
+
+    def drain(self) -> Iterator[Job]:
+        while self.by_key:
+            yield from self.pop_key(next(iter(self.by_key)))
+
+
+# How a lane learns that its next job has started.
+AFTER_PREVIOUS = "after_previous"  # a CPU worker: when the one before it is done
+WHEN_TOLD = "when_told"  # the GPU worker: it says so (restores and clears run between jobs)
+
+
+class Lane:
+    """The jobs one worker holds, in the order it runs them: the first may be running, the
+    others were sent ahead (prefetched) and have not started."""
+
+    def __init__(self, capacity: int, starts: str = AFTER_PREVIOUS) -> None:
+        self.jobs: collections.deque[Job] = collections.deque()
+        self.capacity = capacity
+        self.starts = starts
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    @property
+    def head(self) -> Job | None:
+        return self.jobs[0] if self.jobs else None
+
+    @property
+    def running(self) -> Job | None:
+        head = self.head
+        return head if head is not None and head.state is RUNNING else None
+
+    def free(self) -> int:
+        return self.capacity - len(self.jobs)
+
+    def add(self, job: Job, now: float) -> None:
+        job.state = ASSIGNED
+        self.jobs.append(job)
+        if len(self.jobs) == 1 and self.starts == AFTER_PREVIOUS:
+            job.start(now)
+
+    def find(self, job_id: int) -> Job | None:
+        for job in self.jobs:
+            if job.id == job_id:
+                return job
+        return None
+
+    def started(self, job_id: int, now: float) -> Job | None:
+        """The worker said it started `job_id` (WHEN_TOLD lanes)."""
+        job = self.head
+        if job is None or job.id != job_id or job.state is not ASSIGNED:
+            return None
+        job.start(now)
+        return job
+
+    def done(self, job_id: int, now: float) -> Job | None:
+        """The worker finished `job_id`, which must be its first job; the next one starts now."""
+        job = self.head
+        if job is None or job.id != job_id:
+            return None
+        self.jobs.popleft()
+        if self.jobs and self.starts == AFTER_PREVIOUS:
+            self.jobs[0].start(now)
+        return job
+
+    def remove(self, job: Job, now: float) -> None:
+        """A job the worker dropped (never started): if it was first, the next one starts."""
+        was_head = job is self.head
+        self.jobs.remove(job)
+        if was_head and self.jobs and self.starts == AFTER_PREVIOUS:
+            self.jobs[0].start(now)
+
+    def prefetched(self) -> list[Job]:
+        return [job for job in self.jobs if job.state is ASSIGNED and job is not self.running]
+
+    def release(self) -> tuple[Job | None, list[Job]]:
+        """The worker is gone: (the job that may have run, the jobs that never started)."""
+        jobs = list(self.jobs)
+        self.jobs.clear()
+        if not jobs:
+            return None, []
+        head, rest = jobs[0], jobs[1:]
+        if head.state is ASSIGNED and self.starts == WHEN_TOLD:
+            return None, jobs  # it never said it started
+        return head, rest
+
+    def next_deadline(self) -> float:
+        """When the running job's timeout ends (never, once it is answered)."""
+        job = self.running
+        return job.deadline if job is not None else math.inf

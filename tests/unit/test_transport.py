@@ -1,0 +1,90 @@
+"""The socketpair channel: framing survives any split of the byte stream, big frames included."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from workerd.transport import LARGE_FRAME, Channel, ChannelError, channel_pair, header
+
+frames_st = st.lists(
+    st.one_of(st.binary(max_size=300), st.integers(LARGE_FRAME - 2, LARGE_FRAME + 3).map(os.urandom)),
+    min_size=1,
+    max_size=5,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(frames_st, min_size=1, max_size=6), st.integers(1, 70_000))
+def test_messages_arrive_whole_however_the_stream_is_cut(messages: list[list[bytes]], step: int) -> None:
+    """Bytes fed in pieces of `step` come out as the same messages, in order."""
+    ours, theirs = socket.socketpair()
+    reader = Channel(ours, max_frame=1 << 20, blocking=False)
+    stream = b"".join(header(m) + b"".join(m) for m in messages)
+    received: list[list[bytes]] = []
+    theirs.setblocking(False)
+    for at in range(0, len(stream), step):
+        theirs.sendall(stream[at : at + step])
+        while True:
+            got = reader.receive()
+            assert got is not None
+            if not got:
+                break
+            received.extend([bytes(f) for f in m] for m in got)
+    theirs.close()
+    while (got := reader.receive()) is not None:
+        received.extend([bytes(f) for f in m] for m in got)
+    assert received == messages
+    reader.close()
+
+
+def test_master_end_queues_until_the_peer_reads() -> None:
+    """A non-blocking sender never blocks: what the kernel does not take waits for flush()."""
+    master, worker_sock = channel_pair(max_frame=8 << 20)
+    worker = Channel(worker_sock, max_frame=8 << 20, blocking=True)
+    payload = os.urandom(4 << 20)
+    for n in range(3):
+        master.send([b"run", b"%d" % n, memoryview(payload)])
+    assert not master.flush()  # 12 MiB do not fit a socket buffer
+    got: list[list[bytes]] = []
+
+    def read() -> None:
+        while len(got) < 3:
+            messages = worker.receive(block=True)
+            assert messages is not None
+            got.extend([bytes(f) for f in m] for m in messages)
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    while not master.flush():
+        pass
+    thread.join(10)
+    assert [m[:2] for m in got] == [[b"run", b"0"], [b"run", b"1"], [b"run", b"2"]]
+    assert all(m[2] == payload for m in got)
+    master.close()
+    worker.close()
+
+
+def test_eof_after_the_last_message() -> None:
+    master, worker_sock = channel_pair(max_frame=1024)
+    worker = Channel(worker_sock, max_frame=1024, blocking=True)
+    worker.send([b"done", b"1"])
+    worker.close()
+    assert master.receive() == [[b"done", b"1"]]
+    assert master.receive() is None
+    master.close()
+
+
+def test_oversized_frame_is_refused() -> None:
+    master, worker_sock = channel_pair(max_frame=100)
+    worker = Channel(worker_sock, max_frame=1 << 20, blocking=True)
+    worker.send([b"x" * 101])
+    with pytest.raises(ChannelError):
+        master.receive()
+    master.close()
+    worker.close()
