@@ -325,11 +325,19 @@ def assert_each_input_once(out: Path, count: int) -> None:
     assert all("result" in r for r in records)
 
 
+def default_sigint() -> None:
+    """In the child before exec: a job started in the background (`cmd &`) inherits SIGINT
+    ignored, and Python then installs no KeyboardInterrupt handler; this test needs Ctrl-C's."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_batch_interrupted_by_ctrl_c_resumes_each_input_exactly_once(shared: Daemon, tmp_path: Path) -> None:
     source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_lines(source, [{"seconds": 0.01}] * 300)
     args = ["--socket", shared.socket, "run", SLEEP, "--batch", str(source), "--output", str(out)]
-    proc = subprocess.Popen([*WORKERCTL, *args, "--window", "4"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*WORKERCTL, *args, "--window", "4"], stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
+    )
     wait_until(lambda: out.exists() and out.read_text().count("\n") >= 40, timeout=30)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=30)
