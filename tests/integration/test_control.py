@@ -227,6 +227,70 @@ def test_check_config(tmp_path: Path) -> None:
     assert str(bad) in fail.stderr and "workers" in fail.stderr
 
 
+def test_check_config_imports_the_code_and_reports_each_failure(tmp_path: Path) -> None:
+    """In child processes, as the zygote and the GPU worker would: every failure, each naming
+    its key; the task code's own output stays off stdout."""
+    (tmp_path / "loud.py").write_text("print('imported loud')\nraise RuntimeError('boom')\n")
+    (tmp_path / "half.py").write_text("def load(device):\n    return None\n")
+    (tmp_path / "crash.py").write_text("import os\nos.abort()\n")
+    path = tmp_path / "imports.toml"
+    path.write_text(
+        '[pool]\npreload = ["json", "workerd_absent_preload"]\n'
+        '[tasks]\nmodules = ["workerd.examples.tasks", "loud", "crash", "workerd_never_reached"]\n'
+        f'[pipelines.half]\npath = "{tmp_path / "half.py"}"\n'
+        f'[pipelines.gone]\npath = "{tmp_path / "gone.py"}"\n'
+        '[pipelines.demo]\nmodule = "workerd.examples.demo_pipeline"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "workerd", "--check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,  # where the task modules are found, as for a daemon started there
+    )
+    assert result.returncode == 78 and result.stdout == ""
+    lines = [line for line in result.stderr.splitlines() if line.startswith("workerd: ")]
+    where = f"workerd: {path}: "
+    assert lines == [
+        f"{where}[pool] preload: 'workerd_absent_preload' failed to import: ModuleNotFoundError: "
+        "No module named 'workerd_absent_preload'",
+        f"{where}[tasks] modules: 'loud' failed to import: RuntimeError: boom",
+        f"{where}[tasks] modules: 'crash' killed the importing process (signal 6)",
+        f"{where}[tasks] modules: 'workerd_never_reached' not checked (the import before it never ended)",
+        f"{where}[pipelines.half] path: '{tmp_path / 'half.py'}' is no pipeline: "
+        "pipeline 'half' has no run() function",
+        f"{where}[pipelines.gone] path: '{tmp_path / 'gone.py'}' failed to import: FileNotFoundError: "
+        f"[Errno 2] No such file or directory: '{tmp_path / 'gone.py'}'",
+    ]
+    assert "imported loud" in result.stderr
+    (tmp_path / "half.py").write_text("def load(device):\n    return None\n\ndef run(obj):\n    return 1\n")
+    path.write_text(
+        f'[tasks]\nmodules = ["workerd.examples.tasks"]\n[pipelines.half]\npath = "{tmp_path / "half.py"}"\n'
+    )
+    fixed = subprocess.run(
+        [sys.executable, "-m", "workerd", "--check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (fixed.returncode, fixed.stdout, fixed.stderr) == (0, f"{path}: ok\n", "")
+
+
+def test_a_bad_log_level_in_the_environment_is_a_config_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "workerd", "--socket", str(tmp_path / "w.sock")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "WORKERD_LOG_LEVEL": "bogus"},
+    )
+    assert result.returncode == 78
+    assert result.stderr == (
+        "workerd: WORKERD_LOG_LEVEL: expected one of debug, info, warning, error, got 'bogus'\n"
+    )
+    assert not (tmp_path / "w.sock").exists()
+
+
 def test_daemons_starting_together_on_one_path_leave_exactly_one(tmp_path: Path) -> None:
     path = str(tmp_path / "race.sock")
     command = [sys.executable, "-m", "workerd", "--socket", path, "--workers", "1"]
