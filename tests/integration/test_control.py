@@ -211,6 +211,64 @@ def test_workerctl_usage_errors(daemon: Daemon) -> None:
     assert result.returncode == errors.EXIT_USAGE and "--args is not valid JSON" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "flag", "fragment"),
+    [
+        (["--timeout", "0", "ping"], "--timeout", "must be a positive number of seconds, got '0'"),
+        (["--timeout", "nan", "ping"], "--timeout", "must be a positive number of seconds"),
+        (["run", "m:f", "--task-timeout", "-1"], "--task-timeout", "must be a positive number of seconds"),
+        (["run", "m:f", "--task-timeout", "inf"], "--task-timeout", "must be a positive number of seconds"),
+        (["run", "m:f", "--retries", "11"], "--retries", "must be an integer from 0 to 10, got '11'"),
+        (["run", "m:f", "--retries", "x"], "--retries", "must be an integer from 0 to 10"),
+        (["scale", "0"], "N", "must be an integer from 1 to 1024, got '0'"),
+        (["scale", "1025"], "N", "must be an integer from 1 to 1024"),
+        (["run", "m:f", "--chunksize", "10001"], "--chunksize", "must be an integer from 1 to 10000"),
+        (["run", "m:f", "--window", "0"], "--window", "must be an integer of at least 1"),
+        (["run", "m:f", "--retry-failed"], "--retry-failed", "goes with --resume"),
+        (["run", "m:f", "--bogus", "a=1"], "--bogus", "unrecognized arguments: --bogus"),
+        (["ping", "a=1"], "a=1", "unrecognized arguments: a=1"),
+    ],
+)
+def test_workerctl_checks_its_flags_before_connecting(
+    tmp_path: Path, args: list[str], flag: str, fragment: str
+) -> None:
+    """No daemon at that socket: exit 2, not 69, proves nothing was tried; the line names the flag."""
+    result = workerctl("--socket", str(tmp_path / "none.sock"), *args)
+    assert result.returncode == errors.EXIT_USAGE
+    assert flag in result.stderr and fragment in result.stderr, result.stderr
+
+
+def test_scale_beyond_the_cpus_warns_and_clear_prints_a_table(daemon: Daemon) -> None:
+    beyond = str((os.cpu_count() or 1) + 1)
+    scaled = workerctl("--socket", daemon.socket, "scale", beyond)
+    assert scaled.returncode == 0 and scaled.stdout == f"workers: {beyond}\n"
+    assert scaled.stderr.startswith(f"workerctl: warning: {beyond} workers on {os.cpu_count()} CPUs")
+    quiet = workerctl("--socket", daemon.socket, "scale", "1")
+    assert (quiet.returncode, quiet.stderr) == (0, "")
+    with daemon.client() as client:
+        wait_until(lambda: client.status()["pool"]["size"] == 1)
+        pid = client.status()["pool"]["workers"][0]["pid"]
+    cleared = workerctl("--socket", daemon.socket, "clear", "--level", "gc")
+    assert cleared.returncode == 0, cleared.stderr
+    lines = cleared.stdout.splitlines()
+    assert lines[0].startswith("level gc: CPU workers freed ") and lines[0].endswith(" MiB")
+    assert lines[2].split() == [
+        "pid",
+        "objects",
+        "freed",
+        "uss",
+        "before",
+        "MiB",
+        "uss",
+        "after",
+        "MiB",
+        "freed",
+        "MiB",
+        "note",
+    ]
+    assert lines[3].split()[0] == str(pid) and lines[-1] == "gpu     not running"
+
+
 def test_check_config(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text("[pool]\nworkers = 2\n")
