@@ -253,6 +253,10 @@ class AsyncClient:
         an async generator's cleanup can call it however it is finalized."""
         if self._closed or self._reader is None or not self._core.connected:
             return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # finalized after its loop ended: nobody could send it now
+            return
         for fields in core.cancel_requests(ids, terminate):
             _, frames = self._core.encode("cancel", fields)
             try:

@@ -158,12 +158,17 @@ def add_run(run: argparse.ArgumentParser) -> None:
         help="with --resume: also run again the inputs whose line in --output is an error",
     )
     batch.add_argument(
-        "--window", type=positive, default=DEFAULT_WINDOW, help="requests in flight (default %(default)s)"
+        "--window",
+        type=positive,
+        default=DEFAULT_WINDOW,
+        metavar="N",
+        help="requests in flight (default %(default)s)",
     )
     batch.add_argument(
         "--chunksize",
         type=bounded(1, MAX_CHUNK),
         default=1,
+        metavar="K",
         help="calls per request (default %(default)s; a chunk fails or times out as a whole)",
     )
 
