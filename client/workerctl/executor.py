@@ -144,10 +144,12 @@ class _Engine:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self.closing = self.closing or closing
             self.commands.append(command)
-        try:
-            os.write(self.wake_write, b"\0")
-        except (BlockingIOError, OSError):  # full: a wake-up is pending anyway; closed: gone
-            pass
+            # Under the lock: the thread closes this end under it, and the number could be
+            # another file's by the time we wrote.
+            try:
+                os.write(self.wake_write, b"\0")
+            except OSError:  # full: a wake-up is pending anyway; closed (-1): the thread is gone
+                pass
 
     def cancel(self, future: TaskFuture) -> bool:
         call = future._call
