@@ -15,16 +15,22 @@ from .protocol import Raw
 
 if TYPE_CHECKING:
     from .aio import AsyncClient
+    from .executor import Executor
 
 __version__ = "0.1.0"
 
-__all__ = ["AsyncClient", "Client", "Outcome", "Raw", "WorkerdError", "__version__"]
+__all__ = ["AsyncClient", "Client", "Executor", "Outcome", "Raw", "WorkerdError", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    # AsyncClient pulls in asyncio and zmq.asyncio: only for those who use it.
+    # AsyncClient pulls in asyncio and zmq.asyncio, Executor concurrent.futures and threading:
+    # only for those who use them.
     if name == "AsyncClient":
         from .aio import AsyncClient
 
         return AsyncClient
+    if name == "Executor":
+        from .executor import Executor
+
+        return Executor
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -241,6 +241,33 @@ class AsyncClient:
     async def reload(self) -> dict[str, Any]:
         return await self.request("reload")  # type: ignore[no-any-return]
 
+    async def cancel(self, ids: Iterable[int], terminate: bool = False) -> dict[str, list[int]]:
+        """Cancel requests sent earlier on this client; see Client.cancel."""
+        merged: dict[str, list[int]] = {"cancelled": [], "running": [], "unknown": []}
+        for fields in core.cancel_requests(list(ids), terminate):
+            core.merge_cancelled(merged, await self.request("cancel", **fields))
+        return merged
+
+    def cancel_nowait(self, ids: Sequence[int], terminate: bool = False) -> None:
+        """Cancel without waiting for the answer; see Client.cancel_nowait. Not a coroutine, so
+        an async generator's cleanup can call it however it is finalized."""
+        if self._closed or self._reader is None or not self._core.connected:
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # finalized after its loop ended: nobody could send it now
+            return
+        for fields in core.cancel_requests(ids, terminate):
+            _, frames = self._core.encode("cancel", fields)
+            try:
+                # zmq.asyncio sends at once when it can, and the reader task still sees the
+                # socket's next edge (see _transmit); the future is not awaited, its reply dropped.
+                sent = self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return
+            # A full socket fails the future: retrieve its exception, so nobody logs it.
+            asyncio.ensure_future(sent).add_done_callback(lambda future: future.exception())
+
     async def execute(self, name: str, *args: Any, **kwargs: Any) -> Any:
         return await self.call(name, list(args), kwargs)
 
@@ -285,11 +312,13 @@ class AsyncClient:
     ) -> AsyncIterator[tuple[str, Any]]:
         fields = core.execute_fields(name, args, kwargs, timeout_s, retries)
         request_id = await self.send("execute", **fields)
-        async for reply in self.replies(request_id, core.reply_wait(self.timeout, timeout_s)):
-            if protocol.is_terminal(reply):
-                yield "result", result_of(reply)
-            else:
-                yield "item", reply["item"]
+        events = core.Events()
+        try:
+            async for reply in self.replies(request_id, core.reply_wait(self.timeout, timeout_s)):
+                yield events.event(reply)
+        finally:
+            if not events.ended:  # left early: cancelled as Client.events says
+                self.cancel_nowait([request_id], terminate=events.streamed)
 
     # -- many calls ----------------------------------------------------------------------------
 
@@ -370,4 +399,4 @@ class AsyncClient:
                 for outcome in batch.take():
                     yield outcome
         finally:
-            batch.close()
+            self.cancel_nowait(batch.close())  # left early: see Client._outcomes

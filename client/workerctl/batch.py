@@ -20,7 +20,6 @@ crash mid-write, is cut off by --resume.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import os
@@ -31,6 +30,7 @@ from typing import IO, Any
 
 from . import core, errors
 from .client import DEFAULT_WINDOW, Client
+from .jsonout import dumps
 
 BAD_INPUT = "BAD_INPUT"
 # Output is written at least this often (and at the end); between writes lines wait in memory.
@@ -39,30 +39,30 @@ FLUSH_LINES = 1000
 PROGRESS_INTERVAL_S = 0.1
 
 
-def to_json(value: Any) -> Any:
-    """json.dumps' `default`: bytes as {"base64": ...}, numpy values as lists, the rest as repr."""
-    if isinstance(value, bytes | bytearray | memoryview):
-        return {"base64": base64.b64encode(value).decode("ascii")}
-    if hasattr(value, "tolist") and type(value).__module__ == "numpy":
-        return value.tolist()
-    return repr(value)
+JSON_KINDS = {bool: "true or false", int: "a number", float: "a number", str: "a string", type(None): "null"}
 
 
-def dumps(value: Any) -> str:
-    return json.dumps(value, default=to_json, ensure_ascii=False)
-
-
-def parse_input(text: str) -> tuple[Any, core.Call | None, str | None]:
-    """(input as recorded, the call, None) or (input as recorded, None, why it is no call)."""
+def parse_input(text: str, number: int) -> tuple[Any, core.Call | None, str | None]:
+    """(input as recorded, the call, None) or (input as recorded, None, why it is no call);
+    `number` is the line's number in the file, which the reason names."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        return text.rstrip("\n"), None, f"not valid JSON: {exc}"
+        return (
+            text.rstrip("\n"),
+            None,
+            f"input line {number} is not valid JSON: {exc.msg} at column {exc.colno}",
+        )
     if isinstance(value, dict):
         return value, ((), value), None
     if isinstance(value, list):
         return value, (value, {}), None
-    return value, None, "an input line must be a JSON object (keyword arguments) or array (positional)"
+    kind = JSON_KINDS.get(type(value), type(value).__name__)
+    return (
+        value,
+        None,
+        f"input line {number} is {kind}: it must be a JSON object (keyword arguments) or array",
+    )
 
 
 def record(line: int, value: Any, ok: bool, outcome: Any) -> dict[str, Any]:
@@ -120,6 +120,36 @@ def read_done(path: str) -> LineSet:
     return done
 
 
+def drop_failed(path: str) -> int:
+    """Rewrite the output at `path` without its error lines (and a partial last line), so that
+    --resume runs those inputs again and each input keeps one line; how many were dropped.
+
+    The file is replaced whole (a new file renamed over it): a crash meanwhile leaves the old
+    one, never a mix."""
+    dropped = 0
+    partial = f"{path}.retry"
+    try:
+        source = open(path, "rb")  # noqa: SIM115 - closed by the with below
+    except FileNotFoundError:
+        return 0
+    with source, open(partial, "wb") as kept:
+        for raw in source:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                failed = "error" in json.loads(raw)
+            except (ValueError, TypeError):
+                failed = False  # not ours to judge: kept, as read_done ignores it
+            if failed:
+                dropped += 1
+            else:
+                kept.write(raw)
+        kept.flush()
+        os.fsync(kept.fileno())
+    os.replace(partial, path)
+    return dropped
+
+
 def count_lines(path: str) -> int:
     total = 0
     with open(path, "rb") as handle:
@@ -129,15 +159,23 @@ def count_lines(path: str) -> int:
 
 
 class Output:
-    """Appends whole lines, written together at most every FLUSH_INTERVAL_S."""
+    """Appends whole lines, written together at most every FLUSH_INTERVAL_S.
 
-    def __init__(self, path: str) -> None:
+    Lines for a terminal that also shows the progress bar (stdout and stderr on one screen)
+    clear the bar first and draw it again after, so a result never runs into it."""
+
+    def __init__(self, path: str, bar: Progress | None = None) -> None:
         self.path = path
         self.to_stdout = path == "-"
         self.fd = (
             sys.stdout.fileno()
             if self.to_stdout
             else os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        )
+        self.bar = (
+            bar
+            if bar is not None and bar.stream is not None and self.to_stdout and os.isatty(self.fd)
+            else None
         )
         self.pending: list[str] = []
         self.last = time.monotonic()
@@ -155,9 +193,13 @@ class Output:
         self.pending.clear()
         if self.to_stdout:
             sys.stdout.flush()
+        if self.bar is not None:
+            self.bar.clear()
         while data:
             written = os.write(self.fd, data)
             data = data[written:]
+        if self.bar is not None:
+            self.bar.update(force=True)
 
     def close(self) -> None:
         self.flush()
@@ -175,6 +217,7 @@ class Progress:
     failed: int = 0
     lost: int = 0
     skipped: int = 0
+    retried: int = 0  # failed lines of an earlier run dropped from the output to run again
     stream: IO[str] | None = None
     started: float = dataclasses.field(default_factory=time.monotonic)
     drawn: float = 0.0
@@ -221,6 +264,7 @@ class Progress:
             "failed": self.failed,
             "lost": self.lost,
             "skipped": self.skipped,
+            "retried": self.retried,
             "seconds": round(time.monotonic() - self.started, 3),
         }
 
@@ -236,6 +280,7 @@ class Options:
     input: str
     output: str
     resume: bool = False
+    retry_failed: bool = False  # with resume: run the lines whose output is an error again
     window: int = DEFAULT_WINDOW
     chunksize: int = 1
     timeout_s: float | None = None
@@ -246,11 +291,13 @@ class Options:
 def run_batch(client: Client, options: Options, progress: Progress) -> None:
     """Run the batch, updating `progress`; errors that stop it (Ctrl-C, the daemon gone for good,
     a client timeout) propagate after everything completed so far is written."""
+    if options.retry_failed:
+        progress.retried = drop_failed(options.output)
     done = read_done(options.output) if options.resume else LineSet()
     progress.skipped = 0
     if options.show_progress:
         progress.total = count_lines(options.input)
-    output = Output(options.output)
+    output = Output(options.output, progress)
     flying: dict[int, tuple[int, Any]] = {}  # call index -> (line number, input)
 
     def calls() -> Iterator[core.Call]:
@@ -262,7 +309,7 @@ def run_batch(client: Client, options: Options, progress: Progress) -> None:
                 if number in done:
                     progress.skipped += 1
                     continue
-                value, call, problem = parse_input(text)
+                value, call, problem = parse_input(text, number)
                 if call is None:
                     bad = errors.WorkerdError(problem or "bad input")
                     bad.code = BAD_INPUT

@@ -1,13 +1,15 @@
 """workerctl: the command line front of the client.
 
 Every failure becomes one line on stderr and an exit code from DESIGN.md; --json prints exactly
-one JSON document on stdout.
+one JSON document on stdout (NaN and infinities as null: see workerctl.jsonout). Every argument
+is checked before connecting, so a usage error is exit 2 even with no daemon.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -15,7 +17,9 @@ from typing import Any
 
 from . import __version__, errors, protocol
 from .client import DEFAULT_WINDOW, Client
-from .render import render_memory, render_status
+from .core import MAX_CHUNK
+from .jsonout import dumps
+from .render import render_clear, render_memory, render_status
 
 CONTROL_TIMEOUT = 30.0
 
@@ -41,68 +45,148 @@ def parse_json_arg(text: str, kind: type, flag: str) -> Any:
     return value
 
 
+# -- argument types: each names what it wants; argparse adds the flag ("argument --retries: ...")
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def bounded(low: int, high: int) -> Callable[[str], int]:
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer from {low} to {high}, got {text!r}")
+        return value
+
+    return check
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer of at least 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workerctl", description="Talk to the workerd daemon.")
     parser.add_argument("--version", action="version", version=f"workerctl {__version__}")
     parser.add_argument("--socket", help="control socket path (default: as workerd resolves it)")
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=seconds,
+        metavar="S",
         help=f"seconds to wait for a reply (default {CONTROL_TIMEOUT:g}; for run: no limit: the "
         "daemon answers once the task ends or times out, after any time it waits in the queue)",
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON document on stdout (NaN and infinities as null)"
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands.add_parser("ping", help="check that the daemon answers")
     commands.add_parser("status", help="daemon, pool and queue state")
     commands.add_parser("memory", help="memory of the daemon, its workers and the GPU")
     clear = commands.add_parser("clear", help="free memory in the workers")
-    clear.add_argument("--level", choices=("gc", "cache", "full"), default="cache")
+    clear.add_argument(
+        "--level",
+        choices=("gc", "cache", "full"),
+        default="cache",
+        help="gc: collect garbage in every worker; cache: also empty the CUDA cache; "
+        "full: also drop every cached pipeline (default %(default)s)",
+    )
     scale = commands.add_parser("scale", help="set the number of CPU workers")
-    scale.add_argument("workers", type=int)
+    scale.add_argument(
+        "workers",
+        type=bounded(1, protocol.MAX_WORKERS),
+        metavar="N",
+        help=f"CPU workers to aim for, 1 to {protocol.MAX_WORKERS} (until the next reload)",
+    )
     commands.add_parser("reload", help="re-import task code and replace workers one by one")
-    run = commands.add_parser("run", help="run a task (module:function) or a pipeline")
-    run.add_argument("name")
-    run.add_argument("assignments", nargs="*", metavar="key=value")
-    run.add_argument("--args", dest="args_json", metavar="JSON", help="positional arguments")
-    run.add_argument("--kwargs", dest="kwargs_json", metavar="JSON", help="keyword arguments")
-    run.add_argument("--task-timeout", type=float, metavar="S", help="override the task timeout")
-    run.add_argument("--retries", type=int, default=0, help="re-run on WORKER_LOST (idempotent)")
-    batch_group = run.add_argument_group("batch", "one call per line of a JSON-lines file")
-    batch_group.add_argument(
-        "--batch", metavar="IN.jsonl", help="input: one JSON object (kwargs) or array (args) per line"
-    )
-    batch_group.add_argument(
-        "--output", metavar="OUT.jsonl", help="append results here as they complete (default: stdout)"
-    )
-    batch_group.add_argument("--resume", action="store_true", help="skip inputs already in --output")
-    batch_group.add_argument(
-        "--window",
-        type=positive,
-        default=DEFAULT_WINDOW,
-        help="requests in flight (default %(default)s)",
-    )
-    batch_group.add_argument(
-        "--chunksize",
-        type=positive,
-        default=1,
-        help="calls per request (default %(default)s; a chunk fails or times out as a whole)",
-    )
+    add_run(commands.add_parser("run", help="run a task (module:function) or a pipeline"))
     return parser
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def add_run(run: argparse.ArgumentParser) -> None:
+    run.add_argument("name", help="'package.module:function' for a CPU task, or a pipeline name")
+    run.add_argument(
+        "assignments",
+        nargs="*",
+        metavar="key=value",
+        help="keyword arguments, before or after the options; a value is JSON if it parses (n=3 is "
+        "a number), else a string",
+    )
+    run.add_argument("--args", dest="args_json", metavar="JSON", help="positional arguments, a JSON array")
+    run.add_argument("--kwargs", dest="kwargs_json", metavar="JSON", help="keyword arguments, a JSON object")
+    run.add_argument(
+        "--task-timeout",
+        type=seconds,
+        metavar="S",
+        help="the run's time limit (default: the daemon's config)",
+    )
+    run.add_argument(
+        "--retries",
+        type=bounded(0, protocol.MAX_RETRIES),
+        default=0,
+        metavar="N",
+        help=f"re-run up to N times if its worker dies (WORKER_LOST; idempotent work only), 0 to "
+        f"{protocol.MAX_RETRIES}",
+    )
+    batch = run.add_argument_group("batch", "one call per line of a JSON-lines file")
+    batch.add_argument(
+        "--batch", metavar="IN.jsonl", help="input: one JSON object (kwargs) or array (args) per line"
+    )
+    batch.add_argument(
+        "--output", metavar="OUT.jsonl", help="append results here as they complete (default: stdout)"
+    )
+    batch.add_argument("--resume", action="store_true", help="skip inputs already in --output")
+    batch.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="with --resume: also run again the inputs whose line in --output is an error",
+    )
+    batch.add_argument(
+        "--window",
+        type=positive,
+        default=DEFAULT_WINDOW,
+        metavar="N",
+        help="requests in flight (default %(default)s)",
+    )
+    batch.add_argument(
+        "--chunksize",
+        type=bounded(1, MAX_CHUNK),
+        default=1,
+        metavar="K",
+        help="calls per request (default %(default)s; a chunk fails or times out as a whole)",
+    )
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments; `key=value` after run's options too (`run NAME --task-timeout 5 n=3`),
+    which argparse alone would call unrecognized: it gives a positional's values all at once."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [text for text in extra if text.startswith("-") or "=" not in text]
+    if stray or (extra and args.command != "run"):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.assignments += extra
+    return args
 
 
 def emit(args: argparse.Namespace, value: Any, human: Callable[[Any], str]) -> None:
-    if args.json:
-        print(json.dumps(value, default=repr))
-    else:
-        print(human(value))
+    print(dumps(value) if args.json else human(value))
 
 
 def command_ping(client: Client, args: argparse.Namespace) -> int:
@@ -128,11 +212,19 @@ def command_memory(client: Client, args: argparse.Namespace) -> int:
 
 
 def command_clear(client: Client, args: argparse.Namespace) -> int:
-    emit(args, client.clear_memory(args.level), lambda r: json.dumps(r, indent=2))
+    emit(args, client.clear_memory(args.level), render_clear)
     return errors.EXIT_OK
 
 
 def command_scale(client: Client, args: argparse.Namespace) -> int:
+    cpus = os.cpu_count() or 1
+    if args.workers > cpus:
+        # The daemon is on this machine (a Unix socket): its CPUs are ours.
+        print(
+            f"workerctl: warning: {args.workers} workers on {cpus} CPUs: workers beyond one per CPU "
+            "only help tasks that wait (I/O, sleep), and each holds its own private memory",
+            file=sys.stderr,
+        )
     emit(args, client.scale(args.workers), lambda r: f"workers: {r['workers']}")
     return errors.EXIT_OK
 
@@ -143,26 +235,24 @@ def command_reload(client: Client, args: argparse.Namespace) -> int:
 
 
 def command_run(client: Client, args: argparse.Namespace) -> int:
-    # Imported here: json helpers and batch bookkeeping are not for `workerctl ping`.
-    from . import batch
-
     if args.batch is not None:
         return command_batch(client, args)
     positional, keywords = args.arguments
     options = {"timeout_s": args.task_timeout, "retries": args.retries}
     if args.json:
-        print(batch.dumps(client.call(args.name, positional, keywords, **options)))
+        print(dumps(client.call(args.name, positional, keywords, **options)))
         return errors.EXIT_OK
     # Without --json, a generator's items are printed as they arrive, one per line.
     streamed = False
     for kind, value in client.events(args.name, positional, keywords, **options):
         if kind == "item" or not streamed:
-            print(batch.dumps(value), flush=True)
+            print(dumps(value), flush=True)
         streamed = streamed or kind == "item"
     return errors.EXIT_OK
 
 
 def command_batch(client: Client, args: argparse.Namespace) -> int:
+    # Imported here: batch bookkeeping is not for `workerctl ping`.
     from . import batch
 
     output = args.output or "-"
@@ -172,6 +262,7 @@ def command_batch(client: Client, args: argparse.Namespace) -> int:
         input=args.batch,
         output=output,
         resume=args.resume,
+        retry_failed=args.retry_failed,
         window=args.window,
         chunksize=args.chunksize,
         timeout_s=args.task_timeout,
@@ -189,6 +280,8 @@ def command_batch(client: Client, args: argparse.Namespace) -> int:
         f"batch: {summary['done']} done, {summary['failed']} failed, {summary['lost']} lost, "
         f"{summary['skipped']} skipped (already in the output) in {summary['seconds']:.1f} s"
     )
+    if args.retry_failed:
+        line += f"; {summary['retried']} failed lines of the output run again"
     if summary["lost"]:
         line += "; lost calls (the connection dropped under them) are not recorded"
     if stopped is not None:
@@ -197,7 +290,7 @@ def command_batch(client: Client, args: argparse.Namespace) -> int:
         line += "; rerun with --resume to finish"
     print(line, file=sys.stderr)
     if args.json and output != "-":
-        print(json.dumps({**summary, "output": output, "complete": stopped is None}))
+        print(dumps({**summary, "output": output, "complete": stopped is None}))
     if stopped is not None:
         raise stopped
     return errors.EXIT_FAILED if progress.failed or progress.lost else errors.EXIT_OK
@@ -216,6 +309,8 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
 
 def check_run(args: argparse.Namespace) -> None:
     """Parse run's arguments before connecting: a usage error is exit 2 even with no daemon."""
+    if args.retry_failed and not args.resume:
+        raise ValueError("--retry-failed goes with --resume (it runs the failed lines of --output again)")
     if args.batch is not None:
         if args.assignments or args.args_json or args.kwargs_json:
             raise ValueError(
@@ -239,7 +334,7 @@ def check_run(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     timeout = args.timeout
     if timeout is None and args.command != "run":
         timeout = CONTROL_TIMEOUT

@@ -135,15 +135,52 @@ class Client:
 
     def send(self, cmd: str, **fields: Any) -> int:
         """Send a request without waiting; returns its id."""
+        return self.send_into(None, cmd, fields)
+
+    def send_into(self, inbox: core.Inbox | None, cmd: str, fields: dict[str, Any]) -> int:
+        """send, with the replies delivered to `inbox` (one for many requests, as a map's or
+        workerctl.Executor's), or to the request's own one when None."""
         request_id, frames = self._core.encode(cmd, fields)
         self._check_size(frames)
         # Take in the news of a connection lost while nothing was in flight before this request
         # is registered: taken in after, it failed the request with ConnectionLost before it was
         # even sent (the first request after a daemon restart, on a client left idle).
         self._poll_monitor(0)
-        self._core.register(request_id)
+        self._core.register(request_id, inbox)
         self._transmit(request_id, frames)
         return request_id
+
+    def cancel_nowait(self, ids: Sequence[int], terminate: bool = False) -> None:
+        """Ask the daemon to cancel requests of ours that nobody waits for any more, without
+        waiting for the answer (it is dropped, as are their CANCELLED replies); nothing is sent
+        while the connection is down or the socket would block: those requests are lost anyway."""
+        if self._closed or not self._core.connected:
+            return
+        for fields in core.cancel_requests(ids, terminate):
+            _, frames = self._core.encode("cancel", fields)
+            try:
+                self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return
+
+    def wait_any(self, timeout: float | None, also: Sequence[int] = ()) -> set[int]:
+        """Wait until a message or connection event arrives for this client (handed to the
+        core, where inboxes get it) or a file descriptor of `also` is readable, at most
+        `timeout` s; the readable ones of `also`. For a caller that waits on its own file
+        descriptors too, from the one thread that uses this client (workerctl.Executor)."""
+        if self._drain():
+            return set()
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        for fd in also:
+            poller.register(fd, zmq.POLLIN)
+        ready = dict(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
+        if self._socket in ready:
+            self._drain()
+        if self._monitor in ready:
+            self._poll_monitor(0)
+        return {fd for fd in also if fd in ready}
 
     def _check_size(self, frames: list[Buffer]) -> None:
         if self._core.needs_limit(frames):
@@ -274,6 +311,20 @@ class Client:
     def reload(self) -> dict[str, Any]:
         return self.request("reload")  # type: ignore[no-any-return]
 
+    def cancel(self, ids: Iterable[int], terminate: bool = False) -> dict[str, list[int]]:
+        """Cancel requests sent earlier on this client, by the ids `send` returned.
+
+        Returns {"cancelled": [...], "running": [...], "unknown": [...]}: a cancelled request
+        was queued or prefetched (or running, with `terminate`: its worker is killed and
+        replaced) and gets a CANCELLED error of its own, which arrives before this returns; a
+        running one goes on and gets its own result; an unknown one was already answered (its
+        reply may still be on its way), was never sent, or is another client's. Any number of
+        ids: they go at most 10,000 a request."""
+        merged: dict[str, list[int]] = {"cancelled": [], "running": [], "unknown": []}
+        for fields in core.cancel_requests(list(ids), terminate):
+            core.merge_cancelled(merged, self.request("cancel", **fields))
+        return merged
+
     def execute(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """Run a task or pipeline; a generator task's items come back as a list."""
         return self.call(name, list(args), kwargs)
@@ -319,13 +370,20 @@ class Client:
         timeout_s: float | None = None,
         retries: int = 0,
     ) -> Iterator[tuple[str, Any]]:
-        """Yield ("item", value) for each stream item, then ("result", value); errors raise."""
+        """Yield ("item", value) for each stream item, then ("result", value); errors raise.
+
+        Left before its end (the loop broken, a client timeout, Ctrl-C), the request is
+        cancelled: one that has streamed items is running, and is terminated (its worker killed
+        and replaced: its generator's remaining work is unwanted, and might never end); one
+        that has not is cancelled if it is still queued, and left to finish otherwise."""
         request_id = self.send("execute", **core.execute_fields(name, args, kwargs, timeout_s, retries))
-        for reply in self.replies(request_id, core.reply_wait(self.timeout, timeout_s)):
-            if protocol.is_terminal(reply):
-                yield "result", result_of(reply)
-            else:
-                yield "item", reply["item"]
+        events = core.Events()
+        try:
+            for reply in self.replies(request_id, core.reply_wait(self.timeout, timeout_s)):
+                yield events.event(reply)
+        finally:
+            if not events.ended:
+                self.cancel_nowait([request_id], terminate=events.streamed)
 
     # -- many calls ----------------------------------------------------------------------------
 
@@ -421,4 +479,6 @@ class Client:
                         self._pump(deadline, wait)
                 yield from batch.take()
         finally:
-            batch.close()
+            # Left early (a failed call raised, the caller stopped): what is still queued for
+            # us at the daemon is cancelled; running calls finish, and their replies are dropped.
+            self.cancel_nowait(batch.close())

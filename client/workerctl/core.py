@@ -117,6 +117,39 @@ def with_options(fields: dict[str, Any], timeout_s: float | None, retries: int) 
     return fields
 
 
+class Events:
+    """One execute's replies as events, remembering how far it got: ("item", value) per stream
+    item, then ("result", value) (an error raises). Left before its end, a shell cancels it,
+    with `terminate` when it has streamed (see Client.events)."""
+
+    __slots__ = ("ended", "streamed")
+
+    def __init__(self) -> None:
+        self.ended = self.streamed = False
+
+    def event(self, reply: dict[str, Any]) -> tuple[str, Any]:
+        if protocol.is_terminal(reply):
+            self.ended = True
+            return "result", result_of(reply)
+        self.streamed = True
+        return "item", reply["item"]
+
+
+def cancel_requests(ids: Sequence[int], terminate: bool) -> Iterator[dict[str, Any]]:
+    """The fields of the cancel requests for `ids`, at most MAX_CANCEL_IDS each."""
+    step = protocol.MAX_CANCEL_IDS
+    for start in range(0, len(ids), step):
+        yield {"ids": list(ids[start : start + step]), "terminate": terminate}
+
+
+def merge_cancelled(merged: dict[str, list[int]], result: Any) -> None:
+    """Add one cancel result to `merged`, checking its shape."""
+    if not isinstance(result, dict) or not all(isinstance(result.get(key), list) for key in merged):
+        raise errors.ProtocolMismatch("a cancel result must map cancelled, running and unknown to lists")
+    for key, ids in merged.items():
+        ids.extend(result[key])
+
+
 def reply_wait(client_timeout: float | None, timeout_s: float | None) -> float | None:
     """How long to wait for an execute's reply: the daemon enforces timeout_s and then always
     answers, so give it a moment beyond that."""
@@ -415,9 +448,11 @@ class Batch:
                 out.append((index, False, errors.error_from_reply(error if isinstance(error, dict) else {})))
         return out
 
-    def close(self) -> None:
-        """Stop: replies still to come for this batch are dropped."""
-        for request_id in self.flying:
+    def close(self) -> list[int]:
+        """Stop: replies still to come for this batch are dropped. The ids still in flight."""
+        left = list(self.flying)
+        for request_id in left:
             self.core.forget(request_id)
         self.flying.clear()
         self.exhausted = True
+        return left

@@ -6,6 +6,8 @@ a failure means (DESIGN.md pins the numbers).
 
 from __future__ import annotations
 
+import builtins
+import functools
 from typing import Any
 
 from . import protocol
@@ -128,9 +130,52 @@ class InternalError(WorkerdError):
 
 
 class Cancelled(WorkerdError):
-    """The request was cancelled (the `cancel` command) before it ran, or its worker killed."""
+    """The request was cancelled (a `cancel` of this connection) before it ran, or was running
+    and its worker was killed for it (`terminate`)."""
 
     code = protocol.CANCELLED
+
+
+class RemoteTraceback(Exception):
+    """The task's traceback, as the worker formatted it: the `__cause__` of its TaskError, so an
+    uncaught one prints where the task failed (concurrent.futures.ProcessPoolExecutor's way)."""
+
+    def __init__(self, traceback: str) -> None:
+        super().__init__(traceback)
+        self.traceback = traceback
+
+    def __str__(self) -> str:
+        return self.traceback
+
+
+class BuiltinTaskError(TaskError):
+    """Base of the TaskError classes that are also the task's built-in exception type, e.g.
+    `TaskError[ValueError]`: a ValueError in the task is `except ValueError` in the caller."""
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:  # the class is made at run time: rebuild by code
+        return error_from_reply, ({"code": self.code, "message": self.message, "details": self.details},)
+
+
+@functools.cache
+def task_error_class(type_name: str) -> type[TaskError]:
+    """TaskError, or a class deriving from it and from the built-in exception named `type_name`
+    (the nearest base of it that accepts a message, for the few that do not)."""
+    builtin = getattr(builtins, type_name, None)
+    if not (isinstance(builtin, type) and issubclass(builtin, Exception)):
+        return TaskError
+    for base in builtin.__mro__:
+        if base is Exception:
+            break
+        cls = type(f"TaskError[{base.__name__}]", (BuiltinTaskError, base), {"__module__": __name__})
+        try:
+            cls("probe", {})
+        except TypeError:  # UnicodeDecodeError and kin take five arguments
+            continue
+        return cls
+    return TaskError
 
 
 _BY_CODE: dict[str, type[WorkerdError]] = {
@@ -157,10 +202,19 @@ _BY_CODE[ProtocolMismatch.code] = ProtocolMismatch
 
 
 def error_from_reply(error: dict[str, Any]) -> WorkerdError:
-    """The exception for an error body; an unknown code (a newer daemon) stays a WorkerdError."""
+    """The exception for an error body; an unknown code (a newer daemon) stays a WorkerdError.
+
+    A TASK_ERROR whose task raised a built-in exception is also an instance of that type, with
+    the worker's traceback as its cause."""
     code = str(error.get("code", protocol.INTERNAL))
+    details = error.get("details") or {}
     cls = _BY_CODE.get(code)
-    exc = (cls or WorkerdError)(str(error.get("message", "")), error.get("details") or {})
+    if cls is TaskError and isinstance(details.get("type"), str):
+        cls = task_error_class(details["type"])
+    exc = (cls or WorkerdError)(str(error.get("message", "")), details)
     if cls is None:
         exc.code = code
+    traceback = details.get("traceback")
+    if isinstance(exc, TaskError) and isinstance(traceback, str) and traceback:
+        exc.__cause__ = RemoteTraceback(traceback)
     return exc

@@ -1,4 +1,4 @@
-"""Human-readable tables for `workerctl status` and `workerctl memory`."""
+"""Human-readable tables for `workerctl status`, `workerctl memory` and `workerctl clear`."""
 
 from __future__ import annotations
 
@@ -138,4 +138,36 @@ def render_memory(memory: dict[str, Any]) -> str:
         ]
         if pipelines:
             lines.append(table(["pipeline", "sha256", "MiB", "runs", "last used"], pipelines))
+    return "\n".join(lines)
+
+
+def render_clear(result: dict[str, Any]) -> str:
+    """What `clear_memory` freed: a row per CPU worker, then the GPU worker's line."""
+    rows = []
+    for w in result.get("workers", []):
+        if "skipped" in w:
+            rows.append([w.get("pid"), "-", "-", "-", "-", f"skipped ({w['skipped']})"])
+            continue
+        before, after = w.get("uss_before"), w.get("uss_after")
+        freed = None if before is None or after is None else max(before - after, 0)
+        rows.append([w.get("pid"), w.get("freed_objects"), mib(before), mib(after), mib(freed), ""])
+    headers = ["pid", "objects freed", "uss before MiB", "uss after MiB", "freed MiB", "note"]
+    lines = [
+        f"level {result.get('level')}: CPU workers freed {mib(result.get('freed_bytes'))} MiB",
+        "",
+        table(headers, rows),
+    ]
+    gpu = result.get("gpu")
+    if gpu is None:
+        lines += ["", "gpu     not running"]
+    elif "error" in gpu:
+        lines += ["", f"gpu     {gpu['error']}"]
+    else:
+        lines += [
+            "",
+            f"gpu {gpu.get('device')}  objects freed {gpu.get('freed_objects')}  "
+            f"allocated {mib(gpu.get('allocated_before'))} -> {mib(gpu.get('allocated_after'))} MiB  "
+            f"reserved {mib(gpu.get('reserved_before'))} -> {mib(gpu.get('reserved_after'))} MiB  "
+            f"freed {mib(gpu.get('freed_bytes'))} MiB  dropped: {', '.join(gpu.get('dropped') or []) or '-'}",
+        ]
     return "\n".join(lines)

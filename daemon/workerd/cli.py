@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import __version__, config, control
+from . import __version__, config, control, importcheck
 from .logs import setup_logging
 from .master import Master, load_config
 
@@ -17,6 +17,7 @@ EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_CONFIG = 78  # EX_CONFIG
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: the socket is taken or cannot be bound
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,13 +28,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="TOML config (default: the embedded one)")
     parser.add_argument("--socket", metavar="PATH", help="control socket path")
     parser.add_argument("--workers", type=int, metavar="N", help="CPU workers (0: one per CPU)")
-    parser.add_argument("--check-config", metavar="FILE", help="validate FILE and exit")
+    parser.add_argument(
+        "--check-config",
+        metavar="FILE",
+        help="validate FILE, import its preload, task modules and pipelines (in child processes), exit",
+    )
     parser.add_argument(
         "--log-level",
-        default=os.environ.get("WORKERD_LOG_LEVEL", "info"),
-        choices=("debug", "info", "warning", "error"),
+        type=str.lower,
+        choices=LOG_LEVELS,
+        help="default: $WORKERD_LOG_LEVEL, else info",
     )
     return parser
+
+
+def log_level(option: str | None) -> str:
+    """--log-level, else $WORKERD_LOG_LEVEL (checked like the option: a typo there is a config
+    error, not a traceback that systemd restarts forever), else info."""
+    if option is not None:
+        return option
+    level = os.environ.get("WORKERD_LOG_LEVEL") or "info"
+    if level.lower() not in LOG_LEVELS:
+        raise config.ConfigError(f"WORKERD_LOG_LEVEL: expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    return level.lower()
+
+
+def check_config(path: str) -> int:
+    try:
+        problems = importcheck.check(config.load(path))
+    except config.ConfigError as exc:
+        problems = [str(exc)]
+    for problem in problems:
+        print(f"workerd: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_CONFIG
+    print(f"{path}: ok")
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,14 +72,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("workerd: --workers must be >= 0", file=sys.stderr)
         return EXIT_USAGE
     if args.check_config:
-        try:
-            config.load(args.check_config)
-        except config.ConfigError as exc:
-            print(f"workerd: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
-        print(f"{args.check_config}: ok")
-        return EXIT_OK
-    setup_logging(args.log_level)
+        return check_config(args.check_config)
+    try:
+        level = log_level(args.log_level)
+    except config.ConfigError as exc:
+        print(f"workerd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(level)
     overrides = {"socket": args.socket, "workers": args.workers}
     try:
         settings = load_config(args.config, overrides)

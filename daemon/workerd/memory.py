@@ -1,48 +1,61 @@
-"""Per-process memory figures from /proc/PID/smaps_rollup.
+"""Per-process memory figures, from psutil's memory_full_info (/proc/PID/smaps_rollup).
 
 RSS counts pages shared with the zygote, so a forked worker that has touched nothing still
 "uses" the whole preloaded heap by RSS. USS (pages only this process maps) is what recycling
 judges and what copy-on-write costs; PSS splits shared pages fairly between their sharers.
-smaps_rollup gives all of them in one read, far cheaper than walking /proc/PID/smaps.
+
+psutil reads smaps_rollup (one read for USS and PSS, far cheaper than walking /proc/PID/smaps)
+plus /proc/PID/statm for RSS. Measured against parsing smaps_rollup by hand (2 shared cores,
+best of 5-9 x 2,000-3,000 calls): another idle interpreter 63 against 43 us, one with torch
+imported (348 mappings: the kernel's walk dominates) 1,126 against 1,081 us, a process's own
+USS (what a worker reports after each task when recycling by memory) 81 against 70 us. Against
+a request's ~270 us of CPU that does not matter, so there is one implementation of this:
+psutil's. Its `shared` is statm's (file-backed pages only), which misses the heap a worker
+shares with its zygote; ours is RSS - USS (Shared_Clean + Shared_Dirty).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
+import os
 from typing import Any
 
-FIELDS = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty")
+import psutil
+
+FIGURES = ("rss_bytes", "uss_bytes", "pss_bytes", "shared_bytes")
 
 
-def read_rollup(pid: int) -> dict[str, int]:
-    """The smaps_rollup fields we use, in bytes; raises OSError if the process is gone."""
-    values = dict.fromkeys(FIELDS, 0)
-    with open(f"/proc/{pid}/smaps_rollup", "rb") as handle:
-        for line in handle:
-            key, _, rest = line.partition(b":")
-            name = key.decode()
-            if name in values:
-                values[name] = int(rest.split()[0]) * 1024
-    return values
+@functools.lru_cache(maxsize=1)
+def this_process(pid: int) -> psutil.Process:
+    """Our own psutil handle, made once per pid (a forked child has a new one): a worker asks
+    for its USS after every task when recycling by memory."""
+    return psutil.Process(pid)
+
+
+def full_info(pid: int) -> Any:
+    """psutil's memory_full_info; raises psutil.Error if the process is gone."""
+    process = this_process(pid) if pid == os.getpid() else psutil.Process(pid)
+    return process.memory_full_info()
 
 
 def process_memory(pid: int) -> dict[str, Any]:
     """rss/uss/pss/shared bytes of one process; None figures if it vanished meanwhile."""
     try:
-        rollup = read_rollup(pid)
-    except (OSError, ValueError, IndexError):
-        return dict.fromkeys(("rss_bytes", "uss_bytes", "pss_bytes", "shared_bytes"))
+        info = full_info(pid)
+    except (psutil.Error, OSError):
+        return dict.fromkeys(FIGURES)
+    # RSS and USS come from two files read a moment apart: never a negative share.
     return {
-        "rss_bytes": rollup["Rss"],
-        "uss_bytes": rollup["Private_Clean"] + rollup["Private_Dirty"],
-        "pss_bytes": rollup["Pss"],
-        "shared_bytes": rollup["Shared_Clean"] + rollup["Shared_Dirty"],
+        "rss_bytes": info.rss,
+        "uss_bytes": info.uss,
+        "pss_bytes": info.pss,
+        "shared_bytes": max(info.rss - info.uss, 0),
     }
 
 
 def uss_bytes(pid: int) -> int:
-    rollup = read_rollup(pid)
-    return rollup["Private_Clean"] + rollup["Private_Dirty"]
+    return int(full_info(pid).uss)
 
 
 def _malloc_trim() -> Any:

@@ -96,6 +96,39 @@ def plan_evictions(entries: Iterable[Entry], in_use: int, needed: int, budget: i
     return victims
 
 
+# -- the pipeline's code ---------------------------------------------------------------------
+
+# What a missing module is installed with, where workerd itself brings it (the gpu extra).
+EXTRAS = {"torch": "pip install 'workerd[gpu]'"}
+
+
+def import_pipeline(config: PipelineConfig, path: str) -> ModuleType:
+    """A fresh copy of the pipeline's code (re-executed, so edits take effect), checked for
+    its load() and run(). `path` is its source file (for a module, where it was found)."""
+    if config.module:
+        module = sys.modules.get(config.module)
+        module = importlib.reload(module) if module else importlib.import_module(config.module)
+    else:
+        spec = importlib.util.spec_from_file_location(f"workerd_pipeline_{config.name}", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    for function in ("load", "run"):
+        if not callable(getattr(module, function, None)):
+            raise PipelineError(
+                protocol.UNKNOWN_TASK, f"pipeline {config.name!r} has no {function}() function"
+            )
+    return module
+
+
+def missing_module(name: str, module: str) -> PipelineError:
+    """One line for a pipeline that needs a module this environment lacks: a traceback would
+    only repeat it, and the fix is an install, not a change of code."""
+    fix = EXTRAS.get(module, f"install {module!r} into workerd's environment")
+    message = f"pipeline {name!r} needs {module!r}, which is not installed: {fix}"
+    return PipelineError(protocol.TASK_ERROR, message, {"type": "ModuleNotFoundError", "message": message})
+
+
 # -- the device's memory ---------------------------------------------------------------------
 
 
@@ -230,17 +263,6 @@ class PipelineCache:
         self._hashes[path] = (key, digest)
         return digest
 
-    def import_source(self, config: PipelineConfig, path: str) -> ModuleType:
-        """A fresh copy of the pipeline's code (re-executed, so edits take effect)."""
-        if config.module:
-            module = sys.modules.get(config.module)
-            return importlib.reload(module) if module else importlib.import_module(config.module)
-        spec = importlib.util.spec_from_file_location(f"workerd_pipeline_{config.name}", path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
     # Loading and evicting.
 
     def ensure_loaded(self, name: str) -> tuple[Entry, bool]:
@@ -262,14 +284,14 @@ class PipelineCache:
         expected = self.footprint_history.get(config.name, 0)
         self.make_room(expected, keep=config.name)
         started = time.monotonic()
-        module = self.import_source(config, path)
-        for function in ("load", "run"):
-            if not callable(getattr(module, function, None)):
-                raise PipelineError(
-                    protocol.UNKNOWN_TASK, f"pipeline {config.name!r} has no {function}() function"
-                )
-        before = self.memory.footprint_probe()
-        obj = self.with_oom_retry(lambda: module.load(self.device), keep=config.name)
+        try:
+            module = import_pipeline(config, path)
+            before = self.memory.footprint_probe()
+            obj = self.with_oom_retry(lambda: module.load(self.device), keep=config.name)
+        except ModuleNotFoundError as exc:
+            if exc.name is None:  # raised by hand, not by an import: an error like any other
+                raise
+            raise missing_module(config.name, exc.name) from None
         footprint = max(self.memory.footprint_probe() - before, 0)
         entry = Entry(config.name, digest, module, obj, footprint, time.monotonic() - started)
         self.entries[config.name] = entry

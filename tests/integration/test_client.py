@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -283,6 +284,28 @@ def test_workerctl_run_streams_and_parses_values(shared: Daemon) -> None:
     assert json.loads(result.stdout) == {"args": [], "kwargs": {"a": [1, 2], "b": "text"}}
 
 
+def test_workerctl_run_takes_key_value_after_options_and_prints_only_json(shared: Daemon) -> None:
+    result = workerctl(
+        "--socket", shared.socket, "run", ECHO, "a=1", "--task-timeout", "5", "n=3", "--retries", "1", "s=x"
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"args": [], "kwargs": {"a": 1, "n": 3, "s": "x"}}
+    # NaN and the infinities are no JSON numbers: printed as null, with --json and without.
+    for json_flag in (["--json"], []):
+        result = workerctl(
+            "--socket", shared.socket, *json_flag, "run", ECHO, "--args", "[NaN, [Infinity], -Infinity]"
+        )
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout, parse_constant=no_constant) == {
+            "args": [None, [None], None],
+            "kwargs": {},
+        }
+
+
+def no_constant(name: str) -> None:
+    raise AssertionError(f"{name} is not JSON")
+
+
 def test_batch_records_results_and_errors_and_goes_on(shared: Daemon, tmp_path: Path) -> None:
     source = tmp_path / "in.jsonl"
     source.write_text('{"x": 1, "bad": 2}\n[2, 3]\n\nnot json\n{"x": 2, "bad": 2}\n7\n')
@@ -296,6 +319,10 @@ def test_batch_records_results_and_errors_and_goes_on(shared: Daemon, tmp_path: 
     assert lines[1] == {"line": 1, "input": {"x": 1, "bad": 2}, "result": 1}
     assert lines[2]["result"] == 2
     assert lines[4]["error"]["code"] == "BAD_INPUT" and lines[4]["input"] == "not json"
+    assert lines[4]["error"]["message"].startswith(
+        "input line 4 is not valid JSON: Expecting value at column 1"
+    )
+    assert lines[6]["error"]["message"].startswith("input line 6 is a number: it must be a JSON object")
     assert lines[5]["error"]["code"] == "TASK_ERROR" and lines[5]["error"]["details"]["type"] == "KeyError"
     assert lines[6]["error"]["code"] == "BAD_INPUT"
     # Run again without --resume: refused, the output is not doubled.
@@ -319,17 +346,94 @@ def test_batch_usage_errors(shared: Daemon, tmp_path: Path) -> None:
     assert workerctl(*base, "--batch", str(tmp_path / "absent")).returncode == errors.EXIT_USAGE
 
 
+def test_batch_retry_failed_runs_the_failed_lines_again_each_input_once(
+    shared: Daemon, tmp_path: Path
+) -> None:
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text('{"x": 1, "bad": 0}\n{"x": 2, "bad": 2}\n{broken\n{"x": 4, "bad": 0}\n')
+    args = [
+        "--socket",
+        shared.socket,
+        "run",
+        "client_tasks:fail_on",
+        "--batch",
+        str(source),
+        "--output",
+        str(out),
+    ]
+    first = workerctl(*args)
+    assert first.returncode == errors.EXIT_FAILED and "2 done, 2 failed" in first.stderr
+    refused = workerctl(*args, "--retry-failed")
+    assert refused.returncode == errors.EXIT_USAGE and "--retry-failed goes with --resume" in refused.stderr
+    # Plain --resume leaves the failures recorded: nothing to do.
+    assert "0 done, 0 failed" in workerctl(*args, "--resume").stderr
+    # The input fixed, --retry-failed runs lines 2 and 3 again and keeps one line per input.
+    source.write_text('{"x": 1, "bad": 0}\n{"x": 2, "bad": 0}\n{"x": 3, "bad": 0}\n{"x": 4, "bad": 0}\n')
+    retried = workerctl(*args, "--resume", "--retry-failed")
+    assert retried.returncode == 0, retried.stderr
+    assert (
+        "2 done, 0 failed, 0 lost, 2 skipped" in retried.stderr
+        and "2 failed lines of the output run again" in retried.stderr
+    )
+    assert_each_input_once(out, 4)
+    assert {r["line"]: r["result"] for r in output_lines(out)} == {1: 1, 2: 2, 3: 3, 4: 4}
+
+
+def test_batch_results_on_a_terminal_never_run_into_the_progress_bar(shared: Daemon, tmp_path: Path) -> None:
+    """stdout and stderr on one terminal (a real pty), no --output: each result line starts on
+    a line of its own, cleared of the bar, and the bar is drawn again after it."""
+    source = tmp_path / "in.jsonl"
+    write_lines(source, [{"seconds": 0.01}] * 40)
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [*WORKERCTL, "--socket", shared.socket, "run", SLEEP, "--batch", str(source), "--window", "2"],
+        stdin=subprocess.DEVNULL,
+        stdout=follower,
+        stderr=follower,
+    )
+    os.close(follower)
+    screen = read_pty(leader)
+    assert proc.wait(30) == 0
+    shown = [line.rsplit("\r", 1)[-1].replace("\x1b[K", "") for line in screen.split("\n")]
+    results = [line for line in shown if '"line"' in line]
+    assert len(results) == 40 and all(json.loads(line)["result"]["pid"] for line in results)
+    assert "%" in screen and "done" in screen  # the bar was there
+
+
+def read_pty(fd: int) -> str:
+    """Everything written to a pty until its last writer closed it."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: every writer is gone
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks).decode().replace("\r\n", "\n")
+
+
 def assert_each_input_once(out: Path, count: int) -> None:
     records = output_lines(out)
     assert sorted(r["line"] for r in records) == list(range(1, count + 1))
     assert all("result" in r for r in records)
 
 
+def default_sigint() -> None:
+    """In the child before exec: a job started in the background (`cmd &`) inherits SIGINT
+    ignored, and Python then installs no KeyboardInterrupt handler; this test needs Ctrl-C's."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_batch_interrupted_by_ctrl_c_resumes_each_input_exactly_once(shared: Daemon, tmp_path: Path) -> None:
     source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_lines(source, [{"seconds": 0.01}] * 300)
     args = ["--socket", shared.socket, "run", SLEEP, "--batch", str(source), "--output", str(out)]
-    proc = subprocess.Popen([*WORKERCTL, *args, "--window", "4"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*WORKERCTL, *args, "--window", "4"], stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
+    )
     wait_until(lambda: out.exists() and out.read_text().count("\n") >= 40, timeout=30)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=30)

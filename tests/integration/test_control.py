@@ -211,6 +211,64 @@ def test_workerctl_usage_errors(daemon: Daemon) -> None:
     assert result.returncode == errors.EXIT_USAGE and "--args is not valid JSON" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "flag", "fragment"),
+    [
+        (["--timeout", "0", "ping"], "--timeout", "must be a positive number of seconds, got '0'"),
+        (["--timeout", "nan", "ping"], "--timeout", "must be a positive number of seconds"),
+        (["run", "m:f", "--task-timeout", "-1"], "--task-timeout", "must be a positive number of seconds"),
+        (["run", "m:f", "--task-timeout", "inf"], "--task-timeout", "must be a positive number of seconds"),
+        (["run", "m:f", "--retries", "11"], "--retries", "must be an integer from 0 to 10, got '11'"),
+        (["run", "m:f", "--retries", "x"], "--retries", "must be an integer from 0 to 10"),
+        (["scale", "0"], "N", "must be an integer from 1 to 1024, got '0'"),
+        (["scale", "1025"], "N", "must be an integer from 1 to 1024"),
+        (["run", "m:f", "--chunksize", "10001"], "--chunksize", "must be an integer from 1 to 10000"),
+        (["run", "m:f", "--window", "0"], "--window", "must be an integer of at least 1"),
+        (["run", "m:f", "--retry-failed"], "--retry-failed", "goes with --resume"),
+        (["run", "m:f", "--bogus", "a=1"], "--bogus", "unrecognized arguments: --bogus"),
+        (["ping", "a=1"], "a=1", "unrecognized arguments: a=1"),
+    ],
+)
+def test_workerctl_checks_its_flags_before_connecting(
+    tmp_path: Path, args: list[str], flag: str, fragment: str
+) -> None:
+    """No daemon at that socket: exit 2, not 69, proves nothing was tried; the line names the flag."""
+    result = workerctl("--socket", str(tmp_path / "none.sock"), *args)
+    assert result.returncode == errors.EXIT_USAGE
+    assert flag in result.stderr and fragment in result.stderr, result.stderr
+
+
+def test_scale_beyond_the_cpus_warns_and_clear_prints_a_table(daemon: Daemon) -> None:
+    beyond = str((os.cpu_count() or 1) + 1)
+    scaled = workerctl("--socket", daemon.socket, "scale", beyond)
+    assert scaled.returncode == 0 and scaled.stdout == f"workers: {beyond}\n"
+    assert scaled.stderr.startswith(f"workerctl: warning: {beyond} workers on {os.cpu_count()} CPUs")
+    quiet = workerctl("--socket", daemon.socket, "scale", "1")
+    assert (quiet.returncode, quiet.stderr) == (0, "")
+    with daemon.client() as client:
+        wait_until(lambda: client.status()["pool"]["size"] == 1)
+        pid = client.status()["pool"]["workers"][0]["pid"]
+    cleared = workerctl("--socket", daemon.socket, "clear", "--level", "gc")
+    assert cleared.returncode == 0, cleared.stderr
+    lines = cleared.stdout.splitlines()
+    assert lines[0].startswith("level gc: CPU workers freed ") and lines[0].endswith(" MiB")
+    assert lines[2].split() == [
+        "pid",
+        "objects",
+        "freed",
+        "uss",
+        "before",
+        "MiB",
+        "uss",
+        "after",
+        "MiB",
+        "freed",
+        "MiB",
+        "note",
+    ]
+    assert lines[3].split()[0] == str(pid) and lines[-1] == "gpu     not running"
+
+
 def test_check_config(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text("[pool]\nworkers = 2\n")
@@ -225,6 +283,70 @@ def test_check_config(tmp_path: Path) -> None:
     )
     assert fail.returncode == 78
     assert str(bad) in fail.stderr and "workers" in fail.stderr
+
+
+def test_check_config_imports_the_code_and_reports_each_failure(tmp_path: Path) -> None:
+    """In child processes, as the zygote and the GPU worker would: every failure, each naming
+    its key; the task code's own output stays off stdout."""
+    (tmp_path / "loud.py").write_text("print('imported loud')\nraise RuntimeError('boom')\n")
+    (tmp_path / "half.py").write_text("def load(device):\n    return None\n")
+    (tmp_path / "crash.py").write_text("import os\nos.abort()\n")
+    path = tmp_path / "imports.toml"
+    path.write_text(
+        '[pool]\npreload = ["json", "workerd_absent_preload"]\n'
+        '[tasks]\nmodules = ["workerd.examples.tasks", "loud", "crash", "workerd_never_reached"]\n'
+        f'[pipelines.half]\npath = "{tmp_path / "half.py"}"\n'
+        f'[pipelines.gone]\npath = "{tmp_path / "gone.py"}"\n'
+        '[pipelines.demo]\nmodule = "workerd.examples.demo_pipeline"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "workerd", "--check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,  # where the task modules are found, as for a daemon started there
+    )
+    assert result.returncode == 78 and result.stdout == ""
+    lines = [line for line in result.stderr.splitlines() if line.startswith("workerd: ")]
+    where = f"workerd: {path}: "
+    assert lines == [
+        f"{where}[pool] preload: 'workerd_absent_preload' failed to import: ModuleNotFoundError: "
+        "No module named 'workerd_absent_preload'",
+        f"{where}[tasks] modules: 'loud' failed to import: RuntimeError: boom",
+        f"{where}[tasks] modules: 'crash' killed the importing process (signal 6)",
+        f"{where}[tasks] modules: 'workerd_never_reached' not checked (the import before it never ended)",
+        f"{where}[pipelines.half] path: '{tmp_path / 'half.py'}' is no pipeline: "
+        "pipeline 'half' has no run() function",
+        f"{where}[pipelines.gone] path: '{tmp_path / 'gone.py'}' failed to import: FileNotFoundError: "
+        f"[Errno 2] No such file or directory: '{tmp_path / 'gone.py'}'",
+    ]
+    assert "imported loud" in result.stderr
+    (tmp_path / "half.py").write_text("def load(device):\n    return None\n\ndef run(obj):\n    return 1\n")
+    path.write_text(
+        f'[tasks]\nmodules = ["workerd.examples.tasks"]\n[pipelines.half]\npath = "{tmp_path / "half.py"}"\n'
+    )
+    fixed = subprocess.run(
+        [sys.executable, "-m", "workerd", "--check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (fixed.returncode, fixed.stdout, fixed.stderr) == (0, f"{path}: ok\n", "")
+
+
+def test_a_bad_log_level_in_the_environment_is_a_config_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "workerd", "--socket", str(tmp_path / "w.sock")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "WORKERD_LOG_LEVEL": "bogus"},
+    )
+    assert result.returncode == 78
+    assert result.stderr == (
+        "workerd: WORKERD_LOG_LEVEL: expected one of debug, info, warning, error, got 'bogus'\n"
+    )
+    assert not (tmp_path / "w.sock").exists()
 
 
 def test_daemons_starting_together_on_one_path_leave_exactly_one(tmp_path: Path) -> None:

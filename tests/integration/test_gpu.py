@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Callable
@@ -222,6 +224,29 @@ def test_unknown_and_disabled_pipelines(start_daemon: Callable[..., Daemon], tmp
         with pytest.raises(errors.UnknownTask, match="no pipeline named 'zzz'"):
             client.execute("zzz")
         assert client.memory_status()["gpu"] is None
+
+
+def test_a_missing_module_is_one_line_naming_the_install(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """No traceback for what only an install fixes. (Without torch, the demo says
+    `pip install 'workerd[gpu]'`: tests/integration/test_install.py, on a real base install.)"""
+    (tmp_path / "a.py").write_text(
+        "def load(device):\n    import workerd_absent_xyz\n\ndef run(obj):\n    pass\n"
+    )
+    daemon = start_daemon(config=gpu_config(tmp_path, names=("a",)))
+    with daemon.client() as client, pytest.raises(errors.TaskError) as caught:
+        client.execute("a")
+    wanted = "pipeline 'a' needs 'workerd_absent_xyz', which is not installed: install 'workerd_absent_xyz'"
+    assert caught.value.message.startswith(wanted) and "traceback" not in caught.value.details
+    result = subprocess.run(
+        [sys.executable, "-m", "workerctl.cli", "--socket", daemon.socket, "run", "a"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == errors.EXIT_FAILED
+    assert result.stderr.splitlines() == [f"workerctl: TASK_ERROR: {caught.value.message}"]
 
 
 def test_demo_pipeline_on_the_embedded_default(start_daemon: Callable[..., Daemon]) -> None:

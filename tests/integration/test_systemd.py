@@ -192,22 +192,22 @@ def analyze(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
-def system_units_for_verify(directory: Path) -> tuple[Path, Path]:
-    """Copies of the system units that `verify` can check on this machine.
+def system_units_for_verify(directory: Path, units: Path = UNITS, workerd: str = "") -> tuple[Path, Path]:
+    """Copies of the system units in `units` that `verify` can check on this machine.
 
-    verify insists that ExecStart='s binary exists; /usr/local/bin/workerd is where a system-wide
-    pip install puts it, which is not where this test environment's is. That one path is the
-    only difference from the shipped files.
+    verify insists that ExecStart='s binary exists; /usr/local/bin/workerd is where
+    scripts/install links it, which is not where this test environment's is (or, for an install
+    under --root, `workerd`). That one path is the only difference from the files given.
     """
     directory.mkdir()
-    shipped = (UNITS / "workerd.service").read_text()
+    shipped = (units / "workerd.service").read_text()
     original = "ExecStart=/usr/local/bin/workerd "
     assert shipped.count(original) == 1
     service = directory / "workerd.service"
-    service.write_text(shipped.replace(original, f"ExecStart={installed_script('workerd')} "))
+    service.write_text(shipped.replace(original, f"ExecStart={workerd or installed_script('workerd')} "))
     # The socket's Service= must resolve: verify finds units beside the one it is given.
     socket_unit = directory / "workerd.socket"
-    shutil.copyfile(UNITS / "workerd.socket", socket_unit)
+    shutil.copyfile(units / "workerd.socket", socket_unit)
     return service, socket_unit
 
 

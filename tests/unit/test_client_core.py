@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import pickle
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +14,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from workerctl import batch, core, errors, protocol
+from workerctl import batch, cli, core, errors, jsonout, protocol
 
 TASK = "m:f"
 
@@ -343,22 +346,104 @@ def test_batch_arguments_are_checked() -> None:
     [
         ('{"a": 1}\n', ((), {"a": 1}), None),
         ("[1, 2]\n", ([1, 2], {}), None),
-        ("3\n", None, "JSON object"),
-        ("{nope\n", None, "not valid JSON"),
+        ("3\n", None, "input line 9 is a number: it must be a JSON object"),
+        ("null\n", None, "input line 9 is null: it must be"),
+        (
+            "{nope\n",
+            None,
+            "input line 9 is not valid JSON: Expecting property name enclosed in double quotes at column 2",
+        ),
     ],
 )
 def test_input_lines(text: str, call: Any, problem: str | None) -> None:
-    _, parsed, why = batch.parse_input(text)
+    _, parsed, why = batch.parse_input(text, 9)
     assert parsed == call
-    assert (why is None) if problem is None else (why is not None and problem in why)
+    assert (why is None) if problem is None else (why is not None and why.startswith(problem))
 
 
 def test_records_are_json_with_line_input_and_result_or_error() -> None:
-    ok = json.loads(batch.dumps(batch.record(3, {"a": 1}, True, b"\x00\xff")))
+    ok = json.loads(jsonout.dumps(batch.record(3, {"a": 1}, True, b"\x00\xff")))
     assert ok == {"line": 3, "input": {"a": 1}, "result": {"base64": "AP8="}}
-    failed = json.loads(batch.dumps(batch.record(4, [1], False, errors.TaskError("boom", {"type": "E"}))))
+    failed = json.loads(jsonout.dumps(batch.record(4, [1], False, errors.TaskError("boom", {"type": "E"}))))
     assert failed["error"] == {"code": "TASK_ERROR", "message": "boom", "details": {"type": "E"}}
-    assert json.loads(batch.dumps(np.arange(3))) == [0, 1, 2]
+    assert json.loads(jsonout.dumps(np.arange(3))) == [0, 1, 2]
+
+
+def test_json_output_has_no_nan_or_infinity_however_deep() -> None:
+    def strict(text: str) -> Any:
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+
+    nan, inf = float("nan"), float("inf")
+    value = {
+        "a": nan,
+        "b": [1.5, inf, {"c": -inf, "d": (nan,)}],
+        "e": np.array([1.0, np.nan]),
+        "f": np.float64(inf),
+    }
+    assert strict(jsonout.dumps(value)) == {
+        "a": None,
+        "b": [1.5, None, {"c": None, "d": [None]}],
+        "e": [1.0, None],
+        "f": None,
+    }
+    assert strict(jsonout.dumps({"ok": 1.5}, indent=2)) == {"ok": 1.5}
+
+
+def test_every_workerctl_argument_has_help() -> None:
+    def actions(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.Action]]:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from ((f"{name} {label}", a) for label, a in actions(sub))
+            elif not isinstance(action, argparse._HelpAction):
+                yield action.dest, action
+
+    found = list(actions(cli.build_parser()))
+    assert len(found) > 15 and [label for label, action in found if not action.help] == []
+
+
+def test_task_errors_are_their_builtin_type_with_the_remote_traceback_as_cause() -> None:
+    def task_error(kind: str, traceback: str = "") -> errors.WorkerdError:
+        details = {"type": kind, "message": "m", "traceback": traceback}
+        return errors.error_from_reply({"code": "TASK_ERROR", "message": f"{kind}: m", "details": details})
+
+    exc = task_error("ValueError", "Traceback (most recent call last):\n  ...\nValueError: m\n")
+    assert isinstance(exc, errors.TaskError) and isinstance(exc, ValueError) and str(exc) == "ValueError: m"
+    assert isinstance(exc.__cause__, errors.RemoteTraceback) and str(exc.__cause__).endswith(
+        "ValueError: m\n"
+    )
+    assert isinstance(task_error("KeyError"), KeyError) and str(task_error("KeyError")) == "KeyError: m"
+    assert isinstance(task_error("FileNotFoundError"), OSError)
+    unicode = task_error("UnicodeDecodeError")  # takes five arguments: its nearest base that takes one
+    assert isinstance(unicode, UnicodeError) and not isinstance(unicode, UnicodeDecodeError)
+    for other in ("MyAppError", "SystemExit", "print", "ResultTooLarge"):
+        assert type(task_error(other)) is errors.TaskError
+    assert task_error("ZeroDivisionError").__cause__ is None  # no traceback given: no cause
+    assert type(pickle.loads(pickle.dumps(exc))) is type(exc)
+
+
+def test_cancel_requests_are_at_most_the_limit_and_results_merge() -> None:
+    ids = list(range(protocol.MAX_CANCEL_IDS + 5))
+    requests = list(core.cancel_requests(ids, terminate=True))
+    assert [len(r["ids"]) for r in requests] == [protocol.MAX_CANCEL_IDS, 5] and requests[0][
+        "terminate"
+    ] is True
+    assert list(core.cancel_requests([], terminate=False)) == []
+    merged: dict[str, list[int]] = {"cancelled": [1], "running": [], "unknown": []}
+    core.merge_cancelled(merged, {"cancelled": [2], "running": [3], "unknown": []})
+    assert merged == {"cancelled": [1, 2], "running": [3], "unknown": []}
+    with pytest.raises(errors.ProtocolMismatch):
+        core.merge_cancelled(merged, {"cancelled": [2]})
+
+
+def test_the_clients_bounds_are_the_daemons() -> None:
+    from workerd import jobs, pool
+
+    assert (protocol.MAX_RETRIES, protocol.MAX_WORKERS, core.MAX_CHUNK) == (
+        jobs.MAX_RETRIES,
+        pool.MAX_WORKERS,
+        jobs.MAX_CALLS,
+    )
 
 
 def test_resume_reads_done_lines_and_cuts_a_partial_last_line(tmp_path: Path) -> None:

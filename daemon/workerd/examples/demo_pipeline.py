@@ -5,6 +5,10 @@
 Loading sleeps WORKERD_DEMO_LOAD_S seconds (default 2) to stand in for reading weights from disk,
 so a cold run (load + run) and a warm run (run only) are easy to tell apart. The model has about
 WORKERD_DEMO_SIZE_MB megabytes of float32 weights (default 16).
+
+torch is imported by the functions, not at the top: the embedded default config names this
+pipeline, and an install without the gpu extra must still import it (`workerd --check-config`)
+and answer `run demo` with the one line that says what to install.
 """
 
 from __future__ import annotations
@@ -12,12 +16,15 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def load(device: str) -> torch.nn.Module:
+    import torch
+
     time.sleep(float(os.environ.get("WORKERD_DEMO_LOAD_S", "2")))
     size_mb = float(os.environ.get("WORKERD_DEMO_SIZE_MB", "16"))
     width = 512
@@ -32,6 +39,8 @@ def load(device: str) -> torch.nn.Module:
 
 def run(model: torch.nn.Module, prompt: str = "", batch: int = 1) -> dict[str, Any]:
     """Embed the prompt (deterministically) and push it through the model."""
+    import torch
+
     device = next(model.parameters()).device
     width = next(model.parameters()).shape[1]  # the first Linear's in_features
     seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little")
@@ -49,5 +58,7 @@ def run(model: torch.nn.Module, prompt: str = "", batch: int = 1) -> dict[str, A
 
 def unload(model: torch.nn.Module) -> None:
     """Release the weights now, even if something still holds a reference to the model."""
+    import torch
+
     for parameter in model.parameters():
         parameter.data = torch.empty(0)
