@@ -28,7 +28,7 @@ LIMIT_PROBE_BYTES = protocol.RAW_THRESHOLD
 # What a daemon's limit is when it does not say (its config default, daemon.max_message_mb).
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # The daemon's bound on calls per chunked execute (workerd.jobs.MAX_CALLS).
-MAX_CHUNK = 10_000
+MAX_CHUNK = protocol.MAX_CALLS
 
 # Socket monitor events the shells watch (zmq.EVENT_*; numbers fixed by libzmq's ABI).
 EVENT_CONNECTED = 0x0001

@@ -86,6 +86,9 @@ MAX_ID_LENGTH = 256
 MAX_RETRIES = 10
 MAX_WORKERS = 1024
 MAX_CANCEL_IDS = 10_000
+# Calls in one chunked execute: enough to amortise the per-message cost many times over, few
+# enough that one chunk's results stay well inside the message size limit for small values.
+MAX_CALLS = 10_000
 
 
 class ProtocolError(Exception):

@@ -9,12 +9,9 @@ import zmq
 
 from workerctl import protocol
 
-MAX_RETRIES = 10
+# The bounds a client checks too live in workerctl.protocol: one number for both sides.
+MAX_RETRIES, MAX_CALLS, MAX_CANCEL_IDS = protocol.MAX_RETRIES, protocol.MAX_CALLS, protocol.MAX_CANCEL_IDS
 MAX_RAW_FRAMES = 1024
-# Calls in one chunked execute: enough to amortise the per-message cost many times over, few
-# enough that one chunk's results stay well inside the message size limit for small values.
-MAX_CALLS = 10_000
-MAX_CANCEL_IDS = 10_000
 
 
 class RequestRejected(Exception):

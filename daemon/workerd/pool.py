@@ -45,7 +45,7 @@ FANOUT_WAIT_S = 10.0
 # Respawn back-off after crashes at start-up, so a broken worker never becomes a fork loop.
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 30.0
-MAX_WORKERS = 1024
+MAX_WORKERS = protocol.MAX_WORKERS
 # Worker frames carry a reply of at most max_message_bytes, plus a few small frames around it.
 FRAME_SLACK = 64 * 1024
 

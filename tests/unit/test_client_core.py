@@ -436,16 +436,6 @@ def test_cancel_requests_are_at_most_the_limit_and_results_merge() -> None:
         core.merge_cancelled(merged, {"cancelled": [2]})
 
 
-def test_the_clients_bounds_are_the_daemons() -> None:
-    from workerd import jobs, pool
-
-    assert (protocol.MAX_RETRIES, protocol.MAX_WORKERS, core.MAX_CHUNK) == (
-        jobs.MAX_RETRIES,
-        pool.MAX_WORKERS,
-        jobs.MAX_CALLS,
-    )
-
-
 def test_resume_reads_done_lines_and_cuts_a_partial_last_line(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     out.write_text('{"line": 1, "result": 1}\n{"line": 3, "error": {}}\ngarbage\n{"line": 7, "res')
