@@ -28,7 +28,7 @@ from workerctl import protocol
 from workerctl.frames import readable
 
 from . import memory
-from .config import Config
+from .config import Config, gpu_worker_settings
 from .jobs import Job
 from .metrics import CACHE_EVENTS, Metrics, error_outcome
 from .pool import BACKOFF_FIRST_S, BACKOFF_MAX_S, STACK_DUMP_GRACE_S, Reply, read_text, remove_quietly
@@ -89,19 +89,13 @@ class GpuWorker:
     # -- process -------------------------------------------------------------------------------
 
     def settings(self) -> dict[str, Any]:
-        gpu = self.config.gpu
         return {
             "master_pid": os.getpid(),
             "log_level": logging.getLogger().getEffectiveLevel(),
             "endpoint": self.endpoint,
             "stack_dir": self.stack_dir,
-            "device": gpu.device,
-            "memory_budget_mb": gpu.memory_budget_mb,
             "max_message_bytes": int(self.config.daemon.max_message_mb * 1024 * 1024),
-            "pipelines": {
-                name: {"name": p.name, "module": p.module, "path": p.path}
-                for name, p in self.config.pipelines.items()
-            },
+            **gpu_worker_settings(self.config),
         }
 
     def spawn(self) -> None:
