@@ -53,7 +53,7 @@ def run(obj, leak_mb=0, oom=0, crash=False):
         OOMS.append(1)
         raise MemoryError("simulated out of memory")
     if leak_mb:
-        LEAKED.append(torch.ones(int(leak_mb * 2**20) // 4))  # kept for good: a leak
+        LEAKED.append(torch.ones(int(leak_mb * 2**20) // 4, device=obj["w"].device))  # kept: a leak
     return {{"version": VERSION, "sum": float(obj["w"][:8].sum())}}
 """
 

@@ -84,7 +84,8 @@ class Entry:
     residue_bytes: int = 0  # parked: device memory it still held after the move (CUDA only)
     warned: bool = False  # the retained warning is logged once per load
     wakes: int = 0
-    wake_s: float = 0.0  # the last wake's seconds
+    wake_s: float = 0.0  # the last wake's seconds (the move back alone)
+    park_s: float = 0.0  # the last park's seconds
 
     @property
     def device_bytes(self) -> int:
@@ -110,6 +111,7 @@ class Entry:
             "last_used": self.last_used,
             "load_s": self.load_s,
             "wake_s": self.wake_s,
+            "park_s": self.park_s,
         }
 
 
@@ -287,8 +289,8 @@ class PipelineCache:
 
     def wake(self, entry: Entry) -> bool:
         """Move a parked pipeline back to the device; False if that failed (it is dropped)."""
-        started = time.monotonic()
         self.make_room(entry.bytes, keep=entry.name)
+        started = time.monotonic()  # the move alone: what bytes / wake_s compares with a copy rate
         try:
             entry.obj = self.with_oom_retry(
                 lambda: tiers.to_device(entry.module, entry.obj, self.device), keep=entry.name
@@ -322,12 +324,13 @@ class PipelineCache:
             freed = before - self.memory.probe()
             entry.residue_bytes = max(entry.device_bytes - freed, 0)
         entry.tier = HOST
+        entry.park_s = time.monotonic() - started
         self.counts["parks"] += 1
         log.info(
             "pipeline %s parked in host memory (%d MiB) in %.3f s",
             entry.name,
             entry.bytes >> 20,
-            time.monotonic() - started,
+            entry.park_s,
         )
         return True
 

@@ -15,6 +15,7 @@ import pytest
 
 from tests import tier_pipelines
 from tests.conftest import Daemon, wait_until
+from tests.integration.test_control import workerctl
 from tests.integration.test_gpu import gpu_config
 from tests.integration.test_metrics import METRICS, endpoint, sample, scrape
 from tests.tier_pipelines import MB, events
@@ -52,6 +53,10 @@ def test_park_wake_and_clear_through_the_daemon(start_daemon: Callable[..., Daem
         assert tiers(client) == {"a": "device", "b": "host", "c": "device"}
         b = pipeline(client, "b")
         assert b["host_bytes"] == b["bytes"] >= 14 * MB and b["device_bytes"] == 0
+        shown = workerctl("--socket", daemon.socket, "memory").stdout  # what an operator sees
+        assert "host tier  parked 16." in shown and any(
+            line.split()[:1] == ["b"] and "host" in line.split() for line in shown.splitlines()
+        ), shown
         woken = client.execute("b")
         assert woken["start"] == "woken" and woken["warm"] is False and woken["output"]["sum"] == 8.0
         assert events(tmp_path)[-2:] == [("a", "to_host"), ("b", "to_device")]
@@ -97,8 +102,9 @@ def test_leak_watch_warns_reloads_and_exports(start_daemon: Callable[..., Daemon
         retained = pipeline(client, "a")["retained_bytes"]
         assert 10 * MB < retained < 16 * MB
         samples = scrape(url)
-        assert sample(samples, "workerd_pipeline_retained_bytes", device="cpu", pipeline="a") == retained
-        held = sample(samples, "workerd_pipeline_bytes", device="cpu", pipeline="a", tier="device")
+        device = client.memory_status()["gpu"]["device"]  # cpu here, cuda on a GPU machine
+        assert sample(samples, "workerd_pipeline_retained_bytes", device=device, pipeline="a") == retained
+        held = sample(samples, "workerd_pipeline_bytes", device=device, pipeline="a", tier="device")
         assert held >= 14 * MB + retained
         client.execute("a", leak_mb=6)  # about 18: reloaded once its reply is out
         wait_until(lambda: pipeline(client, "a").get("runs") == 0)

@@ -1,10 +1,11 @@
 """The pipeline cache's host tier, in this process, with real pipelines and real budgets.
 
 Each pipeline holds real torch tensors (16 MiB unless said), loaded from a file under tmp_path;
-footprints are this process's measured resident growth across each load, as in the GPU worker
-on a CPU device. The `hooks` pipelines copy their tensors on every move and log it
-(tests/tier_pipelines.py), so the tests see what moved, in which order, and that the data
-survived the round trip.
+footprints are measured as in the GPU worker: this process's resident growth across each load
+on the CPU, the allocator's figure on CUDA. The `hooks` pipelines copy their tensors on every
+move and log it (tests/tier_pipelines.py), so the tests see what moved, in which order, and that
+the data survived the round trip. Every test runs on the CPU, and again on CUDA (marked `gpu`)
+where there is a device: there the moves cross the bus.
 """
 
 from __future__ import annotations
@@ -27,6 +28,19 @@ from workerd.pipelines import PipelineCache, PipelineError
 torch = pytest.importorskip("torch")
 
 
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(
+    params=[
+        "cpu",
+        pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="no CUDA")]),
+    ]
+)
+def device(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(autouse=True)
 def collected() -> Iterator[None]:
     """Free what earlier tests left (their caches' tensors) before this one measures loads."""
@@ -37,6 +51,7 @@ def collected() -> Iterator[None]:
 
 def make_cache(
     directory: Path,
+    device: str,
     names: dict[str, str],
     budget_mb: float = 40,
     host_mb: float = 40,
@@ -44,12 +59,12 @@ def make_cache(
     max_retained_mb: float = 0,
     **options: Any,
 ) -> PipelineCache:
-    """A cache on the CPU over pipelines `names` ({name: kind}), each written under `directory`."""
+    """A cache on `device` over pipelines `names` ({name: kind}), each written under `directory`."""
     configs = {}
     for name, kind in names.items():
         path = tier_pipelines.write(directory, name, kind, **options)
         configs[name] = PipelineConfig(name=name, path=str(path), max_retained_mb=max_retained_mb)
-    return PipelineCache(configs, "cpu", budget_mb, host_mb, warn_mb)
+    return PipelineCache(configs, device, budget_mb, host_mb, warn_mb)
 
 
 def run(cache: PipelineCache, name: str, **kwargs: Any) -> dict[str, Any]:
@@ -64,8 +79,8 @@ def tiers(cache: PipelineCache) -> dict[str, str]:
     return {p["name"]: p["tier"] for p in cache.snapshot()["pipelines"]}
 
 
-def test_eviction_parks_the_least_recently_used_and_wake_brings_it_back(tmp_path: Path) -> None:
-    cache = make_cache(tmp_path, {"a": "hooks", "b": "hooks", "c": "hooks"})
+def test_eviction_parks_the_least_recently_used_and_wake_brings_it_back(tmp_path: Path, device: str) -> None:
+    cache = make_cache(tmp_path, device, {"a": "hooks", "b": "hooks", "c": "hooks"})
     run(cache, "a")
     run(cache, "b")
     run(cache, "a")  # b is now the least recently used
@@ -92,9 +107,11 @@ def test_eviction_parks_the_least_recently_used_and_wake_brings_it_back(tmp_path
     }  # fmt: skip
 
 
-def test_past_the_host_budget_the_least_recently_used_parked_one_is_dropped(tmp_path: Path) -> None:
+def test_past_the_host_budget_the_least_recently_used_parked_one_is_dropped(
+    tmp_path: Path, device: str
+) -> None:
     # The device holds two 16 MiB pipelines, host memory one.
-    cache = make_cache(tmp_path, dict.fromkeys("abcd", "hooks"), host_mb=20)
+    cache = make_cache(tmp_path, device, dict.fromkeys("abcd", "hooks"), host_mb=20)
     for name in "abc":
         run(cache, name)
     assert tiers(cache) == {"a": "host", "b": "device", "c": "device"}
@@ -105,8 +122,8 @@ def test_past_the_host_budget_the_least_recently_used_parked_one_is_dropped(tmp_
     assert run(cache, "a")["start"] == "cold"
 
 
-def test_pipelines_that_cannot_move_are_dropped_as_before(tmp_path: Path) -> None:
-    cache = make_cache(tmp_path, dict.fromkeys("abc", "plain"))
+def test_pipelines_that_cannot_move_are_dropped_as_before(tmp_path: Path, device: str) -> None:
+    cache = make_cache(tmp_path, device, dict.fromkeys("abc", "plain"))
     for name in "abc":
         run(cache, name)
     assert tiers(cache) == {"b": "device", "c": "device"}
@@ -114,29 +131,32 @@ def test_pipelines_that_cannot_move_are_dropped_as_before(tmp_path: Path) -> Non
     assert ("a", "unload") in events(tmp_path) and cache.counts["evictions"] == 1
 
 
-def test_without_a_host_budget_nothing_is_parked(tmp_path: Path) -> None:
-    cache = make_cache(tmp_path, dict.fromkeys("abc", "hooks"), host_mb=0)
+def test_without_a_host_budget_nothing_is_parked(tmp_path: Path, device: str) -> None:
+    cache = make_cache(tmp_path, device, dict.fromkeys("abc", "hooks"), host_mb=0)
     for name in "abc":
         run(cache, name)
     assert tiers(cache) == {"b": "device", "c": "device"}
     assert "to_host" not in {event for _, event in events(tmp_path)}
 
 
-def test_a_torch_module_is_parked_tensor_by_tensor(tmp_path: Path) -> None:
-    cache = make_cache(tmp_path, dict.fromkeys("abc", "module"))
+def test_a_torch_module_is_parked_tensor_by_tensor(tmp_path: Path, device: str) -> None:
+    cache = make_cache(tmp_path, device, dict.fromkeys("abc", "module"))
     for name in "abc":
         run(cache, name)
     assert tiers(cache) == {"a": "host", "b": "device", "c": "device"}
     # On a CPU device its tensors are already in host memory: parking moves no bytes, it only
-    # moves the pipeline from the device budget to the host budget (on CUDA they are copied).
+    # moves the pipeline from the device budget to the host budget. On CUDA they are copied,
+    # into pinned memory.
     parked = cache.entries["a"].obj
     assert isinstance(parked, torch.nn.Module) and parked.weight.device.type == "cpu"
+    assert parked.weight.is_pinned() == (device == "cuda")
     woken = run(cache, "a")
-    assert woken["start"] == "woken" and woken["output"] == {"sum": 0.5 * 1024 * 4096, "device": "cpu"}
+    assert woken["start"] == "woken" and woken["output"]["sum"] == 0.5 * 1024 * 4096
+    assert woken["output"]["device"].startswith(device)
 
 
-def test_an_edited_file_drops_the_pipeline_from_either_tier(tmp_path: Path) -> None:
-    cache = make_cache(tmp_path, dict.fromkeys("abc", "hooks"))
+def test_an_edited_file_drops_the_pipeline_from_either_tier(tmp_path: Path, device: str) -> None:
+    cache = make_cache(tmp_path, device, dict.fromkeys("abc", "hooks"))
     for name in "abc":
         run(cache, name)
     assert tiers(cache)["a"] == "host"
@@ -151,8 +171,8 @@ def test_an_edited_file_drops_the_pipeline_from_either_tier(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize(("level", "left"), [("gc", 3), ("cache", 3), ("full", 0)])
-def test_clear_levels(tmp_path: Path, level: str, left: int) -> None:
-    cache = make_cache(tmp_path, dict.fromkeys("abc", "hooks"))
+def test_clear_levels(tmp_path: Path, device: str, level: str, left: int) -> None:
+    cache = make_cache(tmp_path, device, dict.fromkeys("abc", "hooks"))
     for name in "abc":
         run(cache, name)
     host_before = cache.host_held()
@@ -167,8 +187,8 @@ def test_clear_levels(tmp_path: Path, level: str, left: int) -> None:
         assert cleared["host_bytes_after"] == host_before
 
 
-def test_out_of_memory_parks_every_other_pipeline_then_retries(tmp_path: Path) -> None:
-    cache = make_cache(tmp_path, dict.fromkeys("abc", "hooks"), budget_mb=60, host_mb=60)
+def test_out_of_memory_parks_every_other_pipeline_then_retries(tmp_path: Path, device: str) -> None:
+    cache = make_cache(tmp_path, device, dict.fromkeys("abc", "hooks"), budget_mb=60, host_mb=60)
     for name in "abc":
         run(cache, name)
     assert set(tiers(cache).values()) == {"device"}
@@ -179,16 +199,16 @@ def test_out_of_memory_parks_every_other_pipeline_then_retries(tmp_path: Path) -
     assert run(cache, "a")["start"] == "woken"
 
 
-def test_out_of_memory_without_a_host_tier_drops_only_the_oldest(tmp_path: Path) -> None:
-    cache = make_cache(tmp_path, dict.fromkeys("abc", "hooks"), budget_mb=60, host_mb=0)
+def test_out_of_memory_without_a_host_tier_drops_only_the_oldest(tmp_path: Path, device: str) -> None:
+    cache = make_cache(tmp_path, device, dict.fromkeys("abc", "hooks"), budget_mb=60, host_mb=0)
     for name in "abc":
         run(cache, name)
     run(cache, "c", oom=1)
     assert tiers(cache) == {"b": "device", "c": "device"}
 
 
-def test_out_of_memory_twice_is_reported(tmp_path: Path) -> None:
-    cache = make_cache(tmp_path, dict.fromkeys("ab", "plain"))
+def test_out_of_memory_twice_is_reported(tmp_path: Path, device: str) -> None:
+    cache = make_cache(tmp_path, device, dict.fromkeys("ab", "plain"))
     run(cache, "a")
     run(cache, "b")
     with pytest.raises(PipelineError) as info:
@@ -197,8 +217,8 @@ def test_out_of_memory_twice_is_reported(tmp_path: Path) -> None:
     assert run(cache, "b")["start"] == "warm"
 
 
-def test_a_failing_to_host_drops_and_a_failing_to_device_reloads(tmp_path: Path) -> None:
-    cache = make_cache(tmp_path, {"a": "hooks", "b": "hooks", "c": "hooks"})
+def test_a_failing_to_host_drops_and_a_failing_to_device_reloads(tmp_path: Path, device: str) -> None:
+    cache = make_cache(tmp_path, device, {"a": "hooks", "b": "hooks", "c": "hooks"})
     tier_pipelines.write(tmp_path, "a", fail="to_host")
     tier_pipelines.write(tmp_path, "b", fail="to_device")
     for name in "abc":
@@ -211,9 +231,9 @@ def test_a_failing_to_host_drops_and_a_failing_to_device_reloads(tmp_path: Path)
 
 
 def test_retained_growth_warns_once_then_reloads_past_its_limit(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, device: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cache = make_cache(tmp_path, {"leaky": "hooks"}, budget_mb=400, warn_mb=10, max_retained_mb=20)
+    cache = make_cache(tmp_path, device, {"leaky": "hooks"}, budget_mb=400, warn_mb=10, max_retained_mb=20)
     run(cache, "leaky")
     with caplog.at_level(logging.WARNING, logger="workerd.gpu"):
         run(cache, "leaky", leak_mb=6)
@@ -232,16 +252,16 @@ def test_retained_growth_warns_once_then_reloads_past_its_limit(
     assert run(cache, "leaky")["start"] == "warm"  # the reload made the next run warm
 
 
-def test_a_pipeline_that_keeps_nothing_retains_nothing(tmp_path: Path) -> None:
-    cache = make_cache(tmp_path, {"a": "hooks"}, budget_mb=400)
+def test_a_pipeline_that_keeps_nothing_retains_nothing(tmp_path: Path, device: str) -> None:
+    cache = make_cache(tmp_path, device, {"a": "hooks"}, budget_mb=400)
     for _ in range(10):
         run(cache, "a")
     described = cache.snapshot()["pipelines"][0]
     assert described["retained_bytes"] < 2 * MB
 
 
-def test_placement_state_lists_both_tiers(tmp_path: Path) -> None:
-    cache = make_cache(tmp_path, dict.fromkeys("abc", "hooks"))
+def test_placement_state_lists_both_tiers(tmp_path: Path, device: str) -> None:
+    cache = make_cache(tmp_path, device, dict.fromkeys("abc", "hooks"))
     for name in "abc":
         run(cache, name)
     state = cache.placement_state()
