@@ -420,6 +420,7 @@ class PipelineCache:
         def attempt() -> Any:
             nonlocal base
             base = self.memory.probe()  # again after an OOM retry moved others off the device
+            self.pending = (entry, base)  # a run that raises is watched too
             self.memory.reset_peak()
             return entry.module.run(entry.obj, *args, **kwargs)
 
@@ -432,7 +433,6 @@ class PipelineCache:
         entry.runs += 1
         entry.last_used = time.time()
         self.runs += 1
-        self.pending = (entry, base)
         return {
             "output": output,
             "pipeline": name,
