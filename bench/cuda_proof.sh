@@ -9,17 +9,18 @@
 #   OUT=DIR bench/cuda_proof.sh [STEP ...]
 #       On the GPU machine, from the repository root. Makes a virtual environment over the
 #       machine's python3 (its torch, psutil, msgpack, pytest, prometheus-client ...), installs
-#       the carried wheels into it and points it at this checkout, then runs the steps (all by
-#       default) and saves each one's output under $OUT:
-#         env     nvidia-smi, versions                               -> env.txt
-#         marked  pytest -m gpu (the tests that need CUDA)           -> pytest-gpu.txt
-#         suites  the GPU worker's own suites, unmarked tests too,
-#                 which run on CUDA there ("auto" device)            -> pytest-cuda-suites.txt
-#         warm    bench/gpu.py --model-mb $MODEL_MB --parts warm     -> bench-warm.md
-#         tiers   bench/gpu.py --model-mb $MODEL_MB --parts tiers    -> bench-tiers.md
-#       and a one-line verdict per step in summary.txt. A step that fails or times out does not
-#       stop the others. MODEL_MB defaults to 6000; each step has its own time limit
-#       (STEP_TIMEOUT_S, default 170 s), so all five fit one 10-minute call.
+#       the carried wheels into it and points it at this checkout, then runs the steps (all, in
+#       this order, by default) and saves each one's output under $OUT:
+#         env     nvidia-smi, versions                               -> env.txt         (30 s)
+#         marked  pytest -m gpu (the tests that need CUDA)           -> pytest-gpu.txt  (120 s)
+#         warm    bench/gpu.py --model-mb $MODEL_MB --parts warm     -> bench-warm.md   (150 s)
+#         tiers   bench/gpu.py --model-mb $MODEL_MB --parts tiers    -> bench-tiers.md  (210 s)
+#         suites  the GPU worker's suites with their unmarked tests,
+#                 which run on CUDA there ("auto" device)            -> pytest-cuda-suites.txt (90 s)
+#       and a one-line verdict per step in summary.txt. Each step runs under its time limit (in
+#       brackets; all five add up to 10 minutes, one device call); one that fails or times out
+#       does not stop the others, and a second call can run the steps left, by name.
+#       MODEL_MB defaults to 6000.
 #
 # To try it on the CPU, over the project's .venv (whose packages stand in for the machine's):
 #   OUT=/tmp/proof MODEL_MB=256 BASE_PYTHON=.venv/bin/python WHEELS=none bench/cuda_proof.sh
@@ -46,8 +47,7 @@ fi
 
 : "${OUT:?set OUT to the directory for the results}"
 MODEL_MB=${MODEL_MB:-6000}
-STEP_TIMEOUT_S=${STEP_TIMEOUT_S:-170}
-STEPS=${*:-env marked suites warm tiers}
+STEPS=${*:-env marked warm tiers suites}
 mkdir -p "$OUT"
 SUMMARY=$OUT/summary.txt
 : >"$SUMMARY"
@@ -69,11 +69,11 @@ fi
 PY=$VENV/bin/python
 export PYTHONUNBUFFERED=1
 
-step() {  # step NAME FILE COMMAND...: run with a time limit, keep its output, note the verdict
-  local name=$1 file=$2 started=$SECONDS rc
-  shift 2
+step() {  # step NAME LIMIT_S FILE COMMAND...: run with a time limit, keep its output, note the verdict
+  local name=$1 limit=$2 file=$3 started=$SECONDS rc
+  shift 3
   echo "=== $name: $*" | tee "$OUT/$file"
-  timeout --kill-after=10 "$STEP_TIMEOUT_S" "$@" 2>&1 | tee -a "$OUT/$file"
+  timeout --kill-after=5 "$limit" "$@" 2>&1 | tee -a "$OUT/$file"
   rc=${PIPESTATUS[0]}
   echo "$name: rc=$rc ($((SECONDS - started)) s)$([ "$rc" = 124 ] && echo ', timed out')" | tee -a "$SUMMARY"
 }
@@ -81,24 +81,24 @@ step() {  # step NAME FILE COMMAND...: run with a time limit, keep its output, n
 for name in $STEPS; do
   case $name in
     env)
-      step env env.txt bash -c "nvidia-smi || true; $PY -c 'import sys, torch, zmq, workerd; \
+      step env 30 env.txt bash -c "nvidia-smi || true; $PY -c 'import sys, torch, zmq, workerd; \
 print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.cuda.is_available(), \
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"-\"); print(\"pyzmq\", zmq.__version__); \
 print(\"workerd\", workerd.__file__)'; free -g; nproc"
       ;;
     marked)
-      step marked pytest-gpu.txt "$PY" -m pytest -m gpu tests -q -rA -p no:cacheprovider
+      step marked 120 pytest-gpu.txt "$PY" -m pytest -m gpu tests -q -rA -p no:cacheprovider
       ;;
     suites)
-      step suites pytest-cuda-suites.txt "$PY" -m pytest -q -rfEs -p no:cacheprovider \
+      step suites 90 pytest-cuda-suites.txt "$PY" -m pytest -q -rfEs -p no:cacheprovider \
         tests/unit/test_tiers.py tests/unit/test_evictions.py tests/unit/test_placement.py \
         tests/integration/test_gpu.py tests/integration/test_gpu_tiers.py
       ;;
     warm)
-      step warm bench-warm.md "$PY" bench/gpu.py --model-mb "$MODEL_MB" --parts warm
+      step warm 150 bench-warm.md "$PY" bench/gpu.py --model-mb "$MODEL_MB" --parts warm
       ;;
     tiers)
-      step tiers bench-tiers.md "$PY" bench/gpu.py --model-mb "$MODEL_MB" --parts tiers
+      step tiers 210 bench-tiers.md "$PY" bench/gpu.py --model-mb "$MODEL_MB" --parts tiers
       ;;
     *)
       echo "unknown step $name (steps: env marked suites warm tiers)" | tee -a "$SUMMARY"
