@@ -139,6 +139,7 @@ class Runner(threading.Thread):
             except Exception:
                 log.exception("restoring pipeline %s failed", name)
                 failed.append(name)
+        self.reported = dict(self.cache.counts)  # what a restore moved is not counted, as before
         return {"loaded": loaded, "failed": failed, **self.cache.placement_state()}
 
 
