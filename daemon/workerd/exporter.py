@@ -96,18 +96,17 @@ CACHE_HELP = {  # one counter per key of metrics.CACHE_EVENTS
 }
 
 
-def gpu_families(gpu: dict[str, Any]) -> Iterator[Metric]:
-    """The GPU worker's memory, and each cached pipeline's bytes per tier and retained growth."""
-    device = str(gpu.get("device"))
-    for field, help_text in (
+def gpu_families(gpus: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Each GPU worker's memory, and each cached pipeline's bytes per tier and retained growth,
+    labelled by device (one family per metric, whatever the number of devices)."""
+    fields = (
         ("allocated_bytes", "Memory allocated by tensors on the GPU worker's device"),
         ("reserved_bytes", "Memory reserved by the caching allocator on the GPU worker's device"),
         ("host_bytes", "Host memory held by pipelines parked off the GPU worker's device"),
-    ):
-        gauge = GaugeMetricFamily(f"workerd_gpu_{field}", help_text, labels=["device"])
-        if isinstance(gpu.get(field), int):
-            gauge.add_metric([device], gpu[field])
-        yield gauge
+    )
+    gauges = {
+        field: GaugeMetricFamily(f"workerd_gpu_{field}", text, labels=["device"]) for field, text in fields
+    }
     held = GaugeMetricFamily(
         "workerd_pipeline_bytes",
         "Bytes a cached pipeline holds, by tier",
@@ -118,10 +117,16 @@ def gpu_families(gpu: dict[str, Any]) -> Iterator[Metric]:
         "Device memory a pipeline's runs left allocated beyond its footprint since it was loaded",
         labels=["device", "pipeline"],
     )
-    for pipeline in gpu.get("pipelines", []):
-        for tier in ("device", "host"):
-            held.add_metric([device, pipeline["name"], tier], pipeline.get(f"{tier}_bytes", 0))
-        retained.add_metric([device, pipeline["name"]], pipeline.get("retained_bytes", 0))
+    for gpu in gpus:
+        device = str(gpu.get("device"))
+        for field, gauge in gauges.items():
+            if isinstance(gpu.get(field), int):
+                gauge.add_metric([device], gpu[field])
+        for pipeline in gpu.get("pipelines", []):
+            for tier in ("device", "host"):
+                held.add_metric([device, pipeline["name"], tier], pipeline.get(f"{tier}_bytes", 0))
+            retained.add_metric([device, pipeline["name"]], pipeline.get("retained_bytes", 0))
+    yield from gauges.values()
     yield held
     yield retained
 
@@ -172,8 +177,8 @@ def families(snapshot: dict[str, Any]) -> Iterator[Metric]:
     yield by_state
     yield uss
 
-    gpu = snapshot.get("gpu") or {}
-    yield from gpu_families(gpu)
+    gpu = snapshot.get("gpu")
+    yield from gpu_families([gpu] if gpu else [])
     for name, help_text in CACHE_HELP.items():
         yield CounterMetricFamily(
             f"workerd_pipeline_cache_{name}", help_text, value=metrics["pipeline_cache"][name]

@@ -16,7 +16,7 @@ no live candidate the run waits for one that is restarting, as it does with a si
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from .config import GpuConfig
 
@@ -52,6 +52,20 @@ def worker_slots(gpu: GpuConfig, cuda_count: int) -> list[Slot]:
     if missing:
         raise ValueError(f"[gpu] devices lists cuda:{missing[0]}; {cuda_count} CUDA device(s) are visible")
     return [Slot(i, f"cuda:{i}") for i in devices]
+
+
+def worker_environment(slot: Slot, environ: Mapping[str, str]) -> tuple[str, dict[str, str]]:
+    """The device to give a slot's worker and the environment to add to its own.
+
+    A CUDA worker sees only its own GPU (CUDA_VISIBLE_DEVICES) and loads on "cuda": a pipeline
+    that allocates on "cuda" or calls .cuda() then lands on its device, not on GPU 0, and the
+    process never makes a CUDA context on the other GPUs. Indices count the GPUs this daemon
+    sees, so under an inherited CUDA_VISIBLE_DEVICES index i is that list's i-th entry."""
+    if not slot.device.startswith("cuda"):
+        return slot.device, {}
+    inherited = environ.get("CUDA_VISIBLE_DEVICES")
+    visible = [item.strip() for item in inherited.split(",")] if inherited else None
+    return "cuda", {"CUDA_VISIBLE_DEVICES": visible[slot.index] if visible else str(slot.index)}
 
 
 @dataclasses.dataclass(frozen=True)

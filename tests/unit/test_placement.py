@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from workerd.config import GpuConfig
-from workerd.placement import Slot, WorkerView, place, worker_slots
+from workerd.placement import Slot, WorkerView, place, worker_environment, worker_slots
 
 GB = 1024**3
 
@@ -33,6 +33,13 @@ def test_on_the_cpu_each_index_is_a_worker() -> None:
     slots = worker_slots(GpuConfig(device="cpu", devices=(0, 1, 2)), cuda_count=0)
     assert slots == [Slot(0, "cpu"), Slot(1, "cpu"), Slot(2, "cpu")]
     assert worker_slots(GpuConfig(devices=(0, 1)), cuda_count=0) == [Slot(0, "cpu"), Slot(1, "cpu")]
+
+
+def test_a_cuda_worker_sees_only_its_own_gpu() -> None:
+    assert worker_environment(Slot(1, "cuda:1"), {}) == ("cuda", {"CUDA_VISIBLE_DEVICES": "1"})
+    inherited = {"CUDA_VISIBLE_DEVICES": "4, 6"}  # this daemon sees two GPUs: 4 and 6
+    assert worker_environment(Slot(1, "cuda:1"), inherited) == ("cuda", {"CUDA_VISIBLE_DEVICES": "6"})
+    assert worker_environment(Slot(2, "cpu"), inherited) == ("cpu", {})
 
 
 def view(
