@@ -125,19 +125,27 @@ def render_memory(memory: dict[str, Any]) -> str:
             f"free {mib(gpu.get('free_bytes'))} / {mib(gpu.get('total_bytes'))} MiB  "
             f"runs {gpu.get('runs')}",
         ]
+        if gpu.get("host_budget_bytes"):
+            lines.append(
+                f"host tier  parked {mib(gpu.get('host_bytes'))} / {mib(gpu['host_budget_bytes'])} MiB  "
+                f"pinned {mib(gpu.get('pinned_bytes'))} MiB"
+            )
         now = time.time()
         pipelines = [
             [
                 p.get("name"),
                 str(p.get("sha256", ""))[:12],
+                p.get("tier", "device"),
                 mib(p.get("bytes")),
+                mib(p.get("retained_bytes")),
                 p.get("runs"),
                 f"{now - p['last_used']:.0f} s ago" if p.get("last_used") else "-",
             ]
             for p in gpu.get("pipelines", [])
         ]
         if pipelines:
-            lines.append(table(["pipeline", "sha256", "MiB", "runs", "last used"], pipelines))
+            headers = ["pipeline", "sha256", "tier", "MiB", "retained MiB", "runs", "last used"]
+            lines.append(table(headers, pipelines))
     return "\n".join(lines)
 
 

@@ -40,6 +40,8 @@ enabled = "auto"
 device = "auto"
 start = "lazy"
 memory_budget_mb = 0
+host_memory_budget_mb = 0
+retained_warn_mb = 500
 run_timeout_s = 600
 
 [pipelines.demo]
@@ -99,6 +101,10 @@ class GpuConfig:
     start: str = "lazy"  # lazy | boot
     memory_budget_mb: float = 0
     run_timeout_s: float = 600.0
+    host_memory_budget_mb: float = 0  # 0 = no host tier: pipelines evicted from the device are dropped
+    retained_warn_mb: float = 500  # 0 = never warn
+    # None: one GPU worker on `device`, as before; "all": one per visible CUDA device; or indices.
+    devices: str | tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +112,8 @@ class PipelineConfig:
     name: str
     module: str = ""
     path: str = ""
+    max_retained_mb: float = 0  # 0 = never reload for retained growth
+    devices: tuple[int, ...] = ()  # () = any device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,6 +269,27 @@ def listen_address(value: Any) -> tuple[str, int]:
     return host, int(port)
 
 
+def device_indices(value: Any) -> tuple[int, ...]:
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    ):
+        raise ValueError("expected a non-empty list of device indices (integers >= 0)")
+    if len(set(value)) != len(value):
+        raise ValueError("a device is listed twice")
+    return tuple(value)
+
+
+def devices(value: Any) -> str | tuple[int, ...]:
+    if value == "all":
+        return "all"
+    try:
+        return device_indices(value)
+    except ValueError:
+        raise ValueError('expected "all" or a non-empty list of device indices, e.g. [0, 1]') from None
+
+
 def listen(value: Any) -> str:
     if value != "":
         listen_address(value)
@@ -309,6 +338,9 @@ SECTIONS: dict[str, tuple[type, dict[str, Checker]]] = {
             "start": one_of("lazy", "boot"),
             "memory_budget_mb": number(0),
             "run_timeout_s": number(0, exclusive=True),
+            "host_memory_budget_mb": number(0),
+            "retained_warn_mb": number(0),
+            "devices": devices,
         },
     ),
     "access": (AccessConfig, dict.fromkeys(ACCESS_COMMANDS, principals)),
@@ -332,26 +364,81 @@ def parse_section(source: str, name: str, table: Any) -> Any:
     return cls(**values)
 
 
+def module_name(value: Any) -> str:
+    if not isinstance(value, str) or not MODULE_NAME.match(value):
+        raise ValueError("expected a module name")
+    return value
+
+
+def absolute_path(value: Any) -> str:
+    if not isinstance(value, str) or not os.path.isabs(value):
+        raise ValueError("expected an absolute file path")
+    return value
+
+
+PIPELINE_KEYS: dict[str, Checker] = {
+    "module": module_name,
+    "path": absolute_path,
+    "max_retained_mb": number(0),
+    "devices": device_indices,
+}
+
+
 def parse_pipeline(source: str, name: str, table: Any) -> PipelineConfig:
     where = f"{source}: [pipelines.{name}]"
     if not PIPELINE_NAME.match(name):
         raise ConfigError(f"{where} name must be letters, digits, '_', '-' or '.'")
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table")
-    unknown = set(table) - {"module", "path"}
-    if unknown:
-        raise ConfigError(f"{where} unknown key {sorted(unknown)[0]!r} (known: module, path)")
-    if ("module" in table) == ("path" in table):
+    values = {}
+    for key, raw in table.items():
+        if key not in PIPELINE_KEYS:
+            raise ConfigError(f"{where} unknown key {key!r} (known: {', '.join(PIPELINE_KEYS)})")
+        try:
+            values[key] = PIPELINE_KEYS[key](raw)
+        except ValueError as exc:
+            raise ConfigError(f"{where} {key}: {exc}, got {raw!r}") from None
+    if ("module" in values) == ("path" in values):
         raise ConfigError(f"{where} needs exactly one of 'module' or 'path'")
-    if "module" in table:
-        module = table["module"]
-        if not isinstance(module, str) or not MODULE_NAME.match(module):
-            raise ConfigError(f"{where} module: expected a module name, got {module!r}")
-        return PipelineConfig(name=name, module=module)
-    path = table["path"]
-    if not isinstance(path, str) or not os.path.isabs(path):
-        raise ConfigError(f"{where} path: expected an absolute file path, got {path!r}")
-    return PipelineConfig(name=name, path=path)
+    return PipelineConfig(name=name, **values)
+
+
+def check_devices(source: str, gpu: GpuConfig, pipelines: dict[str, PipelineConfig]) -> None:
+    """[gpu] devices against [gpu] device and the pipelines' pins (checks across keys)."""
+    if gpu.devices is not None and gpu.device not in ("auto", "cuda", "cpu"):
+        raise ConfigError(
+            f'{source}: [gpu] device: with [gpu] devices, expected "auto", "cuda" or "cpu" '
+            f"(the indices pick the devices), got {gpu.device!r}"
+        )
+    for pipeline in pipelines.values():
+        if not pipeline.devices:
+            continue
+        where = f"{source}: [pipelines.{pipeline.name}] devices"
+        if gpu.devices is None:
+            raise ConfigError(f"{where}: a pin needs [gpu] devices")
+        if gpu.devices == "all":
+            continue  # which devices exist is known only at start (placement.worker_slots)
+        missing = sorted(set(pipeline.devices) - set(gpu.devices))
+        if missing:
+            raise ConfigError(f"{where}: device {missing[0]} is not in [gpu] devices {list(gpu.devices)}")
+
+
+def gpu_worker_settings(config: Config, device: str | None = None) -> dict[str, Any]:
+    """What a GPU worker takes from the config, JSON-ready: its [gpu] keys and the pipelines.
+
+    `device` is the torch device of this worker (one of several with [gpu] devices); the
+    pipelines' pins stay with the master, which places the runs."""
+    gpu = config.gpu
+    return {
+        "device": device or gpu.device,
+        "memory_budget_mb": gpu.memory_budget_mb,
+        "host_memory_budget_mb": gpu.host_memory_budget_mb,
+        "retained_warn_mb": gpu.retained_warn_mb,
+        "pipelines": {
+            name: {"name": p.name, "module": p.module, "path": p.path, "max_retained_mb": p.max_retained_mb}
+            for name, p in config.pipelines.items()
+        },
+    }
 
 
 def parse(text: str, source: str) -> Config:
@@ -367,6 +454,7 @@ def parse(text: str, source: str) -> Config:
     if not isinstance(pipelines_table, dict):
         raise ConfigError(f"{source}: [pipelines] must be a table of [pipelines.NAME] tables")
     pipelines = {name: parse_pipeline(source, name, table) for name, table in pipelines_table.items()}
+    check_devices(source, sections["gpu"], pipelines)
     return Config(source=source, pipelines=pipelines, **sections)
 
 

@@ -86,6 +86,51 @@ class Exporter:
         yield from families(snapshot)
 
 
+CACHE_HELP = {  # one counter per key of metrics.CACHE_EVENTS
+    "hits": "Pipeline runs that found their pipeline on the device",
+    "misses": "Pipeline runs that had to load their pipeline",
+    "wakes": "Pipeline runs that moved their pipeline back from host memory first",
+    "parks": "Pipelines moved to host memory to make room on the device",
+    "evictions": "Pipelines dropped, from the device or host memory, to make room or after an out-of-memory",
+    "leak_reloads": "Pipelines reloaded because their retained memory passed max_retained_mb",
+}
+
+
+def gpu_families(gpus: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Each GPU worker's memory, and each cached pipeline's bytes per tier and retained growth,
+    labelled by device (one family per metric, whatever the number of devices)."""
+    fields = (
+        ("allocated_bytes", "Memory allocated by tensors on the GPU worker's device"),
+        ("reserved_bytes", "Memory reserved by the caching allocator on the GPU worker's device"),
+        ("host_bytes", "Host memory held by pipelines parked off the GPU worker's device"),
+    )
+    gauges = {
+        field: GaugeMetricFamily(f"workerd_gpu_{field}", text, labels=["device"]) for field, text in fields
+    }
+    held = GaugeMetricFamily(
+        "workerd_pipeline_bytes",
+        "Bytes a cached pipeline holds, by tier",
+        labels=["device", "pipeline", "tier"],
+    )
+    retained = GaugeMetricFamily(
+        "workerd_pipeline_retained_bytes",
+        "Device memory a pipeline's runs left allocated beyond its footprint since it was loaded",
+        labels=["device", "pipeline"],
+    )
+    for gpu in gpus:
+        device = str(gpu.get("device"))
+        for field, gauge in gauges.items():
+            if isinstance(gpu.get(field), int):
+                gauge.add_metric([device], gpu[field])
+        for pipeline in gpu.get("pipelines", []):
+            for tier in ("device", "host"):
+                held.add_metric([device, pipeline["name"], tier], pipeline.get(f"{tier}_bytes", 0))
+            retained.add_metric([device, pipeline["name"]], pipeline.get("retained_bytes", 0))
+    yield from gauges.values()
+    yield held
+    yield retained
+
+
 def families(snapshot: dict[str, Any]) -> Iterator[Metric]:
     """Prometheus metric families from a scrape snapshot (see Commands.scrape)."""
     metrics = snapshot["metrics"]
@@ -132,21 +177,9 @@ def families(snapshot: dict[str, Any]) -> Iterator[Metric]:
     yield by_state
     yield uss
 
-    gpu = snapshot.get("gpu") or {}
-    for field, help_text in (
-        ("allocated_bytes", "Memory allocated by tensors on the GPU worker's device"),
-        ("reserved_bytes", "Memory reserved by the caching allocator on the GPU worker's device"),
-    ):
-        gauge = GaugeMetricFamily(f"workerd_gpu_{field}", help_text, labels=["device"])
-        if isinstance(gpu.get(field), int):
-            gauge.add_metric([str(gpu.get("device"))], gpu[field])
-        yield gauge
-
-    for name, help_text in (
-        ("hits", "Pipeline runs that found their pipeline loaded"),
-        ("misses", "Pipeline runs that had to load their pipeline"),
-        ("evictions", "Pipelines evicted to make room or after running out of memory"),
-    ):
+    gpu = snapshot.get("gpu")
+    yield from gpu_families([gpu] if gpu else [])
+    for name, help_text in CACHE_HELP.items():
         yield CounterMetricFamily(
             f"workerd_pipeline_cache_{name}", help_text, value=metrics["pipeline_cache"][name]
         )

@@ -24,7 +24,7 @@ from typing import Any
 from workerctl import protocol
 
 from . import memory, processes
-from .config import Config
+from .config import Config, gpu_worker_settings
 from .lifecycle import WHEN_TOLD, Job, JobQueue, Lane, Ledger, settle
 from .metrics import CACHE_EVENTS, Metrics
 from .pool import BACKOFF_FIRST_S, BACKOFF_MAX_S, FRAME_SLACK, STACK_DUMP_GRACE_S, read_text, remove_quietly
@@ -87,18 +87,12 @@ class GpuWorker:
     # -- process -------------------------------------------------------------------------------
 
     def settings(self) -> dict[str, Any]:
-        gpu = self.config.gpu
         return {
             "master_pid": os.getpid(),
             "log_level": logging.getLogger().getEffectiveLevel(),
             "stack_dir": self.stack_dir,
-            "device": gpu.device,
-            "memory_budget_mb": gpu.memory_budget_mb,
             "max_message_bytes": self.max_frame(),
-            "pipelines": {
-                name: {"name": p.name, "module": p.module, "path": p.path}
-                for name, p in self.config.pipelines.items()
-            },
+            **gpu_worker_settings(self.config),
         }
 
     def max_frame(self) -> int:

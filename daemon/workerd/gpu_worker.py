@@ -14,11 +14,16 @@ Messages (GPU worker <-> master, on the socketpair the master spawned us with):
                     [b"stop"]
     gpu -> master   [b"ready", msgpack({"pid", "device", "import_s"})]
                     [b"start", job id]                       the run begins now (its timeout too)
-                    [b"done", job id, b"ok"|b"error", reply frame, msgpack({"cached": [names],
-                                                                   "hits", "misses", "evictions"})]
-                    [b"restored", msgpack({"loaded": [names], "failed": [names]})]
+                    [b"done", job id, b"ok"|b"error", reply frame, msgpack(state)]
+                    [b"restored", msgpack({"loaded": [names], "failed": [names], "cached",
+                                           "parked", "free_bytes"})]
                     [b"cleared", token, msgpack(result)]
                     [b"memory", token, msgpack(snapshot)]
+
+    state = {"cached": [names on the device, least recently used first: what to restore],
+             "parked": [names in host memory], "free_bytes": device budget left,
+             "hits", "misses", "wakes", "parks", "evictions", "leak_reloads": counted since
+             the last report (metrics.CACHE_EVENTS)}
 """
 
 from __future__ import annotations
@@ -56,7 +61,14 @@ class Runner(threading.Thread):
         from .pipelines import PipelineCache  # imports torch: only ever in this process
 
         configs = {name: PipelineConfig(**fields) for name, fields in settings["pipelines"].items()}
-        self.cache = PipelineCache(configs, settings["device"], settings["memory_budget_mb"])
+        self.cache = PipelineCache(
+            configs,
+            settings["device"],
+            settings["memory_budget_mb"],
+            settings.get("host_memory_budget_mb", 0),
+            settings.get("retained_warn_mb", 500),
+        )
+        self.reported = dict(self.cache.counts)  # the counts as of the last report to the master
         self.max_message_bytes: int = settings["max_message_bytes"]
         self.inbox: queue.Queue[list[Any] | None] = queue.Queue()
         self.send = send
@@ -70,6 +82,7 @@ class Runner(threading.Thread):
             if op == b"run":
                 self.send([b"start", frames[1]])
                 self.send(self.run_pipeline(frames[1], frames[2], frames[3:]))
+                self.cache.settle()  # the leak watch, once the reply is on its way
             elif op == b"restore":
                 self.send([b"restored", protocol.pack(self.restore(protocol.unpack(frames[1])))])
             elif op == b"clear":
@@ -80,10 +93,9 @@ class Runner(threading.Thread):
         """One pipeline run: [b"done", job, kind, reply body, extra, *raw frames of the reply]."""
         from .pipelines import PipelineError
 
-        counts_before = dict(self.cache.counts)
         request, error = tasks.decode(body, raw)
         if request is None:
-            return self.done(job, tasks.ERROR, [error], counts_before)
+            return self.done(job, tasks.ERROR, [error])
         request_id = request.get("id")
         frames: list[Any]
         try:
@@ -101,25 +113,32 @@ class Runner(threading.Thread):
             )
         except Exception as exc:
             kind, frames = tasks.ERROR, [tasks.task_error(request_id, exc)]
-        return self.done(job, kind, frames, counts_before)
+        return self.done(job, kind, frames)
 
-    def done(self, job: bytes, kind: bytes, frames: list[Any], counts_before: dict[str, int]) -> list[Any]:
-        # The cache's contents ride along, so the master knows what to restore after a crash;
-        # and what this run counted (hits, misses, evictions), for the daemon's metrics.
-        counted = {name: n - counts_before[name] for name, n in self.cache.counts.items()}
-        extra = protocol.pack({"cached": list(self.cache.entries), **counted})
-        return [b"done", job, kind, frames[0], extra, *frames[1:]]
+    def done(self, job: bytes, kind: bytes, frames: list[Any]) -> list[Any]:
+        return [b"done", job, kind, frames[0], protocol.pack(self.state()), *frames[1:]]
 
-    def restore(self, names: list[str]) -> dict[str, list[str]]:
+    def state(self) -> dict[str, Any]:
+        """The cache's tiers ride along, so the master knows what to restore after a crash (and,
+        with several devices, where to place runs); and what was counted since the last report
+        (a reload for retained memory happens after a reply), for the daemon's metrics."""
+        counts = dict(self.cache.counts)
+        counted = {name: n - self.reported[name] for name, n in counts.items()}
+        self.reported = counts
+        return {**self.cache.placement_state(), **counted}
+
+    def restore(self, names: list[str]) -> dict[str, Any]:
+        """Load these pipelines again (after a crash: the device tier it had, oldest first)."""
         loaded, failed = [], []
         for name in names:
             try:
-                self.cache.ensure_loaded(name)
+                self.cache.prepare(name)
                 loaded.append(name)
             except Exception:
                 log.exception("restoring pipeline %s failed", name)
                 failed.append(name)
-        return {"loaded": loaded, "failed": failed}
+        self.reported = dict(self.cache.counts)  # what a restore moved is not counted, as before
+        return {"loaded": loaded, "failed": failed, **self.cache.placement_state()}
 
 
 def serve(settings: dict[str, Any], sock: socket.socket) -> None:

@@ -36,10 +36,14 @@ RESTART_EVENTS = {
     "gpu_worker_deaths": ("gpu", "died"),
     "gpu_timeouts": ("gpu", "timeout"),
 }
+# What the GPU worker counts (pipelines.PipelineCache.counts) -> the event counter it adds to.
 CACHE_EVENTS = {
-    "hits": "pipeline_cache_hits",
-    "misses": "pipeline_cache_misses",
-    "evictions": "pipeline_evictions",
+    "hits": "pipeline_cache_hits",  # runs that found their pipeline on the device
+    "misses": "pipeline_cache_misses",  # runs that loaded it
+    "wakes": "pipeline_wakes",  # runs that moved it back from host memory first
+    "parks": "pipeline_parks",  # pipelines moved to host memory to make room
+    "evictions": "pipeline_evictions",  # pipelines dropped, from either tier, to make room
+    "leak_reloads": "pipeline_leak_reloads",  # reloaded past [pipelines.NAME] max_retained_mb
 }
 RECYCLED = "recycled_"
 

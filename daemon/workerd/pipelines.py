@@ -1,14 +1,21 @@
-"""The pipeline cache of the GPU worker: load, run, measure, evict, clear.
+"""The pipeline cache of the GPU worker: load, run, park, wake, drop, measure, clear.
 
-A pipeline is a module or file with `load(device) -> obj`, `run(obj, **kwargs) -> result` and an
-optional `unload(obj)`. A cached pipeline is keyed by its name and the SHA-256 of its source
-file, so an edited file is noticed on its next run and only that pipeline reloads.
+A pipeline is a module or file with `load(device) -> obj`, `run(obj, **kwargs) -> result` and
+optional `unload(obj)`, `to_host(obj)` and `to_device(obj, device)`. A cached pipeline is keyed
+by its name and the SHA-256 of its source file, so an edited file is noticed on its next run and
+only that pipeline loads again, from whichever tier it was in.
 
-Memory is judged on measured figures, not counts: a pipeline's footprint is what its load added,
-and its peak is what its last run needed on top (reset_peak_memory_stats before the run,
-max_memory_allocated after). Before a load or a run that would not fit in the budget, the least
-recently used other pipelines are evicted. On the CPU there is no allocator to ask: footprints
-are the growth of the process's private memory (USS) across the load, and peaks are not known.
+Two tiers. A cached pipeline is on the device, ready to run, or parked in host memory (tiers.py
+moves it). Before a load, a wake or a run that would not fit the device budget, the least
+recently used other pipelines leave the device: parked when `[gpu] host_memory_budget_mb` is set
+and they can be moved, dropped otherwise; past the host budget the least recently used parked
+ones are dropped. A run's reply says how it started: "warm", "woken" (moved back from host
+memory first) or "cold" (loaded).
+
+Memory is judged on measured figures, not counts: a pipeline's footprint is what its load added;
+its peak is what its last run needed on top (CUDA only); what a run leaves allocated once its
+reply is out adds to the pipeline's "retained" bytes, the leak watch (warned past
+`[gpu] retained_warn_mb`, reloaded past `[pipelines.NAME] max_retained_mb`).
 
 This module runs only inside the GPU worker process; it is the only one that imports torch.
 """
@@ -24,14 +31,15 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import Any
 
 from workerctl import protocol
 
-from . import memory
+from . import tiers
 from .config import PipelineConfig
+from .gpumemory import Memory, pick_device
 
 log = logging.getLogger("workerd.gpu")
 
@@ -43,6 +51,10 @@ except ImportError:  # pipelines that need no torch still run, on the CPU
 OOM_ERRORS: tuple[type[BaseException], ...] = (MemoryError,)
 if torch is not None:
     OOM_ERRORS += (torch.cuda.OutOfMemoryError,)
+
+MB = 1024 * 1024
+DEVICE, HOST = "device", "host"  # the tiers
+WARM, WOKEN, COLD = "warm", "woken", "cold"  # how a run started
 
 
 class PipelineError(Exception):
@@ -61,38 +73,66 @@ class Entry:
     sha256: str
     module: ModuleType
     obj: Any
-    bytes: int
+    bytes: int  # its footprint: what its load added
     load_s: float
     peak_bytes: int = 0  # what the last run needed beyond `bytes`
     runs: int = 0
     last_used: float = dataclasses.field(default_factory=time.time)
+    tier: str = DEVICE
+    parkable: bool = False  # tiers.can_move said yes at load
+    retained_bytes: int = 0  # what its runs left allocated since the load
+    residue_bytes: int = 0  # parked: device memory it still held after the move (CUDA only)
+    warned: bool = False  # the retained warning is logged once per load
+    wakes: int = 0
+    wake_s: float = 0.0  # the last wake's seconds (the move back alone)
+    park_s: float = 0.0  # the last park's seconds
+
+    @property
+    def device_bytes(self) -> int:
+        return self.bytes + self.retained_bytes if self.tier == DEVICE else self.residue_bytes
+
+    @property
+    def host_bytes(self) -> int:
+        return self.bytes if self.tier == HOST else 0
 
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "sha256": self.sha256,
+            "tier": self.tier,
             "bytes": self.bytes,
+            "device_bytes": self.device_bytes,
+            "host_bytes": self.host_bytes,
+            "retained_bytes": self.retained_bytes,
             "peak_bytes": self.peak_bytes,
+            "parkable": self.parkable,
             "runs": self.runs,
+            "wakes": self.wakes,
             "last_used": self.last_used,
             "load_s": self.load_s,
+            "wake_s": self.wake_s,
+            "park_s": self.park_s,
         }
 
 
-def plan_evictions(entries: Iterable[Entry], in_use: int, needed: int, budget: int, keep: str) -> list[str]:
-    """The least recently used pipelines (other than `keep`) to drop so `needed` more fits.
+# -- pure decisions: what leaves the device, and where it goes ---------------------------------
 
-    Returns as few as possible, oldest first; if even dropping all of them is not enough it
-    returns all of them, and the caller tries anyway (the allocator may still find room).
+
+def plan_evictions(entries: Iterable[Entry], in_use: int, needed: int, budget: int, keep: str) -> list[str]:
+    """The least recently used pipelines on the device (other than `keep`) that must leave it so
+    `needed` more fits.
+
+    Returns as few as possible, oldest first; if even all of them are not enough it returns all
+    of them, and the caller tries anyway (the allocator may still find room).
     """
     victims: list[str] = []
     for entry in sorted(entries, key=lambda e: e.last_used):
         if in_use + needed <= budget:
             break
-        if entry.name == keep:
+        if entry.name == keep or entry.tier != DEVICE:
             continue
         victims.append(entry.name)
-        in_use -= entry.bytes
+        in_use -= entry.device_bytes
     return victims
 
 
@@ -129,109 +169,74 @@ def missing_module(name: str, module: str) -> PipelineError:
     return PipelineError(protocol.TASK_ERROR, message, {"type": "ModuleNotFoundError", "message": message})
 
 
-# -- the device's memory ---------------------------------------------------------------------
 
+def plan_parking(
+    victims: Iterable[Entry], parked: Iterable[Entry], host_budget: int
+) -> list[tuple[str, str]]:
+    """How pipelines leaving the device go, in order: ("park", name) or ("drop", name).
 
-def pick_device(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    if torch is not None and torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
-
-
-def is_cuda(device: str) -> bool:
-    return device.startswith("cuda")
-
-
-def meminfo() -> dict[str, int]:
-    values = {}
-    with open("/proc/meminfo") as handle:
-        for line in handle:
-            key, _, rest = line.partition(":")
-            values[key] = int(rest.split()[0]) * 1024
-    return values
-
-
-class Memory:
-    """The figures DESIGN.md pins for `gpu`, on CUDA from the caching allocator, on CPU from /proc."""
-
-    def __init__(self, device: str, budget_mb: float) -> None:
-        self.device = device
-        self.cuda = is_cuda(device)
-        total = self.total()
-        self.budget = int(budget_mb * 1024 * 1024) if budget_mb else int(total * 0.9)
-        self.host_peak = 0
-
-    def total(self) -> int:
-        if self.cuda:
-            return int(torch.cuda.mem_get_info(self.device)[1])
-        return meminfo()["MemTotal"]
-
-    def allocated(self, entries: Iterable[Entry] = ()) -> int:
-        if self.cuda:
-            return int(torch.cuda.memory_allocated(self.device))
-        return sum(e.bytes for e in entries)
-
-    def reserved(self) -> int:
-        if self.cuda:
-            return int(torch.cuda.memory_reserved(self.device))
-        return memory.uss_bytes(os.getpid())
-
-    def footprint_probe(self) -> int:
-        """A reading whose growth across a load is the pipeline's footprint."""
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            return int(torch.cuda.memory_allocated(self.device))
-        return memory.uss_bytes(os.getpid())
-
-    def reset_peak(self) -> None:
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def peak(self) -> int:
-        if self.cuda:
-            return int(torch.cuda.max_memory_allocated(self.device))
-        self.host_peak = max(self.host_peak, memory.uss_bytes(os.getpid()))
-        return self.host_peak
-
-    def empty_cache(self) -> None:
-        if self.cuda:
-            torch.cuda.empty_cache()
-
-    def stats(self, entries: list[Entry]) -> dict[str, Any]:
-        if self.cuda:
-            free, total = torch.cuda.mem_get_info(self.device)
-        else:
-            info = meminfo()
-            free, total = info["MemAvailable"], info["MemTotal"]
-        return {
-            "device": self.device,
-            "allocated_bytes": self.allocated(entries),
-            "reserved_bytes": self.reserved(),
-            "peak_allocated_bytes": self.peak(),
-            "free_bytes": int(free),
-            "total_bytes": int(total),
-            "budget_bytes": self.budget,
-        }
+    The host tier is least recently used first as well. To make room for a victim, parked
+    pipelines used less recently than it are dropped; a victim that would need more recent ones
+    dropped, that cannot be moved, or that is bigger than the whole host budget is dropped itself.
+    The most recent victims go first, so none is parked only to be dropped for a newer one.
+    """
+    steps: list[tuple[str, str]] = []
+    host = sorted(parked, key=lambda e: e.last_used)
+    used = sum(e.bytes for e in host)
+    for victim in sorted(victims, key=lambda e: e.last_used, reverse=True):
+        older = sum(e.bytes for e in host if e.last_used < victim.last_used)
+        if not victim.parkable or used - older + victim.bytes > host_budget:
+            steps.append(("drop", victim.name))
+            continue
+        while used + victim.bytes > host_budget:
+            oldest = host.pop(0)
+            steps.append(("drop", oldest.name))
+            used -= oldest.bytes
+        steps.append(("park", victim.name))
+        host = sorted([*host, victim], key=lambda e: e.last_used)
+        used += victim.bytes
+    return steps
 
 
 # -- the cache -------------------------------------------------------------------------------
 
 
 class PipelineCache:
-    def __init__(self, configs: dict[str, PipelineConfig], device: str, budget_mb: float) -> None:
+    def __init__(
+        self,
+        configs: dict[str, PipelineConfig],
+        device: str,
+        budget_mb: float,
+        host_budget_mb: float = 0,
+        retained_warn_mb: float = 500,
+    ) -> None:
         self.configs = configs
         self.device = pick_device(device)
-        self.memory = Memory(self.device, budget_mb)
+        self.memory = Memory(self.device, budget_mb, host_budget_mb)
+        self.retained_warn = int(retained_warn_mb * MB)
         self.entries: dict[str, Entry] = {}
         self.runs = 0
-        # What a run found and did, for the daemon's metrics (restores are not counted).
-        self.counts = {"hits": 0, "misses": 0, "evictions": 0}
+        # What runs found and did, for the daemon's metrics (restores are not counted).
+        self.counts = dict.fromkeys(("hits", "misses", "wakes", "parks", "evictions", "leak_reloads"), 0)
         # Footprint of each pipeline's last load: what to make room for before loading it again.
         self.footprint_history: dict[str, int] = {}
+        # The last run's pipeline and probe before it, until settle() measures what it left.
+        self.pending: tuple[Entry, int] | None = None
         self._hashes: dict[str, tuple[tuple[int, int, int], str]] = {}
         self._origins: dict[str, str] = {}
+        if self.memory.host_budget and not self.memory.cuda:
+            log.info("host tier on %s: device and host memory are the same here", self.device)
+
+    def tier(self, name: str) -> list[Entry]:
+        """The entries in one tier, least recently used first."""
+        entries = list(self.entries.values())  # a copy: snapshot() reads from the other thread
+        return sorted((e for e in entries if e.tier == name), key=lambda e: e.last_used)
+
+    def device_held(self) -> int:
+        return sum(e.device_bytes for e in list(self.entries.values()))
+
+    def host_held(self) -> int:
+        return sum(e.host_bytes for e in list(self.entries.values()))
 
     # Source files and their hashes.
 
@@ -263,22 +268,25 @@ class PipelineCache:
         self._hashes[path] = (key, digest)
         return digest
 
-    # Loading and evicting.
+    # Getting a pipeline onto the device: as it is, woken from host memory, or loaded.
 
-    def ensure_loaded(self, name: str) -> tuple[Entry, bool]:
-        """The cached entry for `name` (warm), or a freshly loaded one (cold)."""
+    def prepare(self, name: str) -> tuple[Entry, str]:
+        """The entry for `name` on the device, and how it got there: WARM, WOKEN or COLD."""
         config = self.configs.get(name)
         if config is None:
             raise PipelineError(protocol.UNKNOWN_TASK, f"no pipeline named {name!r}")
         path = self.source_path(config)
         digest = self.sha256(path)
         entry = self.entries.get(name)
-        if entry is not None and entry.sha256 == digest:
-            return entry, True
-        if entry is not None:
+        if entry is not None and entry.sha256 != digest:
             log.info("pipeline %s changed on disk (sha256 %s): reloading", name, digest[:12])
-            self.evict(name)
-        return self.load(config, path, digest), False
+            self.drop(name)
+            entry = None
+        if entry is not None and entry.tier == DEVICE:
+            return entry, WARM
+        if entry is not None and self.wake(entry):
+            return entry, WOKEN
+        return self.load(config, path, digest), COLD  # not cached, or its wake failed
 
     def load(self, config: PipelineConfig, path: str, digest: str) -> Entry:
         expected = self.footprint_history.get(config.name, 0)
@@ -286,33 +294,70 @@ class PipelineCache:
         started = time.monotonic()
         try:
             module = import_pipeline(config, path)
-            before = self.memory.footprint_probe()
+            self.memory.release()
+            before = self.memory.probe()
             obj = self.with_oom_retry(lambda: module.load(self.device), keep=config.name)
         except ModuleNotFoundError as exc:
             if exc.name is None:  # raised by hand, not by an import: an error like any other
                 raise
             raise missing_module(config.name, exc.name) from None
-        footprint = max(self.memory.footprint_probe() - before, 0)
+        footprint = max(self.memory.probe() - before, 0)
         entry = Entry(config.name, digest, module, obj, footprint, time.monotonic() - started)
+        entry.parkable = tiers.can_move(module, obj)
         self.entries[config.name] = entry
         self.footprint_history[config.name] = footprint
         log.info("pipeline %s loaded in %.2f s, %d MiB", config.name, entry.load_s, footprint >> 20)
         self.make_room(0, keep=config.name)  # it may have turned out bigger than expected
         return entry
 
-    def make_room(self, needed: int, keep: str) -> list[str]:
-        entries = list(self.entries.values())
-        in_use = self.memory.allocated(entries)
-        victims = plan_evictions(entries, in_use, needed, self.memory.budget, keep)
-        for victim in victims:
-            log.info("evicting pipeline %s to make room for %s", victim, keep)
-            self.evict(victim)
-            self.counts["evictions"] += 1
-        if victims:
-            self.memory.empty_cache()
-        return victims
+    def wake(self, entry: Entry) -> bool:
+        """Move a parked pipeline back to the device; False if that failed (it is dropped)."""
+        self.make_room(entry.bytes, keep=entry.name)
+        started = time.monotonic()  # the move alone: what bytes / wake_s compares with a copy rate
+        try:
+            entry.obj = self.with_oom_retry(
+                lambda: tiers.to_device(entry.module, entry.obj, self.device), keep=entry.name
+            )
+        except Exception as exc:
+            self.drop(entry.name)  # half moved as it may be, it is of no use
+            if isinstance(exc, PipelineError):
+                raise  # out of memory even after the retry
+            log.exception(
+                "pipeline %s: moving it back to %s failed; loading it again", entry.name, self.device
+            )
+            return False
+        entry.tier, entry.residue_bytes = DEVICE, 0
+        entry.wakes += 1
+        entry.wake_s = time.monotonic() - started
+        self.counts["wakes"] += 1
+        log.info("pipeline %s woken from host memory in %.3f s", entry.name, entry.wake_s)
+        return True
 
-    def evict(self, name: str) -> None:
+    def park(self, entry: Entry) -> bool:
+        """Move a pipeline to host memory; False if that failed (it is dropped)."""
+        started = time.monotonic()
+        before = self.memory.probe()
+        try:
+            entry.obj = tiers.to_host(entry.module, entry.obj, self.memory.pin)
+        except Exception:
+            log.exception("pipeline %s: moving it to host memory failed; dropping it", entry.name)
+            self.drop(entry.name)
+            return False
+        if self.memory.cuda:  # what a to_host() left on the device still counts there
+            freed = before - self.memory.probe()
+            entry.residue_bytes = max(entry.device_bytes - freed, 0)
+        entry.tier = HOST
+        entry.park_s = time.monotonic() - started
+        self.counts["parks"] += 1
+        log.info(
+            "pipeline %s parked in host memory (%d MiB) in %.3f s",
+            entry.name,
+            entry.bytes >> 20,
+            entry.park_s,
+        )
+        return True
+
+    def drop(self, name: str) -> None:
         entry = self.entries.pop(name)
         unload = getattr(entry.module, "unload", None)
         if callable(unload):
@@ -323,11 +368,37 @@ class PipelineCache:
         entry.obj = None
         del entry
         gc.collect()
+        self.memory.release()
+
+    def make_room(self, needed: int, keep: str) -> None:
+        """Make `needed` more bytes fit the device budget by moving other pipelines off it."""
+        in_use = self.memory.allocated(self.device_held())
+        victims = plan_evictions(self.tier(DEVICE), in_use, needed, self.memory.budget, keep)
+        self.send_off([self.entries[name] for name in victims], keep)
+
+    def send_off(self, victims: list[Entry], keep: str) -> None:
+        """Park or drop these pipelines, as plan_parking says, to make room for `keep`."""
+        if not victims:
+            return
+        # `keep` may be parked itself, about to wake: its host copy is not to make room with.
+        parked = [e for e in self.tier(HOST) if e.name != keep]
+        for action, name in plan_parking(victims, parked, self.memory.host_budget):
+            log.info(
+                "%s pipeline %s to make room for %s",
+                "parking" if action == "park" else "dropping",
+                name,
+                keep,
+            )
+            if action == "drop":
+                self.drop(name)
+            if action == "drop" or not self.park(self.entries[name]):
+                self.counts["evictions"] += 1
+        self.memory.empty_cache()
 
     # Running.
 
-    def with_oom_retry(self, step: Any, keep: str) -> Any:
-        """Run `step`; on out-of-memory evict the LRU other pipeline, empty the cache, retry once."""
+    def with_oom_retry(self, step: Callable[[], Any], keep: str) -> Any:
+        """Run `step`; on out-of-memory free the device of other pipelines, retry once."""
         for attempt in (1, 2):
             out_of_memory = False
             try:
@@ -338,11 +409,7 @@ class PipelineCache:
                 out_of_memory = True
             if out_of_memory and attempt == 2:
                 break
-            others = sorted((e for e in self.entries.values() if e.name != keep), key=lambda e: e.last_used)
-            if others:
-                log.warning("out of memory in %s: evicting %s and retrying once", keep, others[0].name)
-                self.evict(others[0].name)
-                self.counts["evictions"] += 1
+            self.free_after_oom(keep)
             gc.collect()
             self.memory.empty_cache()
         gc.collect()
@@ -353,16 +420,35 @@ class PipelineCache:
             {"device": self.device, "budget_bytes": self.memory.budget},
         )
 
+    def free_after_oom(self, keep: str) -> None:
+        """With a host tier, park every other pipeline that can be parked (a wake is cheap, so
+        the one retry gets the whole device); else drop only the least recently used one, as
+        each drop costs a reload."""
+        others = [e for e in self.tier(DEVICE) if e.name != keep]
+        victims = [e for e in others if e.parkable] if self.memory.host_budget else []
+        victims = victims or others[:1]
+        if victims:
+            log.warning("out of memory in %s: freeing %s and retrying once", keep, [e.name for e in victims])
+        self.send_off(victims, keep)
+
     def run(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
         started = time.monotonic()
-        entry, warm = self.ensure_loaded(name)
-        self.counts["hits" if warm else "misses"] += 1
-        load_s = 0.0 if warm else time.monotonic() - started
+        entry, start = self.prepare(name)
+        if start != WOKEN:  # wakes are counted by wake()
+            self.counts["hits" if start == WARM else "misses"] += 1
+        start_s = time.monotonic() - started
         self.make_room(entry.peak_bytes, keep=name)
-        self.memory.reset_peak()
-        base = self.memory.allocated(self.entries.values())
+        base = 0
+
+        def attempt() -> Any:
+            nonlocal base
+            base = self.memory.probe()  # again after an OOM retry moved others off the device
+            self.pending = (entry, base)  # a run that raises is watched too
+            self.memory.reset_peak()
+            return entry.module.run(entry.obj, *args, **kwargs)
+
         run_started = time.monotonic()
-        output = self.with_oom_retry(lambda: entry.module.run(entry.obj, *args, **kwargs), keep=name)
+        output = self.with_oom_retry(attempt, keep=name)
         if self.memory.cuda:
             torch.cuda.synchronize(self.device)
             entry.peak_bytes = max(self.memory.peak() - base, 0)
@@ -374,34 +460,81 @@ class PipelineCache:
             "output": output,
             "pipeline": name,
             "sha256": entry.sha256,
-            "warm": warm,
-            "load_s": load_s,
+            "start": start,
+            "start_s": start_s,
+            "warm": start == WARM,
+            "load_s": start_s if start == COLD else 0.0,
             "run_s": run_s,
             "device": self.device,
         }
 
+    # The leak watch, between runs.
+
+    def settle(self) -> None:
+        """After a run's reply is out (its output freed): what the run left allocated adds to its
+        pipeline's retained bytes; warn once past retained_warn_mb, reload past max_retained_mb."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        entry, base = pending
+        if self.entries.get(entry.name) is not entry or entry.tier != DEVICE:
+            return
+        self.memory.release()
+        entry.retained_bytes = max(entry.retained_bytes + self.memory.probe() - base, 0)
+        retained_mb = entry.retained_bytes / MB
+        if self.retained_warn and entry.retained_bytes > self.retained_warn and not entry.warned:
+            entry.warned = True
+            log.warning(
+                "pipeline %s keeps %.0f MiB allocated beyond its %.0f MiB footprint after %d runs "
+                "(a leak? [pipelines.%s] max_retained_mb reloads it past a limit)",
+                entry.name, retained_mb, entry.bytes / MB, entry.runs, entry.name,
+            )  # fmt: skip
+        limit = self.configs[entry.name].max_retained_mb
+        if limit and retained_mb > limit:
+            log.warning(
+                "pipeline %s retains %.0f MiB > max_retained_mb %g: reloading", entry.name, retained_mb, limit
+            )
+            self.drop(entry.name)
+            self.memory.empty_cache()
+            self.counts["leak_reloads"] += 1
+            try:
+                self.prepare(entry.name)
+            except Exception:
+                log.exception("pipeline %s: reloading it failed; its next run loads it", entry.name)
+
     # Reporting and clearing.
+
+    def placement_state(self) -> dict[str, Any]:
+        """What the master needs to place runs on this worker and to restore it after a crash."""
+        return {
+            "cached": [e.name for e in self.tier(DEVICE)],
+            "parked": [e.name for e in self.tier(HOST)],
+            "free_bytes": max(self.memory.budget - self.memory.allocated(self.device_held()), 0),
+        }
 
     def snapshot(self) -> dict[str, Any]:
         entries = list(self.entries.values())  # a copy: the runner thread may change the dict
         return {
-            **self.memory.stats(entries),
+            **self.memory.stats(self.device_held(), self.host_held()),
             "runs": self.runs,
             "pipelines": [e.describe() for e in entries],
         }
 
     def clear(self, level: str) -> dict[str, Any]:
-        entries = list(self.entries.values())
-        allocated_before = self.memory.allocated(entries)
+        """`gc`: collect; `cache`: also give the allocators' free blocks back (parked pipelines
+        stay parked); `full`: also drop every pipeline, from both tiers."""
+        allocated_before = self.memory.allocated(self.device_held())
         reserved_before = self.memory.reserved()
+        host_before = self.host_held()
         dropped = []
         if level == "full":
             dropped = list(self.entries)
             for name in dropped:
-                self.evict(name)
+                self.drop(name)
         freed_objects = gc.collect()
         if level in ("cache", "full"):
             self.memory.empty_cache()
+            self.memory.empty_host_cache()
         if level == "full":
             self.memory.reset_peak()
             self.memory.host_peak = 0
@@ -411,8 +544,10 @@ class PipelineCache:
             "freed_objects": freed_objects,
             "dropped": dropped,
             "allocated_before": allocated_before,
-            "allocated_after": self.memory.allocated(self.entries.values()),
+            "allocated_after": self.memory.allocated(self.device_held()),
             "reserved_before": reserved_before,
             "reserved_after": self.memory.reserved(),
             "freed_bytes": max(reserved_before - self.memory.reserved(), 0),
+            "host_bytes_before": host_before,
+            "host_bytes_after": self.host_held(),
         }

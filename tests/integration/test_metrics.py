@@ -160,7 +160,9 @@ def test_pipeline_cache_and_gpu_memory(start_daemon: Callable[..., Daemon], tmp_
         client.execute("b")  # miss, evicts a
         samples = scrape(url)
         metrics = client.status()["metrics"]
-    assert metrics["pipeline_cache"] == {"hits": 1, "misses": 2, "evictions": 1}
+    assert metrics["pipeline_cache"] == {
+        "hits": 1, "misses": 2, "wakes": 0, "parks": 0, "evictions": 1, "leak_reloads": 0
+    }  # fmt: skip
     assert sample(samples, "workerd_pipeline_cache_hits_total") == 1
     assert sample(samples, "workerd_pipeline_cache_misses_total") == 2
     assert sample(samples, "workerd_pipeline_cache_evictions_total") == 1

@@ -38,6 +38,23 @@ def test_embedded_default_serves_the_examples() -> None:
         ("[metrics]\nlisten = '10.1.2.3:9464'\n", "loopback address only"),
         ("[metrics]\nlisten = '127.0.0.1'\n", '[metrics] listen: expected "HOST:PORT"'),
         ("[metrics]\nlisten = '127.0.0.1:99999'\n", "expected a port from 0 to 65535"),
+        ("[gpu]\nhost_memory_budget_mb = -1\n", "[gpu] host_memory_budget_mb: expected a number >= 0"),
+        ("[gpu]\nretained_warn_mb = 'lots'\n", "[gpu] retained_warn_mb"),
+        ("[gpu]\ndevices = 'some'\n", '[gpu] devices: expected "all" or a non-empty list'),
+        ("[gpu]\ndevices = []\n", '[gpu] devices: expected "all" or a non-empty list'),
+        ("[gpu]\ndevices = [0, 0]\n", "[gpu] devices"),
+        ("[gpu]\ndevices = [0, -1]\n", "[gpu] devices"),
+        ("[gpu]\ndevice = 'cuda:1'\ndevices = [0]\n", '[gpu] device: with [gpu] devices, expected "auto"'),
+        ("[pipelines.x]\npath = '/p.py'\nmax_retained_mb = -5\n", "[pipelines.x] max_retained_mb"),
+        (
+            "[pipelines.x]\npath = '/p.py'\ndevices = [0]\n",
+            "[pipelines.x] devices: a pin needs [gpu] devices",
+        ),
+        (
+            "[gpu]\ndevices = [0, 1]\n[pipelines.x]\npath = '/p.py'\ndevices = [2]\n",
+            "[pipelines.x] devices: device 2 is not in [gpu] devices [0, 1]",
+        ),
+        ("[pipelines.x]\npath = '/p.py'\nbogus = 1\n", "[pipelines.x] unknown key 'bogus'"),
     ],
 )
 def test_errors_name_the_file_and_key(tmp_path: Path, text: str, fragment: str) -> None:
@@ -93,3 +110,21 @@ def test_shipped_config_file_parses_and_matches_the_embedded_default() -> None:
 def test_metrics_listen_addresses(listen: str, address: tuple[str, int]) -> None:
     assert config.MetricsConfig(listen).address() == address
     assert config.MetricsConfig("").address() is None
+
+
+def test_host_tier_leak_watch_and_devices(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        "[gpu]\nhost_memory_budget_mb = 2048\nretained_warn_mb = 100\ndevices = [0, 2]\n"
+        "[pipelines.x]\npath = '/p.py'\nmax_retained_mb = 50\ndevices = [2]\n"
+        "[pipelines.y]\nmodule = 'y'\n"
+    )
+    cfg = config.load(str(path))
+    assert (cfg.gpu.host_memory_budget_mb, cfg.gpu.retained_warn_mb, cfg.gpu.devices) == (2048, 100, (0, 2))
+    assert (cfg.pipelines["x"].max_retained_mb, cfg.pipelines["x"].devices) == (50, (2,))
+    assert cfg.pipelines["y"].devices == () and config.load(None).gpu.devices is None
+    settings = config.gpu_worker_settings(cfg, device="cuda:2")
+    assert settings["device"] == "cuda:2" and settings["host_memory_budget_mb"] == 2048
+    assert settings["pipelines"]["x"] == {"name": "x", "module": "", "path": "/p.py", "max_retained_mb": 50}
+    path.write_text("[gpu]\ndevices = 'all'\n[pipelines.x]\npath = '/p.py'\ndevices = [5]\n")
+    assert config.load(str(path)).gpu.devices == "all"  # pins are checked at start, against the devices found

@@ -26,7 +26,9 @@ def test_snapshot_groups_requests_events_and_restarts() -> None:
     metrics.answered("execute", "ok", arrived_at=0.0, pool="cpu")
     metrics.answered("execute", "ok", arrived_at=0.0, pool="cpu")
     metrics.answered("ping", "ok", arrived_at=0.0)
-    metrics.events.update({"recycled_max_tasks": 3, "worker_deaths": 2, "pipeline_cache_hits": 5})
+    metrics.events.update(
+        {"recycled_max_tasks": 3, "worker_deaths": 2, "pipeline_cache_hits": 5, "pipeline_wakes": 4}
+    )
     snapshot = metrics.snapshot()
     assert snapshot["requests"] == [
         {"command": "execute", "pool": "cpu", "outcome": "ok", "count": 2},
@@ -38,7 +40,9 @@ def test_snapshot_groups_requests_events_and_restarts() -> None:
     ]
     assert snapshot["recycles"] == {"max_tasks": 3}
     assert {"kind": "cpu", "reason": "died", "count": 2} in snapshot["restarts"]
-    assert snapshot["pipeline_cache"] == {"hits": 5, "misses": 0, "evictions": 0}
+    assert snapshot["pipeline_cache"] == {
+        "hits": 5, "misses": 0, "wakes": 4, "parks": 0, "evictions": 0, "leak_reloads": 0
+    }  # fmt: skip
 
 
 def test_error_outcome_reads_the_code_of_an_error_reply() -> None:
