@@ -35,6 +35,7 @@ import collections
 import concurrent.futures
 import contextlib
 import functools
+import itertools
 import multiprocessing
 import multiprocessing.pool
 import os
@@ -58,6 +59,14 @@ from workerctl import Client
 
 ECHO = "workerd.examples.tasks:echo"
 PAYLOAD: dict[str, Any] = {"user": "alice", "n": 42, "tags": ["a", "b", "c"], "ok": True}
+SERIAL = itertools.count()
+
+
+def payload(_: object = None) -> dict[str, Any]:
+    """A dict like PAYLOAD, distinct per call: equal objects would let pickle's memo shrink a
+    chunk of Pool's or ProcessPoolExecutor's (one pickled list of calls) to almost nothing."""
+    n = next(SERIAL)
+    return {"user": f"user{n}", "n": n, "tags": ["a", "b", str(n)], "ok": True}
 # How long the workerd client waits for one reply before the variant counts as failed.
 REPLY_TIMEOUT_S = 10.0
 
@@ -118,16 +127,16 @@ class PoolSystem(System):
         self.workers = new_children(known)
 
     def serial_call(self) -> None:
-        self.pool.apply(echo, (PAYLOAD,))
+        self.pool.apply(echo, (payload(),))
 
     def in_flight(self, total: int, window: int) -> None:
         def send() -> multiprocessing.pool.AsyncResult[Any]:
-            return self.pool.apply_async(echo, (PAYLOAD,))
+            return self.pool.apply_async(echo, (payload(),))
 
         sliding_window(total, window, send, lambda result: result.get())
 
     def batched(self, total: int, chunksize: int, window: int) -> None:
-        results = list(self.pool.imap_unordered(echo, (PAYLOAD for _ in range(total)), chunksize=chunksize))
+        results = list(self.pool.imap_unordered(echo, map(payload, range(total)), chunksize=chunksize))
         assert len(results) == total
 
     def roles(self) -> dict[str, list[int]]:
@@ -148,16 +157,16 @@ class ExecutorSystem(System):
         self.workers = new_children(known)
 
     def serial_call(self) -> None:
-        self.executor.submit(echo, PAYLOAD).result()
+        self.executor.submit(echo, payload()).result()
 
     def in_flight(self, total: int, window: int) -> None:
         def send() -> concurrent.futures.Future[Any]:
-            return self.executor.submit(echo, PAYLOAD)
+            return self.executor.submit(echo, payload())
 
         sliding_window(total, window, send, lambda future: future.result())
 
     def batched(self, total: int, chunksize: int, window: int) -> None:
-        results = list(self.executor.map(echo, (PAYLOAD for _ in range(total)), chunksize=chunksize))
+        results = list(self.executor.map(echo, map(payload, range(total)), chunksize=chunksize))
         assert len(results) == total
 
     def roles(self) -> dict[str, list[int]]:
@@ -182,13 +191,13 @@ class WorkerdSystem(System):
         assert self.client.call(ECHO, [PAYLOAD]) == PAYLOAD
 
     def serial_call(self) -> None:
-        self.client.call(ECHO, [PAYLOAD])
+        self.client.call(ECHO, [payload()])
 
     def in_flight(self, total: int, window: int) -> None:
         client = self.client
 
         def send() -> int:
-            return client.send("execute", name=ECHO, args=[PAYLOAD], kwargs={})
+            return client.send("execute", name=ECHO, args=[payload()], kwargs={})
 
         sliding_window(total, window, send, client.wait_result)
 
@@ -213,7 +222,7 @@ class WorkerdMapSystem(System):
         self.batched(total, 1, window)
 
     def batched(self, total: int, chunksize: int, window: int) -> None:
-        calls = (PAYLOAD for _ in range(total))
+        calls = map(payload, range(total))
         results = list(self.base.client.imap_unordered(ECHO, calls, window=window, chunksize=chunksize))
         assert len(results) == total
 
@@ -247,7 +256,7 @@ class BrokerSystem(System):
 
     def send(self) -> int:
         request_id = next(self.ids)
-        body = {"v": 1, "id": request_id, "cmd": "execute", "name": ECHO, "args": [PAYLOAD], "kwargs": {}}
+        body = {"v": 1, "id": request_id, "cmd": "execute", "name": ECHO, "args": [payload()], "kwargs": {}}
         self.dealer.send_multipart([b"", msgpack.packb(body, use_bin_type=True)])
         return request_id
 
