@@ -19,6 +19,8 @@ import zmq
 
 from workerctl import paths
 
+from . import limits
+
 SOCKET_MODE = 0o660  # group access is the grant: add users to the socket's group
 DIRECTORY_MODE = 0o750
 SD_LISTEN_FDS_START = 3
@@ -175,8 +177,11 @@ def bind(
     router.setsockopt(zmq.LINGER, 0)
     # libzmq drops a peer that sends a frame bigger than this instead of buffering it.
     router.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-    # A client that vanished must not make us buffer its replies forever.
-    router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+    # A reply to a client that has gone, or whose queue is full, raises instead of vanishing
+    # (limits.ClientLimits.send skips the first and cuts the second off); the queue holds at
+    # most this many replies.
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    router.setsockopt(zmq.SNDHWM, limits.CLIENT_SNDHWM)
     if fd is not None:
         path = inherited_path(fd)
         router.setsockopt(zmq.USE_FD, fd)
