@@ -36,7 +36,14 @@ def probe_socket(path: str) -> None:
     ZeroMQ connects in the background and retries forever, so a missing socket, a stale one left
     by a crashed daemon, and one we may not open all look like a silent timeout. One plain
     connect() tells them apart at the cost of a syscall.
+
+    First of all, the path must be one that only its owners could have put there
+    (paths.why_untrusted): a socket another user could swap would receive our arguments and
+    send replies we would believe.
     """
+    problem = paths.why_untrusted(path)
+    if problem is not None:
+        raise errors.UntrustedSocket(f"refusing to connect to workerd at {path}: {problem}")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)

@@ -52,6 +52,12 @@ class ConnectionDenied(WorkerdError):
     exit_code = EXIT_DENIED
 
 
+class UntrustedSocket(ConnectionDenied):
+    """The socket path passes through a directory someone else could change: not used."""
+
+    code = "UNTRUSTED_SOCKET"
+
+
 class UsageError(WorkerdError):
     """The command line or the arguments cannot work (e.g. a socket path too long)."""
 

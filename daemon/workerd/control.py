@@ -7,6 +7,7 @@ connection belongs to a live daemon and we refuse; one that refuses is stale and
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import resource
@@ -17,6 +18,8 @@ from typing import Any
 import zmq
 
 from workerctl import paths
+
+from . import limits
 
 SOCKET_MODE = 0o660  # group access is the grant: add users to the socket's group
 DIRECTORY_MODE = 0o750
@@ -85,16 +88,46 @@ def check_path(path: str) -> None:
         )
 
 
-def ensure_directory(directory: str) -> None:
-    if not os.path.isdir(directory):
-        os.makedirs(directory, mode=DIRECTORY_MODE, exist_ok=True)
-        os.chmod(directory, DIRECTORY_MODE)  # makedirs' mode is filtered by the umask
-        return
-    info = os.stat(directory)
-    if info.st_uid not in (os.getuid(), 0):
-        raise ControlSocketError(
-            f"socket directory {directory} belongs to uid {info.st_uid}, not to us; refusing it"
+def ensure_directory(path: str) -> None:
+    """Create the directory of socket PATH (0750), or make sure the one there is ours alone.
+
+    Refused: a symbolic link (another user's /tmp/workerd-UID -> /tmp made us bind in /tmp,
+    then a swapped link sent our clients to their socket), a directory that belongs to another
+    user, one that its group or others may write to (/tmp is root's, but anyone could replace
+    our socket there), and a path through any directory that lets others swap what follows
+    (paths.why_untrusted, which clients check too). Root's directories pass when only root may
+    write them: that is /run as systemd and tmpfiles make it, and a daemon that is not root
+    cannot bind in one anyway (systemd's RuntimeDirectory= hands it over, 0750 or 0755)."""
+    directory = os.path.dirname(path) or "."
+    # Under a umask that leaves what we create (missing parents too) exactly 0750, whatever
+    # ours is: a parent made 0777 under umask 000 would let anyone swap what is in it.
+    previous = os.umask(0o777 & ~DIRECTORY_MODE)
+    try:
+        os.makedirs(directory, mode=DIRECTORY_MODE)
+    except FileExistsError:
+        pass  # judged below, whatever it is (a dangling link included)
+    except OSError as exc:
+        raise ControlSocketError(f"cannot create socket directory {directory}: {exc.strerror}") from None
+    finally:
+        os.umask(previous)
+    info = os.lstat(directory)
+    if stat.S_ISLNK(info.st_mode):
+        raise untrusted(directory, "is a symbolic link")
+    if not stat.S_ISDIR(info.st_mode):
+        raise untrusted(directory, "is not a directory")
+    if info.st_uid not in (os.geteuid(), 0):
+        raise untrusted(directory, f"belongs to uid {info.st_uid}, not to us")
+    if info.st_mode & paths.OTHERS_WRITE:
+        raise untrusted(
+            directory, f"is writable by its group or others (mode {stat.S_IMODE(info.st_mode):04o})"
         )
+    problem = paths.why_untrusted(path)
+    if problem is not None:
+        raise ControlSocketError(f"socket directory {directory} is not safe: {problem}; refusing it")
+
+
+def untrusted(directory: str, why: str) -> ControlSocketError:
+    return ControlSocketError(f"socket directory {directory} {why}; refusing it")
 
 
 def lock_path(path: str) -> None:
@@ -102,8 +135,14 @@ def lock_path(path: str) -> None:
 
     Without it, a daemon starting in the instant between another's bind() and listen() would
     find the socket refusing connections, take it for stale and unlink it. The lock goes with
-    the process (the fd is never closed), however it exits."""
-    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    the process (the fd is never closed), however it exits. O_NOFOLLOW: a link planted there
+    must not make us create or lock a file elsewhere."""
+    lock = f"{path}.lock"
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        why = "is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+        raise ControlSocketError(f"cannot open {lock}: {why}; refusing to start") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -146,8 +185,11 @@ def bind_router(router: zmq.Socket[Any], path: str | None, max_message_bytes: in
     router.setsockopt(zmq.LINGER, 0)
     # libzmq drops a peer that sends a frame bigger than this instead of buffering it.
     router.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-    # A client that vanished must not make us buffer its replies forever.
-    router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+    # A reply to a client that has gone, or whose queue is full, raises instead of vanishing
+    # (limits.ClientLimits.send skips the first and cuts the second off); the queue holds at
+    # most this many replies.
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    router.setsockopt(zmq.SNDHWM, limits.CLIENT_SNDHWM)
     if fd is not None:
         path = inherited_path(fd)
         router.setsockopt(zmq.USE_FD, fd)
@@ -155,7 +197,7 @@ def bind_router(router: zmq.Socket[Any], path: str | None, max_message_bytes: in
         return path
     assert path is not None
     check_path(path)
-    ensure_directory(os.path.dirname(path) or ".")
+    ensure_directory(path)
     lock_path(path)
     claim_path(path)
     # Bind under a umask that leaves the socket 0660 from its first instant: a chmod after the

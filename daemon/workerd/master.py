@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from workerctl import protocol
-from workerctl.frames import RCVMORE, readable, send_frames
+from workerctl.frames import RCVMORE, readable
 from workerctl.paths import resolve_socket_path
 
 from . import config as configuration
@@ -34,6 +34,7 @@ from .admission import RequestRejected
 from .gpu import GpuWorker
 from .handlers import DEFERRED, Commands, Incoming
 from .lifecycle import Ledger
+from .limits import ClientLimits
 from .metrics import Metrics
 from .notify import Notifier
 from .pool import Pool
@@ -50,9 +51,6 @@ SIGNAL_NAMES = {sig: sig.name.lower() for sig in SIGNALS}
 CONTROL_BATCH = 256
 # After the grace period, give killed workers this long to be reaped before we exit anyway.
 EXIT_WAIT_S = 3.0
-# Replies waiting for a slow client before libzmq drops them: high, because a dropped terminal
-# reply is a request that never ends for its caller.
-CLIENT_SNDHWM = 100_000
 # The longest one poll sleeps. Deadlines come from clients (a task's timeout_s may be 1e300 s):
 # converted to milliseconds unclamped, such a deadline overflowed the int zmq_poll takes (or
 # became infinite) and the exception ended the loop, i.e. one request killed the daemon. Waking
@@ -102,7 +100,7 @@ class Master:
         fd = control.inherited_fd()
         self.adopted = fd is not None
         self.control, self.socket_path = control.bind(self.context, path, max_bytes, fd)
-        self.control.setsockopt(zmq.SNDHWM, CLIENT_SNDHWM)
+        self.limits = ClientLimits(self.control, self.socket_path, max_bytes, self.counters)
         self.max_message_bytes = max_bytes
         # Remember which file is ours, to remove it at exit (an adopted socket stays systemd's).
         self.socket_inode = None if self.adopted else os.stat(self.socket_path).st_ino
@@ -234,6 +232,8 @@ class Master:
     def handle_request(self, frames: list[Any]) -> None:
         arrived_at = time.monotonic()
         client = frames[0].bytes
+        if not self.limits.seen(client, frames[0]):
+            return  # left over from a connection cut off for not reading its replies
         if len(frames) < 3 or frames[1] != b"":
             message = "a request is two frames: an empty delimiter and a msgpack body"
             self.refuse_bad(client, None, protocol.BAD_REQUEST, message, arrived_at)
@@ -289,9 +289,9 @@ class Master:
     def reply(self, client: bytes, frame: bytes, raw: Sequence[bytes] = ()) -> None:
         """Send one reply body, followed by the raw buffer frames it refers to, if any.
 
-        A ROUTER never blocks here: a reply to a client that has gone is dropped by libzmq, as
-        is one past CLIENT_SNDHWM queued replies to a client that stopped reading."""
-        send_frames(self.control, [client, b"", frame, *raw], copy=False)
+        Never blocks: a reply to a client that has gone is dropped; a client that stopped
+        reading is cut off once its replies fill its queue or hold too many bytes (limits.py)."""
+        self.limits.send(client, [b"", frame, *raw])
 
     # -- metrics -------------------------------------------------------------------------------
 

@@ -1,9 +1,11 @@
 """Task names and task runs, inside a worker.
 
 A task is "package.module:function" where the module is listed in `[tasks] modules` (exact
-match: listing a package does not allow its submodules). The master checks the allow-list
-before a request reaches a worker; the worker checks it again, because a worker must never
-import a module on the say-so of the wire.
+match: listing a package does not allow its submodules) and the function is one the module
+exports as a task (`task_function`). The master checks what the name alone tells (its syntax,
+the module, no `_` prefix) before a request is queued, without importing task code; the worker
+checks it all again, and the object itself, because a worker must never import a module or run
+an attribute on the say-so of the wire.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import importlib
 import re
 import traceback
 from collections.abc import Callable, Collection, Iterator
-from types import GeneratorType
+from types import FunctionType, GeneratorType, ModuleType
 from typing import Any
 
 from workerctl import protocol
 
 FUNCTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A module may name its tasks itself; then exactly those run (see task_function).
+EXPORTS = "__workerd_tasks__"
 
 
 class TaskLookupError(Exception):
@@ -42,11 +46,64 @@ def check_allowed(name: str, allowed: Collection[str]) -> tuple[str, str]:
     module, function = split_name(name)
     if module not in allowed:
         raise TaskLookupError(protocol.DENIED, f"module {module!r} is not listed in [tasks] modules")
+    if function.startswith("_"):
+        # Dunders included: module.__setattr__ or __getattribute__ would let a caller change or
+        # read the module's state (a global other callers' tasks read) without any task of it.
+        raise TaskLookupError(protocol.DENIED, f"{name!r} is private: names starting with '_' never run")
     return module, function
 
 
+def task_function(module: ModuleType, name: str) -> Callable[..., Any]:
+    """The task `name` of `module`, or TaskLookupError (DENIED if it exists but is no task).
+
+    A task is a public Python function (generator functions included) whose `__module__` is the
+    module itself: a name the module imports (`from os import system`), a class, a builtin, a
+    callable instance or a bound method does not run. A module that lists its tasks in
+    `__workerd_tasks__` (a list of names) exports exactly those instead, and may list any
+    callable that is not a class (a re-exported function, an lru_cache wrapper, a Cython
+    function): the list is then the one place that says what can run. Looked up in the module's
+    own namespace, not with getattr, so a module-level __getattr__ cannot make names up.
+    """
+    namespace = vars(module)
+    exports = namespace.get(EXPORTS)
+    if exports is not None:
+        return exported(module, exports, name)
+    value = namespace.get(name)
+    if value is None:
+        raise TaskLookupError(protocol.UNKNOWN_TASK, f"module {module.__name__!r} has no attribute {name!r}")
+    origin = getattr(value, "__module__", None)
+    if isinstance(origin, str) and origin != module.__name__:
+        raise TaskLookupError(
+            protocol.DENIED,
+            f"{module.__name__}:{name} is imported from {origin!r}, not defined in "
+            f"{module.__name__!r} (list it in {EXPORTS} to export it)",
+        )
+    if not isinstance(value, FunctionType) or origin != module.__name__:
+        raise TaskLookupError(
+            protocol.DENIED, f"{module.__name__}:{name} is a {type(value).__name__}, not a function"
+        )
+    return value
+
+
+def exported(module: ModuleType, exports: Any, name: str) -> Callable[..., Any]:
+    if not isinstance(exports, (list, tuple)) or not all(isinstance(n, str) for n in exports):
+        raise TaskLookupError(
+            protocol.UNKNOWN_TASK, f"{module.__name__}.{EXPORTS} must be a list of function names"
+        )
+    if name not in exports:
+        raise TaskLookupError(
+            protocol.DENIED, f"{module.__name__}:{name} is not listed in {module.__name__}.{EXPORTS}"
+        )
+    value = vars(module).get(name)
+    if not callable(value) or isinstance(value, type):
+        raise TaskLookupError(
+            protocol.UNKNOWN_TASK, f"{module.__name__}.{EXPORTS} lists {name!r}, which is not a function"
+        )
+    return value  # type: ignore[no-any-return]
+
+
 # A worker's modules never change during its life (new code means new workers), so a resolved
-# name stays good; only successes are cached, and only names of allowed modules' callables.
+# name stays good; only successes are cached, and only names of allowed modules' tasks.
 @functools.lru_cache(maxsize=1024)
 def resolve(name: str, allowed: frozenset[str]) -> Callable[..., Any]:
     module_name, function_name = check_allowed(name, allowed)
@@ -57,14 +114,7 @@ def resolve(name: str, allowed: frozenset[str]) -> Callable[..., Any]:
         raise TaskLookupError(
             protocol.UNKNOWN_TASK, f"module {module_name!r} failed to import: {exc!r}"
         ) from None
-    function = getattr(module, function_name, None)
-    if function is None:
-        raise TaskLookupError(
-            protocol.UNKNOWN_TASK, f"module {module_name!r} has no attribute {function_name!r}"
-        )
-    if not callable(function):
-        raise TaskLookupError(protocol.UNKNOWN_TASK, f"{name!r} is not callable")
-    return function  # type: ignore[no-any-return]
+    return task_function(module, function_name)
 
 
 def error_details(exc: BaseException) -> dict[str, Any]:

@@ -4,20 +4,30 @@
   fails for it;
 - results over the size limit (plain, streamed, chunked, raw frames) get a clear TASK_ERROR
   and the worker goes on;
-- past max_queue, requests get BUSY at once: the queue and the daemon's memory do not grow.
+- past max_queue, requests get BUSY at once: the queue and the daemon's memory do not grow;
+- a client that never reads its replies is cut off once they hold 16 x max_message_mb in the
+  master, or once 10,000 of them wait (they were dropped silently before, or held for good);
+- a message of many frames is whole in the master's memory before any check (libzmq cannot
+  bound it); once refused, that memory is given back.
 """
 
 from __future__ import annotations
 
 import os
 import textwrap
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import msgpack
 import pytest
+import zmq
 
 from tests.conftest import Daemon, wait_until
 from tests.reliability.harness import Counter, mib, report, request, rss, scaled, workers_of
+from workerd import limits
 
 TASKS = "workerd.examples.tasks"
 ECHO = f"{TASKS}:echo"
@@ -198,3 +208,140 @@ def test_queue_bound_gives_busy_not_growth(start_daemon: Callable[..., Daemon], 
     # The first max_queue requests were queued; every later one got BUSY.
     assert all(tally.results[n] == "x" * 1000 for n in range(max_queue))
     assert rss_full - rss_before < 10 * 2**20
+
+
+class PeakRss:
+    """The highest RSS of a process, sampled every 10 ms on a thread while the block runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = rss(pid)
+
+    @contextmanager
+    def watching(self) -> Iterator[PeakRss]:
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.01):
+                self.peak = max(self.peak, rss(self.pid))
+
+        thread = threading.Thread(target=sample)
+        thread.start()
+        try:
+            yield self
+        finally:
+            done.set()
+            thread.join()
+
+
+@contextmanager
+def non_reader(path: str) -> Iterator[zmq.Socket[bytes]]:
+    """A DEALER whose libzmq stops taking replies after one: a client that never reads."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 1)
+    sock.setsockopt(zmq.RCVBUF, 4096)
+    sock.setsockopt(zmq.SNDTIMEO, 10_000)
+    sock.connect(f"ipc://{path}")
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def cut_offs(daemon: Daemon) -> int:
+    with daemon.client() as client:
+        return int(client.status()["counters"].get("clients_cut_off", 0))
+
+
+@pytest.mark.timeout(scaled(120, 600))
+def test_replies_to_a_client_that_never_reads_are_bounded_in_bytes(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """The review's case at 1/16 scale: 40 replies of 3.5 MB (140 MB) to a client that reads
+    none, against a backlog limit of 16 x 4 MiB. Before, the master held all of them."""
+    limit_mb = 4
+    daemon = start(start_daemon, tmp_path, config(2, extra_daemon=f"max_message_mb = {limit_mb}"))
+    budget = limits.BACKLOG_MESSAGES * limit_mb * 2**20
+    size, count = 3_500_000, scaled(40, 200)
+    base = rss(daemon.proc.pid)
+    with PeakRss(daemon.proc.pid).watching() as peak, non_reader(daemon.socket) as sock:
+        for n in range(count):
+            sock.send_multipart(request(n, "execute", name=f"{TASKS}:payload", args=[size]))
+        wait_until(lambda: cut_offs(daemon) == 1, timeout=60)
+        # Everyone else is served meanwhile, big results included.
+        with daemon.client() as client:
+            assert client.execute(f"{TASKS}:payload", size) == b"x" * size
+        settled = wait_until(lambda: (now := rss(daemon.proc.pid)) < base + 24 * 2**20 and now, timeout=20)
+    report(
+        "reply backlog",
+        replies_asked=count,
+        reply_bytes_asked=mib(count * size),
+        backlog_limit=mib(budget),
+        clients_cut_off=cut_offs(daemon),
+        rss_before=mib(base),
+        rss_peak=mib(peak.peak),
+        rss_after=mib(settled),
+    )
+    # The backlog limit, plus replies on their way and what the allocator keeps.
+    assert peak.peak - base < budget + 8 * limit_mb * 2**20
+
+
+@pytest.mark.timeout(scaled(120, 600))
+def test_a_client_whose_reply_queue_fills_is_cut_off_not_dropped(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """Past SNDHWM replies, libzmq used to drop them silently: requests that never end. Now
+    the connection is cut, which the client sees as soon as it reads again."""
+    daemon = start(start_daemon, tmp_path, config(1))
+    pings = limits.CLIENT_SNDHWM + 8_000  # the queue, and what the kernel's buffers take
+    with non_reader(daemon.socket) as sock:
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        try:
+            sent = 0
+            try:
+                for n in range(pings):
+                    sock.send_multipart(request(n, "ping"))
+                    sent += 1
+            except zmq.Again:  # once cut, our own queue fills: this client is not reading
+                pass
+            wait_until(lambda: cut_offs(daemon) == 1, timeout=30)
+            received = 0
+            while sock.poll(200):  # reading again: the replies that made it, then the cut
+                msgpack.unpackb(sock.recv_multipart()[1])
+                received += 1
+            assert monitor.poll(5_000), "the client never saw its connection end"
+        finally:
+            monitor.close()
+    report("reply queue", pings_sent=sent, replies_received=received, clients_cut_off=cut_offs(daemon))
+    assert sent >= limits.CLIENT_SNDHWM and received < sent
+    with daemon.client() as client:
+        assert client.ping()["pid"] == daemon.proc.pid
+
+
+@pytest.mark.timeout(scaled(120, 600))
+def test_a_message_of_many_frames_is_given_back_once_refused(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """What libzmq cannot bound: ZMQ_MAXMSGSIZE is per frame, and a message is delivered only
+    when whole, so its size is in the master's memory before any check. This pins what the
+    master does then: refuse it, give the memory back, go on serving."""
+    daemon = start(start_daemon, tmp_path, config(1))
+    frames, frame = scaled(200, 1000), b"\x00" * 2**20
+    base = rss(daemon.proc.pid)
+    with PeakRss(daemon.proc.pid).watching() as peak, non_reader(daemon.socket) as sock:
+        sock.send_multipart([*request("big", "execute", name=ECHO), *([frame] * frames)], copy=False)
+        assert sock.poll(30_000)
+        reply = msgpack.unpackb(sock.recv_multipart()[1])
+        time.sleep(0.1)
+    settled = wait_until(lambda: (now := rss(daemon.proc.pid)) < base + 24 * 2**20 and now, timeout=20)
+    report(
+        "many frames", frames=frames, rss_before=mib(base), rss_peak=mib(peak.peak), rss_after=mib(settled)
+    )
+    assert (
+        reply["error"]["code"] == "BAD_REQUEST"
+        and "over the 67108864 byte message limit" in reply["error"]["message"]
+    )
+    assert peak.peak - base > frames * 2**20 // 2  # it was all there at once: libzmq's doing
+    with daemon.client() as client:
+        assert client.execute(ECHO, "still serving") == "still serving"
