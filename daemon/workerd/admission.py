@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any
-
-import zmq
+from typing import TYPE_CHECKING, Any
 
 from workerctl import protocol
+
+if TYPE_CHECKING:
+    import zmq
 
 # The bounds a client checks too live in workerctl.protocol: one number for both sides.
 MAX_RETRIES, MAX_CALLS, MAX_CANCEL_IDS = protocol.MAX_RETRIES, protocol.MAX_CALLS, protocol.MAX_CANCEL_IDS
@@ -37,14 +38,17 @@ def check_raw_frames(raw: list[zmq.Frame], max_bytes: int) -> None:
 
 
 def check_execute(request: dict[str, Any], default_timeout: float) -> tuple[str, float, int]:
-    """Validate execute's fields; returns (name, timeout_s, retries) or raises RequestRejected."""
+    """Validate execute's envelope; returns (name, timeout_s, retries) or raises RequestRejected.
+
+    The master sees args, kwargs and calls as protocol.Bulk (their kind and count, undecoded):
+    their contents are checked by the worker that decodes them (check_contents)."""
     name = request.get("name")
     if not isinstance(name, str) or not name:
         raise RequestRejected(protocol.BAD_REQUEST, "'name' must be a non-empty string")
     if "calls" in request:
         check_calls(request, name)
     else:
-        check_arguments(request.get("args", []), request.get("kwargs", {}), "")
+        check_arguments(request.get("args", EMPTY_ARRAY), request.get("kwargs", EMPTY_MAP), "")
     timeout = request.get("timeout_s", default_timeout)
     if timeout is None:
         timeout = default_timeout
@@ -58,10 +62,21 @@ def check_execute(request: dict[str, Any], default_timeout: float) -> tuple[str,
     return name, float(timeout), retries
 
 
+EMPTY_ARRAY, EMPTY_MAP = protocol.Bulk("array", 0), protocol.Bulk("map", 0)
+
+
+def kind(value: Any) -> str:
+    if isinstance(value, protocol.Bulk):
+        return value.kind
+    return "array" if isinstance(value, list) else "map" if isinstance(value, dict) else "other"
+
+
 def check_arguments(args: Any, kwargs: Any, where: str) -> None:
-    if not isinstance(args, list):
+    """args an array and kwargs a map: decoded values (in a worker) or Bulk (in the master),
+    whose map keys a worker checks once it has decoded them."""
+    if kind(args) != "array":
         raise RequestRejected(protocol.BAD_REQUEST, f"'args'{where} must be an array")
-    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+    if kind(kwargs) != "map" or (isinstance(kwargs, dict) and not all(isinstance(k, str) for k in kwargs)):
         raise RequestRejected(protocol.BAD_REQUEST, f"'kwargs'{where} must be a map with string keys")
 
 
@@ -76,11 +91,20 @@ def check_calls(request: dict[str, Any], name: str) -> None:
             protocol.BAD_REQUEST, "'calls' is for CPU tasks (module:function), not pipelines"
         )
     calls = request["calls"]
-    if not isinstance(calls, list) or not 1 <= len(calls) <= MAX_CALLS:
+    count = calls.count if isinstance(calls, protocol.Bulk) else len(calls) if isinstance(calls, list) else 0
+    if kind(calls) != "array" or not 1 <= count <= MAX_CALLS:
         raise RequestRejected(protocol.BAD_REQUEST, f"'calls' must be an array of 1 to {MAX_CALLS} calls")
-    # The master's one thread checks every call of every chunk: keep the loop tight (exact type
-    # checks, no call per entry); msgpack decodes arrays as list and maps as dict, nothing else.
-    for index, call in enumerate(calls):
+
+
+def check_contents(request: dict[str, Any]) -> None:
+    """In a worker, on the decoded request: what the master could not see without decoding."""
+    if "calls" not in request:
+        check_arguments(request.get("args", []), request.get("kwargs", {}), "")
+        return
+    check_calls(request, str(request.get("name", "")))
+    # Every call of a chunk: keep the loop tight (exact type checks, no call per entry); msgpack
+    # decodes arrays as list and maps as dict, nothing else.
+    for index, call in enumerate(request["calls"]):
         if (
             type(call) is not list
             or len(call) != 2

@@ -169,7 +169,6 @@ def missing_module(name: str, module: str) -> PipelineError:
     return PipelineError(protocol.TASK_ERROR, message, {"type": "ModuleNotFoundError", "message": message})
 
 
-
 def plan_parking(
     victims: Iterable[Entry], parked: Iterable[Entry], host_budget: int
 ) -> list[tuple[str, str]]:

@@ -46,6 +46,10 @@ FANOUT_WAIT_S = 10.0
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 30.0
 MAX_WORKERS = protocol.MAX_WORKERS
+# A worker whose running job has run this long is sent no job ahead, and the jobs it holds
+# ahead go to an idle worker. Prefetch pays for short tasks, where the master's round trip
+# between two of them is a good part of their time; well before 50 ms it is not any more.
+STEAL_AFTER_S = 0.05
 # Worker frames carry a reply of at most max_message_bytes, plus a few small frames around it.
 FRAME_SLACK = 64 * 1024
 
@@ -595,7 +599,8 @@ class Pool:
         )
 
     def dispatch(self) -> None:
-        """Give queued jobs to workers: idle ones first, then to hold one more job each."""
+        """Give queued jobs to workers: idle ones first, then to hold one more job each, but never
+        ahead to a worker stuck in a long job (see steal)."""
         if not self.queue:
             return
         serving = [w for w in self.workers.values() if w.phase == "serving"]
@@ -603,7 +608,7 @@ class Pool:
         now = time.monotonic()
         for depth in range(capacity):
             for worker in serving:
-                if len(worker.lane) != depth:
+                if len(worker.lane) != depth or (depth and self.slow(worker, now)):
                     continue
                 zygote = self.zygotes.get(worker.generation)
                 if zygote is None:
@@ -615,6 +620,33 @@ class Pool:
                 self.send(worker, [b"run", b"%d" % job.id, job.body, *job.raw])
                 if not self.queue:
                     return
+
+    @staticmethod
+    def slow(worker: Worker, now: float) -> bool:
+        """Has its running job run long enough that jobs sent ahead would wait behind it?"""
+        job = worker.lane.running
+        return job is not None and now - job.started_at >= STEAL_AFTER_S
+
+    def steal(self, now: float) -> None:
+        """Jobs held ahead by a worker stuck in a long job go back to the queue, for the idle
+        workers. Prefetch is a bet that the running job ends soon: this settles a lost bet.
+        (withdraw() hands back only jobs surely not started, so none runs twice.)"""
+        if not any(w.phase == "serving" and not w.lane.jobs for w in self.workers.values()):
+            return
+        for worker in list(self.workers.values()):
+            if worker.phase == "serving" and self.slow(worker, now) and worker.lane.prefetched():
+                self.counters["prefetch_taken_back"] += len(self.withdraw(worker, worker.lane.prefetched()))
+
+    def steal_deadline(self) -> float:
+        """When a worker holding jobs ahead turns slow, if an idle worker could take them."""
+        if not any(w.phase == "serving" and not w.lane.jobs for w in self.workers.values()):
+            return math.inf
+        times = [
+            w.lane.jobs[0].started_at + STEAL_AFTER_S
+            for w in self.workers.values()
+            if w.phase == "serving" and len(w.lane) > 1 and w.lane.running is not None
+        ]
+        return min(times, default=math.inf)
 
     def waiting(self) -> int:
         """Jobs accepted and not started: queued here, or prefetched by a worker."""
@@ -636,7 +668,7 @@ class Pool:
     # -- time ----------------------------------------------------------------------------------
 
     def next_deadline(self) -> float:
-        times = [self.zygote_restart_at]
+        times = [self.zygote_restart_at, self.steal_deadline()]
         for worker in self.workers.values():
             times.append(worker.kill_at if worker.phase == "killing" else worker.lane.next_deadline())
         times.extend(f.deadline for f in self.fanouts)
@@ -654,6 +686,7 @@ class Pool:
                 self.start_kill(worker, now)
         for fanout in [f for f in self.fanouts if now >= f.deadline]:
             self.answer_fanout(fanout)
+        self.steal(now)
         if now >= self.zygote_restart_at:
             log.info("restarting the zygote")
             self.restart_zygote()

@@ -20,6 +20,8 @@ from typing import Any
 
 from workerctl import protocol
 
+from . import admission
+
 FUNCTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # A module may name its tasks itself; then exactly those run (see task_function).
 EXPORTS = "__workerd_tasks__"
@@ -156,15 +158,21 @@ def bounded_frames(kind: bytes, frames: Frames, request_id: Any, limit: int) -> 
 
 
 def decode(body: bytes, raw: list[bytes]) -> tuple[dict[str, Any] | None, bytes]:
-    """The request with its raw-frame references resolved, or (None, the error reply).
+    """The request with its raw-frame references resolved and its contents checked, or (None,
+    the error reply).
 
-    The master decoded the envelope already, so a failure here is a bad raw-frame reference (or
-    an array where numpy is missing): the client's error, answered, never fatal."""
+    The master checked the envelope only (admission.check_execute), so a failure here is in the
+    arguments (kwargs keys, the shape of a chunk's calls), a bad raw-frame reference, or an array
+    where numpy is missing: the client's error, answered BAD_REQUEST, never fatal."""
     try:
-        return protocol.unpack(body, raw), b""
+        request = protocol.unpack(body, raw)
+        admission.check_contents(request)
+        return request, b""
     except protocol.ProtocolError as exc:
-        request_id = protocol.unpack(body).get("id")
-        return None, protocol.encode_error(request_id, exc.code, exc.message)
+        code, message = exc.code, exc.message
+    except admission.RequestRejected as exc:
+        code, message = exc.code, exc.message
+    return None, protocol.encode_error(protocol.unpack_envelope(body).get("id"), code, message)
 
 
 def run(body: dict[str, Any], allowed: frozenset[str], limit: int) -> Iterator[tuple[bytes, Frames]]:

@@ -343,3 +343,20 @@ def test_sigterm_lets_tasks_in_flight_finish(daemon: Daemon) -> None:
     assert [r["error"]["code"] for r in refused] == ["SHUTTING_DOWN"] * 3
     assert daemon.proc.wait(15) == 0
     assert not os.path.exists(daemon.socket)
+
+
+def test_jobs_sent_ahead_to_a_worker_stuck_in_a_long_job_go_to_an_idle_one(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """With prefetch, quick jobs may be sent ahead to a worker that then runs a long job: once it
+    has run STEAL_AFTER_S, they are taken back for a free worker instead of waiting behind it."""
+    daemon = start_daemon(config=config(workers=2, prefetch=4))
+    with daemon.client() as client:
+        slow = client.send("execute", name=f"{TASKS}:sleep", kwargs={"seconds": 3})
+        started = time.monotonic()
+        quick = [client.send("execute", name=f"{TASKS}:echo", args=[i]) for i in range(8)]
+        assert [client.wait_result(q, 10) for q in quick] == list(range(8))
+        assert time.monotonic() - started < 1.5  # not behind the 3 s sleep
+        assert "end" in client.wait_result(slow, 10)
+        stolen = client.status()["counters"].get("prefetch_taken_back", 0)
+    assert stolen >= 1

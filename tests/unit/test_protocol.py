@@ -129,3 +129,38 @@ def test_stream_items_are_not_terminal() -> None:
 def test_malformed_replies_are_reported(body: object) -> None:
     with pytest.raises(protocol.ProtocolError):
         protocol.decode_reply(msgpack.packb(body))
+
+
+values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=20) | st.dictionaries(st.text(max_size=5), inner, max_size=20),
+    max_leaves=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["v", "id", "cmd", "name", "args", "kwargs", "calls", "x"]), values))
+def test_the_envelope_is_the_body_with_its_bulky_fields_counted_not_decoded(body: dict[str, object]) -> None:
+    decoded = protocol.unpack_envelope(msgpack.packb(body, use_bin_type=True))
+    assert decoded.keys() == body.keys()
+    for key, value in body.items():
+        if key not in protocol.BULKY_FIELDS:
+            assert decoded[key] == value
+            continue
+        bulk = decoded[key]
+        assert isinstance(bulk, protocol.Bulk)
+        if isinstance(value, list | dict):
+            assert (bulk.kind, bulk.count) == ("array" if isinstance(value, list) else "map", len(value))
+        else:
+            assert bulk.kind == "other"
+
+
+def test_a_broken_bulky_field_is_a_bad_request_though_it_is_not_decoded() -> None:
+    data = msgpack.packb({"v": 1, "id": 1, "cmd": "execute", "args": [1, 2, 3]})
+    with pytest.raises(protocol.ProtocolError) as info:
+        protocol.decode_request(data[:-1])  # the args array ends early
+    assert info.value.code == protocol.BAD_REQUEST
