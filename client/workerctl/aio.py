@@ -357,11 +357,12 @@ class AsyncClient:
         iterable: Iterable[Any],
         *,
         window: int = DEFAULT_WINDOW,
-        chunksize: int = 1,
+        chunksize: int | None = None,
         timeout_s: float | None = None,
         retries: int = 0,
     ) -> list[Any]:
         results: dict[int, Any] = {}
+        chunksize = core.auto_chunksize(iterable, window) if chunksize is None else chunksize
         calls = core.single_argument_calls(iterable)
         async for index, ok, value in self._outcomes(name, calls, window, chunksize, timeout_s, retries):
             if not ok:

@@ -25,9 +25,9 @@ from .protocol import Buffer
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_RECONNECT_TIMEOUT = 30.0
-# Requests in flight for map and friends: enough to keep a pool of workers and the master busy
-# while replies travel back.
-DEFAULT_WINDOW = 32
+# Requests in flight for execute_many/imap_unordered/map: measured (bench/RESULTS.md), 64 is where
+# throughput stops growing at chunksize 1 (2 workers, prefetch 4); more only queues in the master.
+DEFAULT_WINDOW = 64
 
 
 def probe_socket(path: str) -> None:
@@ -439,12 +439,16 @@ class Client:
         iterable: Iterable[Any],
         *,
         window: int = DEFAULT_WINDOW,
-        chunksize: int = 1,
+        chunksize: int | None = None,
         timeout_s: float | None = None,
         retries: int = 0,
     ) -> list[Any]:
-        """Like Pool.map: the results in input order; the first failed call raises."""
+        """Like Pool.map: the results in input order; the first failed call raises.
+
+        chunksize None: chosen as Pool.map does when the input has a length (core.auto_chunksize:
+        then timeout_s and retries apply to each chunk), else 1."""
         results: dict[int, Any] = {}
+        chunksize = core.auto_chunksize(iterable, window) if chunksize is None else chunksize
         calls = core.single_argument_calls(iterable)
         for index, ok, value in self._outcomes(name, calls, window, chunksize, timeout_s, retries):
             if not ok:

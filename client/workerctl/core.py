@@ -106,7 +106,7 @@ def chunk_fields(name: str, calls: Sequence[Call], timeout_s: float | None, retr
     The (args, kwargs) pairs go as they are (msgpack writes tuples as arrays): no Python work
     per call. Large bytes inside a chunk are not made raw frames (chunks are for many small
     calls); a Raw wrapper or a numpy array still travels raw."""
-    return with_options({"name": name, "calls": calls}, timeout_s, retries)
+    return with_options({"name": name, "calls": calls, "compact": True}, timeout_s, retries)
 
 
 def with_options(fields: dict[str, Any], timeout_s: float | None, retries: int) -> dict[str, Any]:
@@ -318,6 +318,23 @@ class Outcome:
 Call = tuple[Sequence[Any], dict[str, Any]]
 
 
+# Chunks per request slot of the window that auto_chunksize aims for: like Pool.map's 4 chunks per
+# worker, enough chunks that the last ones do not leave most workers idle.
+AUTO_CHUNKS_PER_SLOT = 4
+AUTO_CHUNK_MAX = 1000
+
+
+def auto_chunksize(iterable: Iterable[Any], window: int) -> int:
+    """Pool.map's rule with the window in place of the worker count: the input's length over
+    4 x window, at least 1 (1 when the input has no length: an iterator is not read ahead),
+    at most AUTO_CHUNK_MAX (bigger chunks gain nothing measurable and hold results longer)."""
+    try:
+        length = len(iterable)  # type: ignore[arg-type]
+    except TypeError:
+        return 1
+    return max(1, min(AUTO_CHUNK_MAX, -(-length // (AUTO_CHUNKS_PER_SLOT * window))))
+
+
 def single_argument_calls(items: Iterable[Any]) -> Iterator[Call]:
     """imap_unordered's items: each is the one positional argument of its call (as Pool's)."""
     empty: dict[str, Any] = {}
@@ -429,6 +446,9 @@ class Batch:
 
     @staticmethod
     def chunk_outcomes(first: int, count: int, result: Any) -> list[tuple[int, bool, Any]]:
+        values = result.get("values") if isinstance(result, dict) else None
+        if isinstance(values, list) and len(values) == count:
+            return Batch.compact_outcomes(first, values, result.get("errors"))
         results = result.get("results") if isinstance(result, dict) else None
         if not isinstance(results, list) or len(results) != count:
             exc = errors.ProtocolMismatch(f"a chunk of {count} calls came back without {count} results")
@@ -446,6 +466,22 @@ class Batch:
             else:
                 error = entry.get("error") if isinstance(entry, dict) else None
                 out.append((index, False, errors.error_from_reply(error if isinstance(error, dict) else {})))
+        return out
+
+    @staticmethod
+    def compact_outcomes(first: int, values: list[Any], failed: Any) -> list[tuple[int, bool, Any]]:
+        """The outcomes of a compact chunk reply (`compact: true`): values in call order, and
+        the sparse [index, error] list of the calls that failed."""
+        out = [(index, True, value) for index, value in enumerate(values, first)]
+        for entry in failed if isinstance(failed, list) else ():
+            if (
+                isinstance(entry, list)
+                and len(entry) == 2
+                and type(entry[0]) is int
+                and 0 <= entry[0] < len(out)
+            ):
+                error = entry[1] if isinstance(entry[1], dict) else {}
+                out[entry[0]] = (first + entry[0], False, errors.error_from_reply(error))
         return out
 
     def close(self) -> list[int]:

@@ -187,7 +187,7 @@ def run(body: dict[str, Any], allowed: frozenset[str], limit: int) -> Iterator[t
     try:
         function = resolve(body["name"], allowed)
         if "calls" in body:
-            result = {"results": run_calls(function, body["calls"])}
+            result = run_calls(function, body["calls"], body.get("compact") is True)
             yield bounded_frames(OK, protocol.encode_result_frames(request_id, result), request_id, limit)
             return
         value = function(*body.get("args", ()), **body.get("kwargs", {}))
@@ -215,32 +215,42 @@ def task_error(request_id: Any, exc: Exception) -> bytes:
     )
 
 
-def run_calls(function: Callable[..., Any], calls: list[list[Any]]) -> list[dict[str, Any]]:
-    """Run each [args, kwargs] of a chunk in order; one outcome per call, in call order.
+def run_calls(function: Callable[..., Any], calls: list[list[Any]], compact: bool) -> dict[str, Any]:
+    """Run each [args, kwargs] of a chunk in order; the outcome of every call, in call order.
 
     A call's failure is its own outcome and the chunk goes on; a generator's items are collected
     into a list (a chunk has one terminal reply and no stream). The timeout and retries of the
     request apply to the chunk as a whole. Results are not promoted to raw frames one by one
     (this loop runs once per call; chunks are for many small calls): numpy arrays and Raw
     values still travel raw.
+
+    compact: {"values": [value or None], "errors": [[index, error], ...]}, the values as they
+    are (no map per call to build here, to encode, to decode and to take apart in the client);
+    else {"results": [{"ok": true, "result"} | {"ok": false, "error"}]}.
     """
-    outcomes: list[dict[str, Any]] = []
-    append = outcomes.append
+    values: list[Any] = []
+    failed: list[list[Any]] = []
+    append = values.append
     for args, kwargs in calls:
         try:
             value = function(*args, **kwargs)
             if isinstance(value, GeneratorType):
                 value = list(value)
-            append({"ok": True, "result": value})
+            append(value)
         except Exception as exc:
-            append(
-                {
-                    "ok": False,
-                    "error": {
-                        "code": protocol.TASK_ERROR,
-                        "message": f"{type(exc).__name__}: {exc}",
-                        "details": error_details(exc),
-                    },
-                }
-            )
-    return outcomes
+            failed.append([len(values), call_error(exc)])
+            append(None)
+    if compact:
+        return {"values": values, "errors": failed}
+    results: list[dict[str, Any]] = [{"ok": True, "result": value} for value in values]
+    for index, error in failed:
+        results[index] = {"ok": False, "error": error}
+    return {"results": results}
+
+
+def call_error(exc: Exception) -> dict[str, Any]:
+    return {
+        "code": protocol.TASK_ERROR,
+        "message": f"{type(exc).__name__}: {exc}",
+        "details": error_details(exc),
+    }

@@ -360,3 +360,17 @@ def test_jobs_sent_ahead_to_a_worker_stuck_in_a_long_job_go_to_an_idle_one(
         assert "end" in client.wait_result(slow, 10)
         stolen = client.status()["counters"].get("prefetch_taken_back", 0)
     assert stolen >= 1
+
+
+def test_chunk_replies_compact_or_one_map_per_call(daemon: Daemon) -> None:
+    calls = [[[3], {}], [["many"], {}], [[None], {}]]
+    with daemon.client() as client:
+        full = client.wait_result(client.send("execute", name=f"{TASKS}:hash_work", calls=calls), 10)
+        compact = client.wait_result(
+            client.send("execute", name=f"{TASKS}:hash_work", calls=calls, compact=True), 10
+        )
+    assert [entry["ok"] for entry in full["results"]] == [True, False, False]
+    assert compact["values"][0] == full["results"][0]["result"]
+    assert compact["values"][1:] == [None, None]
+    assert [index for index, _ in compact["errors"]] == [1, 2]
+    assert compact["errors"][0][1]["code"] == "TASK_ERROR"

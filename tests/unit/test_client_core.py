@@ -457,3 +457,20 @@ def test_progress_line() -> None:
     text = progress.line()
     assert "40 done, 2 failed, 1 lost" in text and "ETA" in text and "%" in text
     assert "ETA" not in batch.Progress(done=1).line()
+
+
+def test_compact_chunk_replies_become_outcomes_in_call_order() -> None:
+    from workerctl.core import Batch
+
+    error = {"code": "TASK_ERROR", "message": "ValueError: no", "details": {"type": "ValueError"}}
+    out = Batch.chunk_outcomes(10, 3, {"values": [1, None, None], "errors": [[1, error]]})
+    assert [(index, ok) for index, ok, _ in out] == [(10, True), (11, False), (12, True)]
+    assert out[0][2] == 1 and out[2][2] is None
+    assert isinstance(out[1][2], errors.TaskError) and isinstance(out[1][2], ValueError)
+
+
+def test_auto_chunksize_follows_pool_map_for_sized_inputs_only() -> None:
+    assert core.auto_chunksize(range(10_000), 64) == 40  # ceil(10000 / 256)
+    assert core.auto_chunksize(range(10), 64) == 1
+    assert core.auto_chunksize(range(10**8), 64) == core.AUTO_CHUNK_MAX
+    assert core.auto_chunksize(iter(range(10_000)), 64) == 1
