@@ -196,6 +196,7 @@ def command_ping(client: Client, args: argparse.Namespace) -> int:
         lambda r: (
             f"pong from workerd {r['version']} (pid {r['pid']}, "
             f"up {r['uptime_s']:.1f} s, protocol {r['protocols']})"
+            + (f"\ndegraded: {r['degraded']}" if r.get("degraded") else "")
         ),
     )
     return errors.EXIT_OK

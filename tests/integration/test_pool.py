@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Callable
@@ -309,8 +311,15 @@ def test_zygote_dying_during_import_is_not_a_hang(
     daemon = start_daemon(config=text, env={"PYTHONPATH": str(tmp_path)})
     with daemon.client() as client:
         assert "died while importing task code (exited with status 3)" in client.status()["pool"]["error"]
-        with pytest.raises(errors.InternalError, match="CPU pool unavailable"):
+        assert "died while importing task code" in client.ping()["degraded"]
+        with pytest.raises(errors.InternalError, match="CPU pool unavailable") as info:
             client.execute(f"{TASKS}:echo", 1)
+        # The error says what to fix and how to apply it.
+        assert "[pool] preload" in info.value.message and "workerctl reload" in info.value.message
+    ping = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "workerctl"), "--socket", daemon.socket, "ping"], capture_output=True, text=True
+    )
+    assert ping.returncode == 0 and "degraded: CPU pool unavailable" in ping.stdout
 
 
 def test_a_stream_that_sent_items_is_not_retried(daemon: Daemon) -> None:
