@@ -472,7 +472,8 @@ class Batch:
     def compact_outcomes(first: int, values: list[Any], failed: Any) -> list[tuple[int, bool, Any]]:
         """The outcomes of a compact chunk reply (`compact: true`): values in call order, and
         the sparse [index, error] list of the calls that failed."""
-        out = [(index, True, value) for index, value in enumerate(values, first)]
+        # zip, not a comprehension: this runs once per call, and in C it costs a third.
+        out = list(zip(range(first, first + len(values)), itertools.repeat(True), values, strict=False))
         for entry in failed if isinstance(failed, list) else ():
             if (
                 isinstance(entry, list)
