@@ -55,6 +55,7 @@ import contextlib
 import csv
 import dataclasses
 import importlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -81,6 +82,15 @@ from workerctl import Client, errors
 from workerd.examples import tasks as example_tasks
 
 PAYLOAD: dict[str, Any] = {"user": "alice", "n": 42, "tags": ["a", "b", "c"], "ok": True}
+SERIAL = itertools.count()
+
+
+def payload() -> dict[str, Any]:
+    """A dict shaped like PAYLOAD, distinct per call."""
+    n = next(SERIAL)
+    return {"user": f"user{n}", "n": n, "tags": ["a", "b", str(n)], "ok": True}
+
+
 # How long one call may take before it counts as an error (a timeout).
 CALL_TIMEOUT_S = 30.0
 # A load generator using this share of one core or more may itself be the bottleneck.
@@ -120,7 +130,12 @@ class Workload:
     key: str
     title: str
     function: str  # its name in workerd.examples.tasks and in bench/celery_tasks.py
-    args: tuple[Any, ...]
+    make_args: Callable[[], tuple[Any, ...]]
+
+    def args(self) -> tuple[Any, ...]:
+        """Fresh arguments for one call: distinct per call where they are data (equal objects
+        would let pickle's memo shrink a peer's messages)."""
+        return self.make_args()
 
     @property
     def workerd_name(self) -> str:
@@ -133,8 +148,8 @@ class Workload:
 
 
 WORKLOADS = {
-    "trivial": Workload("trivial", "echo of a small dict", "echo", (PAYLOAD,)),
-    "sleep50": Workload("sleep50", "sleep 50 ms", "sleep", (0.05,)),
+    "trivial": Workload("trivial", "echo of a small dict", "echo", lambda: (payload(),)),
+    "sleep50": Workload("sleep50", "sleep 50 ms", "sleep", lambda: (0.05,)),
 }
 
 
@@ -288,21 +303,21 @@ class WorkerdSystem(System):
         try:
             self.daemon.wait_ready()
             self.client = Client(self.daemon.socket, timeout=CALL_TIMEOUT_S)
-            self.client.call(workload.workerd_name, list(workload.args))
+            self.client.call(workload.workerd_name, list(workload.args()))
         except BaseException:
             self.daemon.stop()
             raise
 
     def drive(self, c: int, end: float, drain_s: float, samples: Samples) -> bool:
         sent: list[float] = []
-        args = list(self.workload.args)
+        make = self.workload.args
 
         def calls() -> Iterator[tuple[list[Any], dict[str, Any]]]:
             # Pulled by the client only as the window frees up: the time of the pull is the send.
             clock = time.perf_counter
             while (now := clock()) < end:
                 sent.append(now)
-                yield args, {}
+                yield list(make()), {}
 
         cutoff = end + drain_s
         try:
@@ -340,7 +355,7 @@ class PoolSystem(System):
         def submit(finish: Callable[[bool], None]) -> None:
             self.pool.apply_async(
                 self.function,
-                self.args,
+                self.args(),
                 callback=lambda _: finish(True),
                 error_callback=lambda _: finish(False),
             )
@@ -370,7 +385,7 @@ class ExecutorSystem(System):
 
     def drive(self, c: int, end: float, drain_s: float, samples: Samples) -> bool:
         def submit(finish: Callable[[bool], None]) -> None:
-            future = self.executor.submit(self.function, *self.args)
+            future = self.executor.submit(self.function, *self.args())
             future.add_done_callback(lambda f: finish(not f.cancelled() and f.exception() is None))
 
         return callback_loop(submit, c, end, drain_s, samples)
@@ -392,7 +407,7 @@ class SubprocessSystem(System):
             sys.executable,
             "-c",
             SUBPROCESS_SNIPPET.format(function=workload.function),
-            json.dumps(list(workload.args)),
+            json.dumps(list(workload.args())),
         ]
         self.live: set[subprocess.Popen[bytes]] = set()
         self.lock = threading.Lock()
@@ -522,7 +537,7 @@ class CelerySystem(System):
         raise RuntimeError(f"the celery worker was not ready within {timeout} s: {self.output()}")
 
     def call(self) -> bool:
-        self.task.delay(*self.args).get(timeout=CALL_TIMEOUT_S)
+        self.task.delay(*self.args()).get(timeout=CALL_TIMEOUT_S)
         return True
 
     def drive(self, c: int, end: float, drain_s: float, samples: Samples) -> bool:
