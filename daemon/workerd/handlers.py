@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 DEFERRED = object()
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)  # not frozen: a frozen __init__ costs µs per request
 class Incoming:
     """A decoded request and where it came from."""
 
