@@ -25,9 +25,10 @@ from workerctl import protocol
 
 from . import memory, processes
 from .config import Config, gpu_worker_settings
-from .lifecycle import WHEN_TOLD, Job, JobQueue, Lane, Ledger, settle
+from .generations import BACKOFF_FIRST_S, BACKOFF_MAX_S
+from .lifecycle import WHEN_TOLD, Job, JobQueue, Lane, Ledger, settle, shown_state
 from .metrics import CACHE_EVENTS, Metrics
-from .pool import BACKOFF_FIRST_S, BACKOFF_MAX_S, FRAME_SLACK, STACK_DUMP_GRACE_S, read_text, remove_quietly
+from .pool import FRAME_SLACK, STACK_DUMP_GRACE_S, read_text, remove_quietly
 from .reactor import Reactor
 from .transport import Channel, ChannelError, channel_pair
 from .worker import stack_path
@@ -76,9 +77,7 @@ class GpuWorker:
 
     @property
     def state(self) -> str:
-        if self.phase == "serving":
-            return "busy" if self.lane.jobs else "idle"
-        return "killing" if self.phase == "killed" else self.phase
+        return shown_state(self.phase, self.lane)
 
     @property
     def running(self) -> bool:

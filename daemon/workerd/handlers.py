@@ -67,7 +67,7 @@ class Commands:
             "protocols": list(protocol.SUPPORTED_VERSIONS),
             "max_message_bytes": self.master.max_message_bytes,
             # Why CPU tasks cannot run now (the task code failed to import), or None.
-            "degraded": self.master.pool.unavailable() if self.master.pool.failure else None,
+            "degraded": self.master.pool.unavailable() if self.master.pool.generations.failure else None,
         }
 
     def status(self, msg: Incoming) -> dict[str, Any]:
@@ -83,9 +83,9 @@ class Commands:
                 "size": sum(1 for w in workers if w["state"] in ("idle", "busy")),
                 "idle": sum(1 for w in workers if w["state"] == "idle"),
                 "busy": sum(1 for w in workers if w["state"] == "busy"),
-                "generation": pool.generation,
+                "generation": pool.generations.generation,
                 "gc_freeze": master.config.pool.gc_freeze,
-                "error": pool.failure,
+                "error": pool.generations.failure,
                 "workers": workers,
             },
             "queue": {
@@ -118,7 +118,7 @@ class Commands:
         pool, gpu = self.master.pool, self.master.gpu
         result = {
             "daemon": {"pid": os.getpid(), "rss_bytes": memory.process_memory(os.getpid())["rss_bytes"]},
-            "zygotes": pool.zygote_memory(),
+            "zygotes": pool.generations.memory(),
             "workers": pool.memory() + gpu.describe(),
             "gpu": None,
         }

@@ -199,6 +199,14 @@ def settle(
     return timed_out
 
 
+def shown_state(phase: str, lane: Lane) -> str:
+    """What `status` shows of a worker process in `phase` holding `lane`: idle and busy are
+    derived from the jobs it holds, never kept in step by hand."""
+    if phase == "serving":
+        return "busy" if lane.jobs else "idle"
+    return "killing" if phase == "killed" else phase
+
+
 class JobQueue:
     """Jobs waiting for a worker, oldest first, kept per key (a module, a pipeline).
 

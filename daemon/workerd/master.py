@@ -115,16 +115,16 @@ class Master:
             self.reactor.watch(exporter.wake_read, lambda: self.handle_scrapes(exporter))
         self.ledger = Ledger(self.reply, self.metrics)
         self.pool = Pool(self.config, self.private_dir, self.ledger, self.reactor, self.metrics)
-        self.pool.on_generation = self.generation_done
+        self.pool.generations.on_generation = self.generation_done
         self.gpu = GpuWorker(self.config, self.private_dir, self.ledger, self.reactor, self.metrics)
         log.info("workerd listening on %s (config: %s)", self.socket_path, self.config.source)
         self.notifier.status(f"importing task code; serving {self.socket_path}")
         try:
-            self.pool.start_generation(self.config)
+            self.pool.generations.start(self.config)
         except OSError as exc:
-            self.pool.failure = f"cannot start the zygote: {exc}"
-            log.error("%s", self.pool.failure)
-            self.generation_done(0, False, self.pool.failure)
+            failure = self.pool.generations.failure = f"cannot start the zygote: {exc}"
+            log.error("%s", failure)
+            self.generation_done(0, False, failure)
         if self.gpu.enabled and self.config.gpu.start == "boot":
             self.gpu.spawn()
 
@@ -334,7 +334,7 @@ class Master:
         self.notifier.reloading()
         log.info("reloading: importing task code into a new zygote")
         self.pending_config = config
-        self.reload_generation = self.pool.start_generation(config)
+        self.reload_generation = self.pool.generations.start(config)
 
     def generation_done(self, generation: int, ok: bool, message: str) -> None:
         """A zygote is ready or failed to import: the first boot, a reload, or a restart."""
@@ -365,7 +365,7 @@ class Master:
         """Answer every pending reload: its new generation, or the error `code`."""
         for msg in self.pending_reloads:
             if code is None:
-                self.answer(msg, {"generation": self.pool.generation})
+                self.answer(msg, {"generation": self.pool.generations.generation})
             else:
                 self.refuse(msg, code, message)
         self.pending_reloads.clear()

@@ -29,7 +29,8 @@ from workerctl import protocol
 
 from . import memory, processes
 from .config import Config
-from .lifecycle import ANSWERED, ASSIGNED, RUNNING, Job, JobQueue, Lane, Ledger, settle
+from .generations import BACKOFF_FIRST_S, BACKOFF_MAX_S, Generations, max_frame
+from .lifecycle import ANSWERED, ASSIGNED, RUNNING, Job, JobQueue, Lane, Ledger, settle, shown_state
 from .metrics import Metrics
 from .reactor import Reactor
 from .transport import Channel, ChannelError
@@ -42,9 +43,6 @@ log = logging.getLogger("workerd.pool")
 STACK_DUMP_GRACE_S = 0.2
 # A clear_memory fan-out waits this long for busy workers before answering without them.
 FANOUT_WAIT_S = 10.0
-# Respawn back-off after crashes at start-up, so a broken worker never becomes a fork loop.
-BACKOFF_FIRST_S = 0.1
-BACKOFF_MAX_S = 30.0
 MAX_WORKERS = protocol.MAX_WORKERS
 # A worker whose running job has run this long is sent no job ahead, and the jobs it holds
 # ahead go to an idle worker. Prefetch pays for short tasks, where the master's round trip
@@ -110,9 +108,7 @@ class Worker:
 
     @property
     def state(self) -> str:
-        if self.phase == "serving":
-            return "busy" if self.lane.jobs else "idle"
-        return "killing" if self.phase == "killed" else self.phase
+        return shown_state(self.phase, self.lane)
 
     @property
     def live(self) -> bool:
@@ -140,212 +136,28 @@ class Pool:
         self.reactor = reactor
         self.counters = metrics.events
         self.target = config.pool.worker_count()
-        self.generation = 0  # the generation serving now; numbers are never reused
-        self.last_generation = 0
-        self.zygotes: dict[int, ZygoteHandle] = {}
+        self.generations = Generations(self)
         self.workers: dict[int, Worker] = {}
         self.queue = JobQueue()
         self.fanouts: list[Fanout] = []
         self.unflushed: set[Worker] = set()
-        self.failure: str | None = None  # why there is no usable zygote, if there is none
         self.stopping = False
         self.respawn_at = 0.0
         self.early_deaths = 0
-        self.zygote_restart_at = math.inf
-        self.zygote_failures = 0
-        # Called with (generation, ok, message) when a zygote is ready or failed to import.
-        self.on_generation: Callable[[int, bool, str], None] = lambda generation, ok, message: None
-
-    # -- zygotes -------------------------------------------------------------------------------
-
-    def settings(self, config: Config) -> dict[str, Any]:
-        pool = config.pool
-        return {
-            "preload": list(pool.preload),
-            "task_modules": list(config.tasks.modules),
-            "gc_freeze": pool.gc_freeze,
-            "stack_dir": self.stack_dir,
-            "max_message_bytes": self.max_frame(config),
-            "max_tasks_per_worker": pool.max_tasks_per_worker,
-            "max_worker_memory_mb": pool.max_worker_memory_mb,
-        }
-
-    @staticmethod
-    def max_frame(config: Config) -> int:
-        return int(config.daemon.max_message_mb * 1024 * 1024)
-
-    def start_generation(self, config: Config, generation: int | None = None) -> int:
-        """Start a zygote for a new generation of task code; workers follow once it is ready.
-
-        The config takes effect only when the zygote is ready: a reload whose code fails to
-        import leaves the running generation, and its settings, untouched. Raises OSError if
-        the zygote cannot be started (the caller answers for it)."""
-        if generation is None:
-            generation = self.last_generation + 1
-        zygote = ZygoteHandle.start(self.settings(config), generation, config)
-        self.last_generation = max(self.last_generation, generation)
-        self.add_zygote(zygote)
-        log.info("zygote generation %d starting (pid %d)", generation, zygote.pid)
-        return generation
-
-    def add_zygote(self, zygote: ZygoteHandle) -> None:
-        self.zygotes[zygote.generation] = zygote
-        self.reactor.watch(zygote.fileno(), lambda: self.handle_zygote(zygote))
-
-    def handle_zygote(self, zygote: ZygoteHandle) -> None:
-        events = zygote.read_events()
-        if events is None:
-            # Its end closed: it is exiting. Reaping it (SIGCHLD) says how; stop listening.
-            self.reactor.unwatch(zygote.fileno())
-            return
-        for event, fd in events:
-            self.zygote_event(zygote, event, fd)
-        self.manage_workers()
-        self.dispatch()
-
-    def zygote_event(self, zygote: ZygoteHandle, event: dict[str, Any], fd: int | None) -> None:
-        kind = event.get("event")
-        if kind == "forked" and fd is not None:
-            self.add_worker(zygote, event["pid"], fd)
-        elif kind == "exited":
-            self.worker_exited(event["pid"], event["status"])
-        elif kind == "fork_failed":
-            self.fork_failed(event["error"])
-        elif kind == "ready":
-            zygote.adopt_standby(fd, event.get("standby_pid", 0))
-            self.zygote_ready(zygote, event)
-        elif kind == "standby":
-            zygote.adopt_standby(fd, event["pid"])
-        elif kind == "failed":
-            self.zygote_failed(zygote, f"task code failed to import: {event['error']}", event["traceback"])
-        elif fd is not None:
-            os.close(fd)
-
-    def zygote_ready(self, zygote: ZygoteHandle, event: dict[str, Any]) -> None:
-        zygote.ready = True
-        self.zygote_failures = 0
-        log.info("zygote generation %d ready: imports took %.3f s", zygote.generation, event["import_s"])
-        self.failure = None
-        if zygote.generation > self.generation:  # a new generation, not a restart of this one
-            self.generation = zygote.generation
-            self.config = zygote.config
-            self.target = zygote.config.pool.worker_count()
-            self.refuse_removed_modules(zygote)
-            self.on_generation(zygote.generation, True, f"generation {zygote.generation} ready")
-
-    def refuse_removed_modules(self, zygote: ZygoteHandle) -> None:
-        """Queued jobs for a module the new generation no longer lists end now: no worker will
-        ever take them, and they must not wait forever (or block the queue)."""
-        for key in self.queue.waiting_keys():
-            if key not in zygote.modules:
-                for job in self.queue.pop_key(key):
-                    self.refuse_removed(job, zygote.generation)
-
-    def refuse_removed(self, job: Job, generation: int) -> None:
-        self.ledger.fail(
-            job,
-            protocol.DENIED,
-            f"module {job.key!r} is no longer listed in [tasks] modules "
-            f"(removed by the reload to generation {generation})",
-        )
-
-    def zygote_failed(self, zygote: ZygoteHandle, message: str, details: str = "") -> None:
-        log.error("zygote generation %d: %s\n%s", zygote.generation, message, details)
-        self.drop_zygote(zygote)
-        current = self.zygotes.get(self.generation)
-        if current is None or not current.ready:
-            # Nothing to fall back on: stay up (ping, status, reload work) but refuse CPU tasks
-            # until a reload brings good code. Never retried on our own: that is a fork loop.
-            self.failure = message
-            self.fail_queue(protocol.INTERNAL, f"CPU pool unavailable: {message}")
-        self.on_generation(zygote.generation, False, message)
-
-    def drop_zygote(self, zygote: ZygoteHandle) -> None:
-        if self.zygotes.get(zygote.generation) is zygote:
-            del self.zygotes[zygote.generation]
-        if zygote.sock.fileno() >= 0:
-            self.reactor.unwatch(zygote.fileno())
-        zygote.retire()
 
     def reaped(self, pid: int, status: int) -> bool:
-        """A child of the master exited (SIGCHLD): a zygote, or a worker orphaned by one."""
-        zygote = next((z for z in self.zygotes.values() if z.pid == pid), None)
-        if zygote is None:
-            if pid in self.workers:
-                self.worker_exited(pid, status)
-                return True
-            return False
-        how = processes.describe_exit(status)
-        if zygote.retiring:
-            self.drop_zygote(zygote)
-        elif zygote.taking_over and not zygote.ready:
-            self.lose_zygote(zygote, how)  # the standby died before it served: import again
-        elif not zygote.ready:
-            self.zygote_failed(zygote, f"the zygote died while importing task code ({how})")
-        else:
-            self.lose_zygote(zygote, how)
-        self.manage_workers()
-        self.dispatch()
-        return True
-
-    def lose_zygote(self, zygote: ZygoteHandle, how: str) -> None:
-        """The zygote died (its workers die with it): settle their jobs, let the standby serve."""
-        log.error("zygote generation %d (pid %d) %s", zygote.generation, zygote.pid, how)
-        standby, zygote.standby = zygote.standby, None
-        for worker in [w for w in self.workers.values() if w.generation == zygote.generation]:
-            processes.signal_quietly(worker.pid, signal.SIGKILL)
-            self.remove_worker(worker, f"its zygote {how}")
-        self.drop_zygote(zygote)
-        if self.stopping or zygote.generation != self.generation:
-            if standby is not None:
-                standby.close()
-            return
-        self.counters["zygote_restarts"] += 1
-        if standby is not None:
-            log.info("the standby zygote (pid %d) takes over generation %d", standby.pid, zygote.generation)
-            standby.send({"cmd": "serve"})
-            standby.taking_over = True
-            self.add_zygote(standby)
-            return
-        # No standby (it died too, or could not be forked): import again, after a back-off.
-        log.warning(
-            "no standby zygote: generation %d restarts by importing its code again", zygote.generation
-        )
-        self.zygote_failures += 1
-        delay = min(BACKOFF_FIRST_S * 2**self.zygote_failures, BACKOFF_MAX_S)
-        self.zygote_restart_at = time.monotonic() + delay
-
-    def restart_zygote(self) -> None:
-        self.zygote_restart_at = math.inf
-        try:
-            self.start_generation(self.config, self.generation)
-        except OSError as exc:
-            self.zygote_spawn_failed(exc)
-
-    def zygote_spawn_failed(self, exc: OSError) -> None:
-        message = f"cannot start a zygote: {exc}"
-        log.error("%s", message)
-        self.zygote_failures += 1
-        if not any(w.live for w in self.workers.values()):
-            self.fail_queue(protocol.INTERNAL, f"CPU pool unavailable: {message}; retrying")
-        self.zygote_restart_at = time.monotonic() + min(
-            BACKOFF_FIRST_S * 2**self.zygote_failures, BACKOFF_MAX_S
-        )
-
-    def retire_old_zygotes(self) -> None:
-        """Close the channel of each older zygote left without workers; it exits."""
-        for generation, zygote in list(self.zygotes.items()):
-            if generation >= self.generation or zygote.retiring:
-                continue
-            if not any(w.generation == generation for w in self.workers.values()):
-                log.info("zygote generation %d retired", generation)
-                self.reactor.unwatch(zygote.fileno())
-                zygote.retire()
+        """A child of the master exited (SIGCHLD): a zygote, or a worker a dead zygote left."""
+        if self.generations.reaped(pid, status):
+            return True
+        if pid in self.workers:
+            self.worker_exited(pid, status)
+            return True
+        return False
 
     # -- workers -------------------------------------------------------------------------------
 
     def add_worker(self, zygote: ZygoteHandle, pid: int, fd: int) -> None:
-        channel = Channel(socket.socket(fileno=fd), self.max_frame(self.config) + FRAME_SLACK, blocking=False)
+        channel = Channel(socket.socket(fileno=fd), max_frame(self.config) + FRAME_SLACK, blocking=False)
         lane = Lane(1 + self.config.pool.prefetch)
         worker = Worker(pid, zygote.generation, channel, lane)
         self.workers[pid] = worker
@@ -364,16 +176,16 @@ class Pool:
     def manage_workers(self) -> None:
         if self.stopping:
             return
-        self.retire_old_zygotes()
-        zygote = self.zygotes.get(self.generation)
+        self.generations.retire_old()
+        zygote = self.generations.serving()
         if zygote is None or not zygote.ready:
             return
         forks, retire = plan_workers(
-            self.workers.values(), self.target, self.generation, zygote.pending_forks
+            self.workers.values(), self.target, zygote.generation, zygote.pending_forks
         )
         for worker in retire:
             self.counters[
-                "recycled_reload" if worker.generation != self.generation else "recycled_scale"
+                "recycled_reload" if worker.generation != zygote.generation else "recycled_scale"
             ] += 1
             self.stop_worker(worker)
         if forks and time.monotonic() >= self.respawn_at:
@@ -517,9 +329,9 @@ class Pool:
         elif self.stopping:
             self.ledger.fail(job, protocol.SHUTTING_DOWN, "workerd is stopping")
         else:
-            zygote = self.zygotes.get(self.generation)
-            if zygote is not None and zygote.ready and job.key not in zygote.modules:
-                self.refuse_removed(job, self.generation)
+            zygote = self.generations.serving()
+            if zygote is not None and job.key not in zygote.modules:
+                self.generations.refuse_removed(job, zygote.generation)
             else:
                 self.queue.push(job, front=True)
 
@@ -586,7 +398,7 @@ class Pool:
     # -- jobs ----------------------------------------------------------------------------------
 
     def submit(self, job: Job) -> None:
-        if self.failure is not None:
+        if self.generations.failure is not None:
             self.ledger.fail(job, protocol.INTERNAL, self.unavailable())
             return
         self.queue.push(job)
@@ -594,7 +406,7 @@ class Pool:
 
     def unavailable(self) -> str:
         return (
-            f"CPU pool unavailable: {self.failure}. Fix [tasks] modules or [pool] preload "
+            f"CPU pool unavailable: {self.generations.failure}. Fix [tasks] modules or [pool] preload "
             "in the config, then run `workerctl reload`"
         )
 
@@ -610,7 +422,7 @@ class Pool:
             for worker in serving:
                 if len(worker.lane) != depth or (depth and self.slow(worker, now)):
                     continue
-                zygote = self.zygotes.get(worker.generation)
+                zygote = self.generations.zygotes.get(worker.generation)
                 if zygote is None:
                     continue
                 job = self.queue.take(zygote.modules.__contains__)
@@ -668,7 +480,7 @@ class Pool:
     # -- time ----------------------------------------------------------------------------------
 
     def next_deadline(self) -> float:
-        times = [self.zygote_restart_at, self.steal_deadline()]
+        times = [self.generations.restart_at, self.steal_deadline()]
         for worker in self.workers.values():
             times.append(worker.kill_at if worker.phase == "killing" else worker.lane.next_deadline())
         times.extend(f.deadline for f in self.fanouts)
@@ -687,9 +499,7 @@ class Pool:
         for fanout in [f for f in self.fanouts if now >= f.deadline]:
             self.answer_fanout(fanout)
         self.steal(now)
-        if now >= self.zygote_restart_at:
-            log.info("restarting the zygote")
-            self.restart_zygote()
+        self.generations.tick(now)
         self.manage_workers()
         self.dispatch()
 
@@ -770,14 +580,6 @@ class Pool:
     def memory(self) -> list[dict[str, Any]]:
         return [{**entry, **memory.process_memory(entry["pid"])} for entry in self.snapshot()]
 
-    def zygote_memory(self) -> list[dict[str, Any]]:
-        entries: list[dict[str, Any]] = []
-        for generation, zygote in sorted(self.zygotes.items()):
-            entries.append({"pid": zygote.pid, "generation": generation, "role": "serving"})
-            if zygote.standby is not None and zygote.standby.pid > 0:
-                entries.append({"pid": zygote.standby.pid, "generation": generation, "role": "standby"})
-        return [{**entry, **memory.process_memory(entry["pid"])} for entry in entries]
-
     # -- stop ----------------------------------------------------------------------------------
 
     def begin_stop(self) -> None:
@@ -801,8 +603,7 @@ class Pool:
             worker.phase = "stopping"
 
     def close(self) -> None:
-        for zygote in list(self.zygotes.values()):
-            zygote.retire()
+        self.generations.close()
         for worker in self.workers.values():
             worker.channel.close()
 

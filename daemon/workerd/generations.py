@@ -1,0 +1,252 @@
+"""The zygotes, as the pool sees them: one generation of task code each, started, served, lost.
+
+A generation is one import of the task code (`[pool] preload`, `[tasks] modules`) in a zygote
+(zygote.py): the first at boot, one more per reload, and the same generation again when its
+zygote dies (its standby takes over, or, without one, the code is imported again after a
+back-off). The pool (pool.py) owns the workers and their jobs; this module owns the zygotes and
+which generation serves, and hands the pool what concerns workers: forks, exits, losses.
+
+Generation numbers only grow, and a restart keeps its generation's number: a reload started
+before a crash restart still has the newest number, so the restart never retires it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from workerctl import protocol
+
+from . import memory, processes
+from .config import Config
+from .lifecycle import Job
+from .zygote import ZygoteHandle
+
+if TYPE_CHECKING:
+    from .pool import Pool
+
+log = logging.getLogger("workerd.pool")
+
+# Restart back-off after a zygote dies without a standby, so broken code never becomes a loop.
+BACKOFF_FIRST_S = 0.1
+BACKOFF_MAX_S = 30.0
+
+
+def max_frame(config: Config) -> int:
+    """The largest frame a worker may send or be sent: the message size limit."""
+    return int(config.daemon.max_message_mb * 1024 * 1024)
+
+
+class Generations:
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.zygotes: dict[int, ZygoteHandle] = {}
+        self.generation = 0  # the generation serving now; numbers are never reused
+        self.last_generation = 0
+        self.failure: str | None = None  # why there is no usable zygote, if there is none
+        self.restart_at = math.inf
+        self.failures = 0
+        # Called with (generation, ok, message) when a zygote is ready or failed to import.
+        self.on_generation: Callable[[int, bool, str], None] = lambda generation, ok, message: None
+
+    def serving(self) -> ZygoteHandle | None:
+        """The zygote of the serving generation, if it is ready to fork."""
+        zygote = self.zygotes.get(self.generation)
+        return zygote if zygote is not None and zygote.ready else None
+
+    def tick(self, now: float) -> None:
+        if now >= self.restart_at:
+            log.info("restarting the zygote")
+            self.restart()
+
+    def close(self) -> None:
+        for zygote in list(self.zygotes.values()):
+            zygote.retire()
+
+    def settings(self, config: Config) -> dict[str, Any]:
+        pool = config.pool
+        return {
+            "preload": list(pool.preload),
+            "task_modules": list(config.tasks.modules),
+            "gc_freeze": pool.gc_freeze,
+            "stack_dir": self.pool.stack_dir,
+            "max_message_bytes": max_frame(config),
+            "max_tasks_per_worker": pool.max_tasks_per_worker,
+            "max_worker_memory_mb": pool.max_worker_memory_mb,
+        }
+
+    def start(self, config: Config, generation: int | None = None) -> int:
+        """Start a zygote for a new generation of task code; workers follow once it is ready.
+
+        The config takes effect only when the zygote is ready: a reload whose code fails to
+        import leaves the running generation, and its settings, untouched. Raises OSError if
+        the zygote cannot be started (the caller answers for it)."""
+        if generation is None:
+            generation = self.last_generation + 1
+        zygote = ZygoteHandle.start(self.settings(config), generation, config)
+        self.last_generation = max(self.last_generation, generation)
+        self.add(zygote)
+        log.info("zygote generation %d starting (pid %d)", generation, zygote.pid)
+        return generation
+
+    def add(self, zygote: ZygoteHandle) -> None:
+        self.zygotes[zygote.generation] = zygote
+        self.pool.reactor.watch(zygote.fileno(), lambda: self.handle(zygote))
+
+    def handle(self, zygote: ZygoteHandle) -> None:
+        events = zygote.read_events()
+        if events is None:
+            # Its end closed: it is exiting. Reaping it (SIGCHLD) says how; stop listening.
+            self.pool.reactor.unwatch(zygote.fileno())
+            return
+        for event, fd in events:
+            self.event(zygote, event, fd)
+        self.pool.manage_workers()
+        self.pool.dispatch()
+
+    def event(self, zygote: ZygoteHandle, event: dict[str, Any], fd: int | None) -> None:
+        kind = event.get("event")
+        if kind == "forked" and fd is not None:
+            self.pool.add_worker(zygote, event["pid"], fd)
+        elif kind == "exited":
+            self.pool.worker_exited(event["pid"], event["status"])
+        elif kind == "fork_failed":
+            self.pool.fork_failed(event["error"])
+        elif kind == "ready":
+            zygote.adopt_standby(fd, event.get("standby_pid", 0))
+            self.ready(zygote, event)
+        elif kind == "standby":
+            zygote.adopt_standby(fd, event["pid"])
+        elif kind == "failed":
+            self.failed(zygote, f"task code failed to import: {event['error']}", event["traceback"])
+        elif fd is not None:
+            os.close(fd)
+
+    def ready(self, zygote: ZygoteHandle, event: dict[str, Any]) -> None:
+        zygote.ready = True
+        self.failures = 0
+        log.info("zygote generation %d ready: imports took %.3f s", zygote.generation, event["import_s"])
+        self.failure = None
+        if zygote.generation > self.generation:  # a new generation, not a restart of this one
+            self.generation = zygote.generation
+            self.pool.config = zygote.config
+            self.pool.target = zygote.config.pool.worker_count()
+            self.refuse_removed_modules(zygote)
+            self.on_generation(zygote.generation, True, f"generation {zygote.generation} ready")
+
+    def refuse_removed_modules(self, zygote: ZygoteHandle) -> None:
+        """Queued jobs for a module the new generation no longer lists end now: no worker will
+        ever take them, and they must not wait forever (or block the queue)."""
+        for key in self.pool.queue.waiting_keys():
+            if key not in zygote.modules:
+                for job in self.pool.queue.pop_key(key):
+                    self.refuse_removed(job, zygote.generation)
+
+    def refuse_removed(self, job: Job, generation: int) -> None:
+        self.pool.ledger.fail(
+            job,
+            protocol.DENIED,
+            f"module {job.key!r} is no longer listed in [tasks] modules "
+            f"(removed by the reload to generation {generation})",
+        )
+
+    def failed(self, zygote: ZygoteHandle, message: str, details: str = "") -> None:
+        log.error("zygote generation %d: %s\n%s", zygote.generation, message, details)
+        self.drop(zygote)
+        current = self.zygotes.get(self.generation)
+        if current is None or not current.ready:
+            # Nothing to fall back on: stay up (ping, status, reload work) but refuse CPU tasks
+            # until a reload brings good code. Never retried on our own: that is a fork loop.
+            self.failure = message
+            self.pool.fail_queue(protocol.INTERNAL, f"CPU pool unavailable: {message}")
+        self.on_generation(zygote.generation, False, message)
+
+    def drop(self, zygote: ZygoteHandle) -> None:
+        if self.zygotes.get(zygote.generation) is zygote:
+            del self.zygotes[zygote.generation]
+        if zygote.sock.fileno() >= 0:
+            self.pool.reactor.unwatch(zygote.fileno())
+        zygote.retire()
+
+    def reaped(self, pid: int, status: int) -> bool:
+        """A child of the master exited (SIGCHLD): was it one of our zygotes?"""
+        zygote = next((z for z in self.zygotes.values() if z.pid == pid), None)
+        if zygote is None:
+            return False
+        how = processes.describe_exit(status)
+        if zygote.retiring:
+            self.drop(zygote)
+        elif zygote.taking_over and not zygote.ready:
+            self.lose(zygote, how)  # the standby died before it served: import again
+        elif not zygote.ready:
+            self.failed(zygote, f"the zygote died while importing task code ({how})")
+        else:
+            self.lose(zygote, how)
+        self.pool.manage_workers()
+        self.pool.dispatch()
+        return True
+
+    def lose(self, zygote: ZygoteHandle, how: str) -> None:
+        """The zygote died (its workers die with it): settle their jobs, let the standby serve."""
+        log.error("zygote generation %d (pid %d) %s", zygote.generation, zygote.pid, how)
+        standby, zygote.standby = zygote.standby, None
+        for worker in [w for w in self.pool.workers.values() if w.generation == zygote.generation]:
+            processes.signal_quietly(worker.pid, signal.SIGKILL)
+            self.pool.remove_worker(worker, f"its zygote {how}")
+        self.drop(zygote)
+        if self.pool.stopping or zygote.generation != self.generation:
+            if standby is not None:
+                standby.close()
+            return
+        self.pool.counters["zygote_restarts"] += 1
+        if standby is not None:
+            log.info("the standby zygote (pid %d) takes over generation %d", standby.pid, zygote.generation)
+            standby.send({"cmd": "serve"})
+            standby.taking_over = True
+            self.add(standby)
+            return
+        # No standby (it died too, or could not be forked): import again, after a back-off.
+        log.warning(
+            "no standby zygote: generation %d restarts by importing its code again", zygote.generation
+        )
+        self.failures += 1
+        delay = min(BACKOFF_FIRST_S * 2**self.failures, BACKOFF_MAX_S)
+        self.restart_at = time.monotonic() + delay
+
+    def restart(self) -> None:
+        self.restart_at = math.inf
+        try:
+            self.start(self.pool.config, self.generation)
+        except OSError as exc:
+            self.spawn_failed(exc)
+
+    def spawn_failed(self, exc: OSError) -> None:
+        message = f"cannot start a zygote: {exc}"
+        log.error("%s", message)
+        self.failures += 1
+        if not any(w.live for w in self.pool.workers.values()):
+            self.pool.fail_queue(protocol.INTERNAL, f"CPU pool unavailable: {message}; retrying")
+        self.restart_at = time.monotonic() + min(BACKOFF_FIRST_S * 2**self.failures, BACKOFF_MAX_S)
+
+    def retire_old(self) -> None:
+        """Close the channel of each older zygote left without workers; it exits."""
+        for generation, zygote in list(self.zygotes.items()):
+            if generation >= self.generation or zygote.retiring:
+                continue
+            if not any(w.generation == generation for w in self.pool.workers.values()):
+                log.info("zygote generation %d retired", generation)
+                self.pool.reactor.unwatch(zygote.fileno())
+                zygote.retire()
+
+    def memory(self) -> list[dict[str, Any]]:
+        entries: list[dict[str, Any]] = []
+        for generation, zygote in sorted(self.zygotes.items()):
+            entries.append({"pid": zygote.pid, "generation": generation, "role": "serving"})
+            if zygote.standby is not None and zygote.standby.pid > 0:
+                entries.append({"pid": zygote.standby.pid, "generation": generation, "role": "standby"})
+        return [{**entry, **memory.process_memory(entry["pid"])} for entry in entries]
