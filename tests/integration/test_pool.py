@@ -317,7 +317,9 @@ def test_zygote_dying_during_import_is_not_a_hang(
         # The error says what to fix and how to apply it.
         assert "[pool] preload" in info.value.message and "workerctl reload" in info.value.message
     ping = subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "workerctl"), "--socket", daemon.socket, "ping"], capture_output=True, text=True
+        [os.path.join(os.path.dirname(sys.executable), "workerctl"), "--socket", daemon.socket, "ping"],
+        capture_output=True,
+        text=True,
     )
     assert ping.returncode == 0 and "degraded: CPU pool unavailable" in ping.stdout
 
