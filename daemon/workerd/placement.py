@@ -54,6 +54,20 @@ def worker_slots(gpu: GpuConfig, cuda_count: int) -> list[Slot]:
     return [Slot(i, f"cuda:{i}") for i in devices]
 
 
+def known_slots(gpu: GpuConfig) -> list[Slot] | None:
+    """The slots, when the machine's CUDA devices do not decide them; None when a first worker
+    must count the devices (`[gpu] devices` set, on "auto" or "cuda")."""
+    if gpu.devices is None or gpu.device == "cpu":
+        return worker_slots(gpu, 0)
+    return None
+
+
+def slot_name(slot: Slot) -> str:
+    """How status, memory_status and run results name a slot's device: its CUDA device, or for
+    the test-only CPU slots "cpu:INDEX" (several CPU workers must not all read "cpu")."""
+    return slot.device if slot.device.startswith("cuda") else f"{slot.device}:{slot.index}"
+
+
 def worker_environment(slot: Slot, environ: Mapping[str, str]) -> tuple[str, dict[str, str]]:
     """The device to give a slot's worker and the environment to add to its own.
 
