@@ -50,8 +50,8 @@ class GpuWorker:
     def __init__(self, owner: GpuWorkers, slot: Slot, counting: bool = False) -> None:
         self.owner = owner
         self.slot = slot
-        # Started before the devices are known, to count them (gpus.py): spawned on [gpu] device
-        # as it stands, with the machine's whole view of CUDA.
+        # Started before the devices are known, to count them (gpus.py): spawned on "auto",
+        # with the machine's whole view of CUDA.
         self.counting = counting
         self.pid: int | None = None
         self.channel: Channel | None = None
@@ -129,6 +129,8 @@ class GpuWorker:
     def settings(self) -> tuple[dict[str, Any], dict[str, str]]:
         """Its settings, and what to add to the master's environment for it."""
         device, env = worker_environment(self.slot, os.environ) if self.placed else (None, {})
+        if self.counting:
+            device = "auto"  # without CUDA it still starts, and says so with a count of 0
         settings = {
             "master_pid": os.getpid(),
             "log_level": logging.getLogger().getEffectiveLevel(),
@@ -308,6 +310,8 @@ class GpuWorker:
             self.take_report(restored)
             log.info("%s restored pipelines: %s", self.what(), restored)
         elif kind in (b"memory", b"cleared"):
+            if kind == b"cleared":
+                self.take_report(protocol.unpack(frames[3]))  # a full clear dropped its pipelines
             waiting = self.waiting.pop(bytes(frames[1]), None)
             if waiting:
                 waiting[0](protocol.unpack(frames[2]))

@@ -111,6 +111,7 @@ class GpuWorkers:
             first.retire()  # it runs on the first visible GPU, which is not one of ours
         else:
             first.slot, slots = slots[0], slots[1:]
+            first.send([b"name", str(first.name).encode()])
         self.workers += [GpuWorker(self, slot) for slot in slots]
         log.info("GPU workers on %s", ", ".join(str(w.name) for w in self.workers if not w.retired))
         for name, pipeline in self.config.pipelines.items():
