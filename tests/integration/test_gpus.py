@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import Daemon, wait_until
 from tests.integration.test_control import workerctl
+from tests.integration.test_gpu import gpu_config
 from workerctl import Client, errors
 
 SIZES_MB = {"a": 40, "b": 8, "c": 8, "p": 8}  # a is the big one: its worker has the least room left
@@ -42,18 +43,9 @@ def devices_config(
     directory: Path, pins: dict[str, list[int]], device: str = "cpu", devices: Any = (0, 1, 2)
 ) -> str:
     listed = '"all"' if devices == "all" else str(list(devices))
-    lines = [
-        "[pool]",
-        "workers = 1",
-        "[tasks]",
-        "modules = []",
-        "[gpu]",
-        f'device = "{device}"',
-        f"devices = {listed}",
-        'start = "boot"',
-        "memory_budget_mb = 200",
-        "run_timeout_s = 30",
-    ]
+    # gpu_config without pipelines ends inside [gpu]: the devices keys join it.
+    lines = [gpu_config(directory, budget_mb=200, names=()), f'device = "{device}"', f"devices = {listed}"]
+    lines.append('start = "boot"')
     for name, size in SIZES_MB.items():
         path = directory / f"{name}.py"
         path.write_text(PIPELINE.format(size_mb=size))
