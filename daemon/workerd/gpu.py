@@ -92,7 +92,7 @@ class GpuWorker:
     def placed(self) -> bool:
         """Whether it runs on its slot's device, by [gpu] devices (not the one worker on [gpu]
         device, nor the counting one)."""
-        return self.owner.several and not self.counting
+        return self.owner.several and not self.counting and not self.retired
 
     @property
     def state(self) -> str:

@@ -11,7 +11,6 @@ Messages (GPU worker <-> master, on the socketpair the master spawned us with):
                     [b"restore", msgpack([names])]          load these, in the background
                     [b"clear", token, level]                 after the run in progress
                     [b"memory", token]                       answered at once
-                    [b"name", device name]                   how to name its device from now on
                     [b"stop"]
     gpu -> master   [b"ready", msgpack({"pid", "device", "import_s", "device_count",
                                             "cached", "parked", "free_bytes"})]
@@ -30,8 +29,7 @@ Messages (GPU worker <-> master, on the socketpair the master spawned us with):
 `device_count` is how many CUDA devices this process sees: the master counts the devices for
 `[gpu] devices = "all"` through the first worker (it never imports torch itself). With several
 devices, the master names this worker's device in `device_name` ("cuda:1"; the process itself,
-seeing only that GPU, loads on "cuda"), or with `name` for the worker that counted the devices;
-results, memory and clear answers say that name.
+seeing only that GPU, loads on "cuda"); results, memory and clear answers say that name.
 """
 
 from __future__ import annotations
@@ -186,8 +184,6 @@ def serve(settings: dict[str, Any], sock: socket.socket) -> None:
             for frames in messages:
                 if frames[0] == b"memory":
                     send([b"memory", frames[1], protocol.pack(runner.snapshot())])
-                elif frames[0] == b"name":
-                    runner.name = bytes(frames[1]).decode()  # read by the runner: one store, atomic
                 elif frames[0] == b"stop":
                     return
                 else:

@@ -17,10 +17,11 @@ handful of devices. A run still waits for a busy worker that holds its pipeline 
 it cold on an idle one: a load costs tens of seconds, a wait one run (the issue's rule).
 
 Without `[gpu] devices` there is one worker on `[gpu] device`, as before. With it on "auto" or
-"cuda", only a GPU worker can count the CUDA devices (the master never imports torch): the first
+"cuda", only a GPU worker can count the CUDA devices (the master never imports torch): a first
 worker starts alone, with the machine's whole view of CUDA; its `ready` says how many devices
-there are, it becomes the first slot's worker (its default device is the first visible one) or
-is stopped, and the others start.
+there are, then it is stopped and one worker per device starts. Keeping it as the first device's
+worker would save one start, once, but it would go on seeing every GPU (torch.cuda.device_count,
+a pipeline that spreads itself over what it sees), which no other device's worker does.
 """
 
 from __future__ import annotations
@@ -107,13 +108,9 @@ class GpuWorkers:
             for job in self.queue.drain():
                 self.ledger.fail(job, protocol.UNKNOWN_TASK, f"pipeline {job.key!r}: {self.failure}")
             return
-        if slots[0].device.startswith("cuda") and slots[0].index != 0:
-            first.retire()  # it runs on the first visible GPU, which is not one of ours
-        else:
-            first.slot, slots = slots[0], slots[1:]
-            first.send([b"name", str(first.name).encode()])
+        first.retire()  # it sees every GPU, and each device's worker must see only its own
         self.workers += [GpuWorker(self, slot) for slot in slots]
-        log.info("GPU workers on %s", ", ".join(str(w.name) for w in self.workers if not w.retired))
+        log.info("GPU workers on %s", ", ".join(str(w.name) for w in self.serving()))
         for name, pipeline in self.config.pipelines.items():
             if pipeline.devices and self.placement(name) is None:
                 log.warning(
@@ -167,17 +164,20 @@ class GpuWorkers:
         self.start()
         self.dispatch()
 
+    def serving(self) -> list[GpuWorker]:
+        """The workers of the devices served (not one being stopped for good)."""
+        return [worker for worker in self.workers if not worker.retired]
+
     def placement(self, name: str) -> int | None:
         """The device index that should run `name` now; None if its pins name no device here."""
-        views = [worker.view() for worker in self.workers if not worker.retired]
-        return place(name, views, self.pins(name))
+        return place(name, [worker.view() for worker in self.serving()], self.pins(name))
 
     def pins(self, name: str) -> tuple[int, ...]:
         pipeline = self.config.pipelines.get(name)
         return pipeline.devices if pipeline is not None else ()
 
     def unplaceable(self, name: str) -> str:
-        present = [worker.index for worker in self.workers if not worker.retired]
+        present = [worker.index for worker in self.serving()]
         return (
             f"pipeline {name!r} is pinned to devices {list(self.pins(name))}, "
             f"which are not present (GPU workers on devices {present})"
@@ -218,9 +218,7 @@ class GpuWorkers:
         (the kernel may refuse for a long while); the others wait for a worker that runs."""
         for key in self.queue.waiting_keys():
             pins = self.pins(key)
-            candidates = [
-                w for w in self.workers if not w.retired and (self.counting or not pins or w.index in pins)
-            ]
+            candidates = [w for w in self.serving() if self.counting or not pins or w.index in pins]
             refused = [w.refused for w in candidates if w.refused]
             if refused and len(refused) == len(candidates):
                 for job in self.queue.pop_key(key):
@@ -261,7 +259,7 @@ class GpuWorkers:
                 "cached": list(w.cached),
                 "parked": list(w.parked),
             }
-            for w in self.workers
+            for w in self.serving()
         ]
         first = gpus[0] if gpus else {"state": "stopped", "pid": None, "device": None, "cached": []}
         gpu = {
@@ -292,7 +290,7 @@ class GpuWorkers:
     def gather(self, ask: Callable[[GpuWorker, Callback], None], callback: Gathered) -> None:
         """Ask every worker; once all have answered (or are not running: None), call back with
         the first one's answer (the `gpu` key) and one map per device (`gpus`)."""
-        workers = list(self.workers)
+        workers = self.serving()
         answers: dict[int, Any] = {}
 
         def finish() -> None:

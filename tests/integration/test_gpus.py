@@ -161,13 +161,14 @@ def test_sigkill_of_one_worker_touches_only_its_runs(
 
 
 def test_the_first_worker_counts_the_devices(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
-    # "all" on "auto", without CUDA: the first worker counts 0 CUDA devices, so it is the one
-    # worker, on the CPU; a pin to device 1 names a device that is not there.
+    # "all" on "auto", without CUDA: the first worker counts 0 CUDA devices, so one worker
+    # serves, on the CPU; a pin to device 1 names a device that is not there.
     daemon = start_daemon(config=devices_config(tmp_path, pins={"p": [1]}, device="auto", devices="all"))
     with daemon.client() as client:
         wait_until(lambda: all_idle(client, 1), timeout=60)
         assert [(g["index"], g["device"]) for g in gpus(client)] == [(0, "cpu:0")]
-        assert device(client, "a") == "cpu:0"  # the counting worker took its slot's name
+        assert device(client, "a") == "cpu:0"
+        assert client.status()["counters"].get("gpu_worker_deaths", 0) == 0  # the counting one was stopped
         with pytest.raises(errors.UnknownTask, match=r"pinned to devices \[1\], which are not present"):
             client.execute("p")
 
@@ -177,8 +178,9 @@ def test_devices_the_machine_lacks_answer_every_run(
 ) -> None:
     daemon = start_daemon(config=devices_config(tmp_path, pins={}, device="cuda", devices="all"))
     with daemon.client() as client:
-        wait_until(lambda: client.status()["gpus"] == [], timeout=60)  # the counting one stopped
-        assert "no CUDA device is visible" in client.status()["gpu"]["error"]
+        wait_until(lambda: client.status()["gpu"]["error"], timeout=60)
+        status = client.status()
+        assert "no CUDA device is visible" in status["gpu"]["error"] and status["gpus"] == []
         with pytest.raises(errors.UnknownTask, match="no CUDA device is visible"):
             client.execute("a")
         assert client.memory_status()["gpus"] == []
