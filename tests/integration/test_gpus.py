@@ -55,6 +55,17 @@ def devices_config(
     return "\n".join(lines) + "\n"
 
 
+def cuda_devices() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+without_cuda = pytest.mark.skipif(cuda_devices() > 0, reason="about a machine without CUDA")
+
+
 def gpus(client: Client) -> list[dict[str, Any]]:
     return client.status()["gpus"]  # type: ignore[no-any-return]
 
@@ -160,6 +171,28 @@ def test_sigkill_of_one_worker_touches_only_its_runs(
         assert counters.get("pipeline_worker_lost", 0) == 0
 
 
+def test_a_hung_worker_is_killed_alone(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    daemon = start_daemon(config=devices_config(tmp_path, pins={}, devices=(0, 1)))
+    with daemon.client() as client:
+        wait_until(lambda: all_idle(client, 2), timeout=60)
+        assert [device(client, name) for name in "ab"] == ["cpu:0", "cpu:1"]
+        before = gpus(client)
+        hung = client.send("execute", name="b", kwargs={"sleep": 30}, timeout_s=1)
+        assert [device(client, "a") for _ in range(3)] == ["cpu:0"] * 3  # device 0 serves meanwhile
+        with pytest.raises(errors.TaskTimeout) as info:
+            client.wait_result(hung, 30)
+        assert info.value.details["pid"] == before[1]["pid"]
+        wait_until(
+            lambda: gpus(client)[1]["state"] == "idle" and gpus(client)[1]["cached"] == ["b"], timeout=30
+        )
+        result = client.execute("b")
+        assert (result["device"], result["warm"]) == ("cpu:1", True)  # restored on its own device
+        after = gpus(client)
+        assert after[0]["pid"] == before[0]["pid"] and after[1]["pid"] != before[1]["pid"]
+        assert client.status()["counters"]["gpu_timeouts"] == 1
+
+
+@without_cuda
 def test_the_first_worker_counts_the_devices(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
     # "all" on "auto", without CUDA: the first worker counts 0 CUDA devices, so one worker
     # serves, on the CPU; a pin to device 1 names a device that is not there.
@@ -173,6 +206,7 @@ def test_the_first_worker_counts_the_devices(start_daemon: Callable[..., Daemon]
             client.execute("p")
 
 
+@without_cuda
 def test_devices_the_machine_lacks_answer_every_run(
     start_daemon: Callable[..., Daemon], tmp_path: Path
 ) -> None:
@@ -187,14 +221,6 @@ def test_devices_the_machine_lacks_answer_every_run(
 
 
 # -- CUDA, two devices or more -------------------------------------------------------------------
-
-
-def cuda_devices() -> int:
-    try:
-        import torch
-    except ImportError:
-        return 0
-    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
 
 
 WHERE = """
