@@ -38,7 +38,7 @@ from .config import Config, gpu_worker_settings
 from .gpu import Callback, GpuWorker
 from .lifecycle import Job, JobQueue, Ledger
 from .metrics import Metrics
-from .placement import Slot, known_slots, place, worker_slots
+from .placement import Slot, WorkerView, known_slots, place, worker_slots
 from .reactor import Reactor
 
 log = logging.getLogger("workerd.gpu")
@@ -168,9 +168,11 @@ class GpuWorkers:
         """The workers of the devices served (not one being stopped for good)."""
         return [worker for worker in self.workers if not worker.retired]
 
-    def placement(self, name: str) -> int | None:
+    def placement(self, name: str, views: list[WorkerView] | None = None) -> int | None:
         """The device index that should run `name` now; None if its pins name no device here."""
-        return place(name, [worker.view() for worker in self.serving()], self.pins(name))
+        if views is None:
+            views = [worker.view() for worker in self.serving()]
+        return place(name, views, self.pins(name))
 
     def pins(self, name: str) -> tuple[int, ...]:
         pipeline = self.config.pipelines.get(name)
@@ -192,17 +194,24 @@ class GpuWorkers:
                     self.ledger.fail(job, protocol.UNKNOWN_TASK, self.unplaceable(key))
 
     def dispatch(self) -> None:
-        """Each free worker takes the oldest run placed on it."""
+        """Each free worker takes the oldest run placed on it. Placed once per waiting pipeline
+        and pass (a handful of comparisons per device), again after each run handed over, since
+        that changes where the next one goes."""
         if not self.queue or self.counting:
             return
-        for worker in self.workers:
-            if worker.can_take():
-                job = self.queue.take(self.placed_on(worker.index))
+        free = [worker for worker in self.workers if worker.can_take()]
+        while free and self.queue:
+            views = [worker.view() for worker in self.serving()]
+            where = {key: self.placement(key, views) for key in self.queue.waiting_keys()}
+            for worker in free:
+                mine = {key for key, index in where.items() if index == worker.index}
+                job = self.queue.take(mine.__contains__) if mine else None
                 if job is not None:
                     worker.run(job)
-
-    def placed_on(self, index: int) -> Callable[[str], bool]:
-        return lambda name: self.placement(name) == index
+                    free.remove(worker)
+                    break
+            else:
+                return
 
     def retry(self, job: Job) -> None:
         self.queue.push(job, front=True)
