@@ -122,7 +122,10 @@ class GpuWorker:
         )
 
     def what(self) -> str:
-        return f"GPU worker {self.index}" if self.owner.several else "GPU worker"
+        """How logs and errors name it."""
+        if not self.owner.several:
+            return "GPU worker"
+        return f"GPU worker {self.index}" if self.placed else "GPU worker counting the devices"
 
     # -- process -------------------------------------------------------------------------------
 

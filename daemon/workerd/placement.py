@@ -1,6 +1,6 @@
 """Several GPUs: which devices get a GPU worker, and which worker runs a pipeline.
 
-Pure decisions; the master does the I/O. `worker_slots` turns `[gpu] device` and `devices` into
+Pure decisions; gpus.py does the I/O, placing each waiting run when a worker is free to take it. `worker_slots` turns `[gpu] device` and `devices` into
 one slot per GPU worker process. `place` picks the worker for a run from what each worker last
 reported about its cache (the `cached`, `parked` and `free_bytes` of its `done` and `restored`
 messages) and from the master's own view of it (alive, queue length).
