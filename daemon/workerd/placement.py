@@ -1,9 +1,10 @@
 """Several GPUs: which devices get a GPU worker, and which worker runs a pipeline.
 
-Pure decisions; gpus.py does the I/O, placing each waiting run when a worker is free to take it. `worker_slots` turns `[gpu] device` and `devices` into
-one slot per GPU worker process. `place` picks the worker for a run from what each worker last
-reported about its cache (the `cached`, `parked` and `free_bytes` of its `done` and `restored`
-messages) and from the master's own view of it (alive, queue length).
+Pure decisions; gpus.py does the I/O, placing each waiting run when a worker is free to take
+it. `worker_slots` turns `[gpu] device` and `devices` into one slot per GPU worker process.
+`place` picks the worker for a run from what each worker last reported about its cache (the
+`cached`, `parked` and `free_bytes` of its `ready`, `done`, `restored` and `cleared` messages) and
+from the master's own view of it (alive, the run it holds).
 
 The order of preference is the issue's: a worker that holds the pipeline on its device (a warm
 run), then one that holds it in host memory (a wake, a fraction of a load), else the one with
