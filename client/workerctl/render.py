@@ -36,17 +36,44 @@ def render_status(status: dict[str, Any]) -> str:
     if pool.get("error"):
         lines.insert(4, f"ERROR   CPU pool unavailable: {pool['error']}")
     gpu = status.get("gpu") or {}
-    if gpu.get("enabled"):
-        lines.append(
-            f"gpu     {gpu.get('state')} on {gpu.get('device') or '-'}, pid {gpu.get('pid') or '-'}, "
-            f"{gpu.get('queue', 0)} waiting, cached: {', '.join(gpu.get('cached') or []) or '-'}"
-        )
+    if gpu.get("error"):
+        lines.append(f"ERROR   pipelines unavailable: {gpu['error']}")
+    each = status.get("gpus") or []
+    if gpu.get("enabled") and len(each) > 1:
+        lines.append(f"gpu     {len(each)} workers, {gpu.get('queue', 0)} waiting")
+        lines.extend(f"  {g.get('device')}  {gpu_state(g)}" for g in each)
+    elif gpu.get("enabled"):
+        lines.append(f"gpu     {gpu.get('state')} on {gpu.get('device') or '-'}, {gpu_state(gpu, 'state')}")
     lines.extend(render_metrics(status.get("metrics") or {}))
     counters = status.get("counters") or {}
     if counters:
         lines.append("counters")
         lines.extend(f"  {key}: {value}" for key, value in sorted(counters.items()))
     return "\n".join(lines)
+
+
+def gpu_state(gpu: dict[str, Any], *leave_out: str) -> str:
+    """A GPU worker's line in `status`: state, pid, runs waiting, pipelines by tier."""
+    parts = {
+        "state": str(gpu.get("state")),
+        "pid": f"pid {gpu.get('pid') or '-'}",
+        "queue": f"{gpu.get('queue', 0)} waiting",
+        "cached": f"cached: {', '.join(gpu.get('cached') or []) or '-'}",
+    }
+    if gpu.get("parked"):
+        parts["parked"] = f"parked: {', '.join(gpu['parked'])}"
+    return ", ".join(text for key, text in parts.items() if key not in leave_out)
+
+
+def each_gpu(result: dict[str, Any]) -> list[dict[str, Any] | None]:
+    """Every device's map in a memory_status or clear_memory result (`gpus`; from a daemon
+    that predates it, `gpu` alone)."""
+    each = result.get("gpus")
+    return list(each) if each is not None else [result.get("gpu")]
+
+
+def gpu_label(gpu: dict[str, Any] | None, several: bool) -> str:
+    return f"gpu {gpu.get('index')}" if several and gpu else "gpu"
 
 
 def render_metrics(metrics: dict[str, Any]) -> list[str]:
@@ -115,42 +142,51 @@ def render_memory(memory: dict[str, Any]) -> str:
     ]
     headers = ["pid", "kind", "state", "tasks", "rss MiB", "uss MiB", "pss MiB", "shared MiB"]
     lines.append(table(headers, rows))
-    gpu = memory.get("gpu")
-    if gpu:
-        lines += [
-            "",
-            f"gpu {gpu.get('device')}  allocated {mib(gpu.get('allocated_bytes'))} MiB  "
-            f"reserved {mib(gpu.get('reserved_bytes'))} MiB  "
-            f"peak {mib(gpu.get('peak_allocated_bytes'))} MiB  "
-            f"free {mib(gpu.get('free_bytes'))} / {mib(gpu.get('total_bytes'))} MiB  "
-            f"runs {gpu.get('runs')}",
-        ]
-        if gpu.get("host_budget_bytes"):
-            lines.append(
-                f"host tier  parked {mib(gpu.get('host_bytes'))} / {mib(gpu['host_budget_bytes'])} MiB  "
-                f"pinned {mib(gpu.get('pinned_bytes'))} MiB"
-            )
-        now = time.time()
-        pipelines = [
-            [
-                p.get("name"),
-                str(p.get("sha256", ""))[:12],
-                p.get("tier", "device"),
-                mib(p.get("bytes")),
-                mib(p.get("retained_bytes")),
-                p.get("runs"),
-                f"{now - p['last_used']:.0f} s ago" if p.get("last_used") else "-",
-            ]
-            for p in gpu.get("pipelines", [])
-        ]
-        if pipelines:
-            headers = ["pipeline", "sha256", "tier", "MiB", "retained MiB", "runs", "last used"]
-            lines.append(table(headers, pipelines))
+    each = each_gpu(memory)
+    for gpu in each:
+        if gpu and "pipelines" in gpu:
+            lines += render_gpu_memory(gpu)
+        elif gpu and gpu.get("error"):
+            lines += ["", f"{gpu_label(gpu, len(each) > 1):<8}{gpu['error']}"]
     return "\n".join(lines)
 
 
+def render_gpu_memory(gpu: dict[str, Any]) -> list[str]:
+    """One GPU worker's figures and its pipelines, in `workerctl memory`."""
+    lines = [
+        "",
+        f"gpu {gpu.get('device')}  allocated {mib(gpu.get('allocated_bytes'))} MiB  "
+        f"reserved {mib(gpu.get('reserved_bytes'))} MiB  "
+        f"peak {mib(gpu.get('peak_allocated_bytes'))} MiB  "
+        f"free {mib(gpu.get('free_bytes'))} / {mib(gpu.get('total_bytes'))} MiB  "
+        f"runs {gpu.get('runs')}",
+    ]
+    if gpu.get("host_budget_bytes"):
+        lines.append(
+            f"host tier  parked {mib(gpu.get('host_bytes'))} / {mib(gpu['host_budget_bytes'])} MiB  "
+            f"pinned {mib(gpu.get('pinned_bytes'))} MiB"
+        )
+    now = time.time()
+    pipelines = [
+        [
+            p.get("name"),
+            str(p.get("sha256", ""))[:12],
+            p.get("tier", "device"),
+            mib(p.get("bytes")),
+            mib(p.get("retained_bytes")),
+            p.get("runs"),
+            f"{now - p['last_used']:.0f} s ago" if p.get("last_used") else "-",
+        ]
+        for p in gpu.get("pipelines", [])
+    ]
+    if pipelines:
+        headers = ["pipeline", "sha256", "tier", "MiB", "retained MiB", "runs", "last used"]
+        lines.append(table(headers, pipelines))
+    return lines
+
+
 def render_clear(result: dict[str, Any]) -> str:
-    """What `clear_memory` freed: a row per CPU worker, then the GPU worker's line."""
+    """What `clear_memory` freed: a row per CPU worker, then a line per GPU worker."""
     rows = []
     for w in result.get("workers", []):
         if "skipped" in w:
@@ -165,17 +201,20 @@ def render_clear(result: dict[str, Any]) -> str:
         "",
         table(headers, rows),
     ]
-    gpu = result.get("gpu")
-    if gpu is None:
-        lines += ["", "gpu     not running"]
-    elif "error" in gpu:
-        lines += ["", f"gpu     {gpu['error']}"]
-    else:
-        lines += [
-            "",
-            f"gpu {gpu.get('device')}  objects freed {gpu.get('freed_objects')}  "
-            f"allocated {mib(gpu.get('allocated_before'))} -> {mib(gpu.get('allocated_after'))} MiB  "
-            f"reserved {mib(gpu.get('reserved_before'))} -> {mib(gpu.get('reserved_after'))} MiB  "
-            f"freed {mib(gpu.get('freed_bytes'))} MiB  dropped: {', '.join(gpu.get('dropped') or []) or '-'}",
-        ]
+    each = each_gpu(result)
+    for gpu in each:
+        label = f"{gpu_label(gpu, len(each) > 1):<8}"
+        if gpu is None or ("error" not in gpu and "level" not in gpu):
+            lines += ["", f"{label}not running"]
+        elif "error" in gpu:
+            lines += ["", f"{label}{gpu['error']}"]
+        else:
+            dropped = ", ".join(gpu.get("dropped") or []) or "-"
+            lines += [
+                "",
+                f"gpu {gpu.get('device')}  objects freed {gpu.get('freed_objects')}  "
+                f"allocated {mib(gpu.get('allocated_before'))} -> {mib(gpu.get('allocated_after'))} MiB  "
+                f"reserved {mib(gpu.get('reserved_before'))} -> {mib(gpu.get('reserved_after'))} MiB  "
+                f"freed {mib(gpu.get('freed_bytes'))} MiB  dropped: {dropped}",
+            ]
     return "\n".join(lines)

@@ -177,8 +177,7 @@ def families(snapshot: dict[str, Any]) -> Iterator[Metric]:
     yield by_state
     yield uss
 
-    gpu = snapshot.get("gpu")
-    yield from gpu_families([gpu] if gpu else [])
+    yield from gpu_families(snapshot.get("gpus") or [])
     for name, help_text in CACHE_HELP.items():
         yield CounterMetricFamily(
             f"workerd_pipeline_cache_{name}", help_text, value=metrics["pipeline_cache"][name]

@@ -1,12 +1,13 @@
-"""The GPU worker, as the master sees it: start it, feed it pipeline runs, watch it, restore it.
+"""One GPU worker, as the master sees it: start it, hand it pipeline runs, watch it, restore it.
 
-The worker is spawned as a fresh interpreter (gpu_worker.py), lazily on the first pipeline run
-or at boot (`gpu.start`), and reached over its channel (transport.py). Runs go to it one at a
-time from a bounded queue, through the job lifecycle (lifecycle.py); the worker says when each
-starts, so a run's timeout never counts the restore or the clear it waited behind. A run past its
-timeout gets the worker's stacks dumped and the worker killed (TIMEOUT); a worker that dies
-(WORKER_LOST, or a retry) is respawned after a back-off. Either way the pipelines it had cached
-are loaded again in the background, so the next run is warm.
+There is one per device (gpus.py owns the list, the queue of runs and where each run goes). The
+worker is spawned as a fresh interpreter (gpu_worker.py) and reached over its channel
+(transport.py). It holds one run at a time, through the job lifecycle (lifecycle.py); it says
+when each starts, so a run's timeout never counts the restore or the clear it waited behind. A
+run past its timeout gets the worker's stacks dumped and the worker killed (TIMEOUT); a worker
+that dies (WORKER_LOST, or a retry) is respawned after a back-off. Either way the pipelines it had
+on its device are loaded again in the background, so the next run there is warm. Nothing of this
+touches the other devices' workers: the runs this one held go back to the shared queue.
 """
 
 from __future__ import annotations
@@ -19,23 +20,26 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workerctl import protocol
 
 from . import memory, processes
-from .config import Config, gpu_worker_settings
+from .config import gpu_worker_settings
 from .generations import BACKOFF_FIRST_S, BACKOFF_MAX_S
-from .lifecycle import WHEN_TOLD, Job, JobQueue, Lane, Ledger, settle, shown_state
-from .metrics import CACHE_EVENTS, Metrics
+from .lifecycle import WHEN_TOLD, Job, Lane, settle, shown_state
+from .metrics import CACHE_EVENTS
+from .placement import Slot, WorkerView, slot_name, worker_environment
 from .pool import FRAME_SLACK, STACK_DUMP_GRACE_S, read_text, remove_quietly
-from .reactor import Reactor
 from .transport import Channel, ChannelError, channel_pair
 from .worker import stack_path
 
+if TYPE_CHECKING:
+    from .gpus import GpuWorkers
+
 log = logging.getLogger("workerd.gpu")
 
-# A memory or clear request to the GPU worker is answered without it after this long.
+# A memory or clear request to a GPU worker is answered without it after this long.
 ANSWER_WAIT_S = 5.0
 # clear waits for the run in progress, which may be long.
 CLEAR_WAIT_S = 120.0
@@ -44,36 +48,52 @@ Callback = Callable[[Any], None]
 
 
 class GpuWorker:
-    def __init__(
-        self, config: Config, stack_dir: str, ledger: Ledger, reactor: Reactor, metrics: Metrics
-    ) -> None:
-        self.config = config
-        self.stack_dir = stack_dir
-        self.ledger = ledger
-        self.reactor = reactor
+    def __init__(self, owner: GpuWorkers, slot: Slot, counting: bool = False) -> None:
+        self.owner = owner
+        self.slot = slot
+        # Started before the devices are known, to count them (gpus.py): spawned on "auto",
+        # with the machine's whole view of CUDA.
+        self.counting = counting
         self.pid: int | None = None
         self.channel: Channel | None = None
-        # stopped | starting | idle | busy | killing | killed | stopping (idle/busy: see `state`)
+        # stopped | starting | serving | killing | killed | stopping (serving: idle/busy, see `state`)
         self.phase = "stopped"
-        self.device: str | None = None
-        self.queue = JobQueue()
+        self.device: str | None = None  # as the worker process names it
         self.lane = Lane(1, starts=WHEN_TOLD)
         self.kill_at = math.inf
         self.expired: Job | None = None  # the run it is being killed for: TIMEOUT at the kill
         self.respawn_at = math.inf
         self.failures = 0
-        self.cached: list[str] = []  # what the worker held, to restore after a crash
+        # Died, or could not be started, and not ready since: placement passes it over.
+        self.down = False
+        self.refused: str | None = None  # why the kernel refused to start it, until it starts
+        self.retired = False  # its device is not one of the daemon's: stopped, never respawned
+        # Its cache as of its last report: what to restore after a crash, and what placement reads.
+        self.cached: list[str] = []
+        self.parked: list[str] = []
+        self.free_bytes = 0
         self.restoring = False
         self.runs = 0
         self.stopping = False
         self.restart_pending = False
         self.tokens = (b"%d" % n for n in itertools.count(1))
         self.waiting: dict[bytes, tuple[Callback, float]] = {}
-        self.counters = metrics.events
 
     @property
-    def enabled(self) -> bool:
-        return self.config.gpu.enabled != "false" and bool(self.config.pipelines)
+    def index(self) -> int:
+        return self.slot.index
+
+    @property
+    def name(self) -> str | None:
+        """The device as status and memory_status show it: the slot's with [gpu] devices, else
+        what the worker reported (None until it has)."""
+        return slot_name(self.slot) if self.placed else self.device
+
+    @property
+    def placed(self) -> bool:
+        """Whether it runs on its slot's device, by [gpu] devices (not the one worker on [gpu]
+        device, nor the counting one)."""
+        return self.owner.several and not self.counting and not self.retired
 
     @property
     def state(self) -> str:
@@ -83,27 +103,57 @@ class GpuWorker:
     def running(self) -> bool:
         return bool(self.lane.jobs)
 
+    @property
+    def alive(self) -> bool:
+        return not self.down and self.phase not in ("killing", "killed")
+
+    def view(self) -> WorkerView:
+        """What placement knows of it. The pipeline of the run it holds counts as on its device:
+        it is, or will be once loaded, so more runs of it wait here rather than load elsewhere."""
+        held = frozenset(self.cached).union(job.key for job in self.lane.jobs)
+        return WorkerView(
+            self.index, self.alive, held, frozenset(self.parked), self.free_bytes, len(self.lane)
+        )
+
+    def can_take(self) -> bool:
+        return (
+            self.phase == "serving" and not self.lane.jobs and not self.restart_pending and not self.retired
+        )
+
+    def what(self) -> str:
+        """How logs and errors name it."""
+        if not self.owner.several:
+            return "GPU worker"
+        return f"GPU worker {self.index}" if self.placed else "GPU worker counting the devices"
+
     # -- process -------------------------------------------------------------------------------
 
-    def settings(self) -> dict[str, Any]:
-        return {
+    def settings(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """Its settings, and what to add to the master's environment for it."""
+        device, env = worker_environment(self.slot, os.environ) if self.placed else (None, {})
+        if self.counting:
+            device = "auto"  # without CUDA it still starts, and says so with a count of 0
+        settings = {
             "master_pid": os.getpid(),
             "log_level": logging.getLogger().getEffectiveLevel(),
-            "stack_dir": self.stack_dir,
-            "max_message_bytes": self.max_frame(),
-            **gpu_worker_settings(self.config),
+            "stack_dir": self.owner.stack_dir,
+            "max_message_bytes": self.owner.max_frame(),
+            "device_name": self.name if self.placed else None,
+            **gpu_worker_settings(self.owner.config, device),
         }
-
-    def max_frame(self) -> int:
-        return int(self.config.daemon.max_message_mb * 1024 * 1024)
+        return settings, env
 
     def spawn(self) -> None:
-        """Start the worker; if the kernel refuses, answer what waits and try again later."""
+        """Start the worker; if the kernel refuses, answer what only it could run, retry later."""
         self.respawn_at = math.inf
-        channel, theirs = channel_pair(self.max_frame() + FRAME_SLACK)
+        channel, theirs = channel_pair(self.owner.max_frame() + FRAME_SLACK)
+        settings, env = self.settings()
         try:
             pid = processes.spawn(
-                "workerd.gpu_worker", [json.dumps(self.settings()), str(theirs.fileno())], [theirs.fileno()]
+                "workerd.gpu_worker",
+                [json.dumps(settings), str(theirs.fileno())],
+                [theirs.fileno()],
+                {**os.environ, **env} if env else None,
             )
         except OSError as exc:
             channel.close()
@@ -111,37 +161,24 @@ class GpuWorker:
             return
         finally:
             theirs.close()
-        self.pid, self.channel, self.phase = pid, channel, "starting"
-        self.reactor.watch(channel.fileno(), self.handle_channel)
-        log.info("GPU worker starting (pid %d)", pid)
+        self.pid, self.channel, self.phase, self.refused = pid, channel, "starting", None
+        self.owner.reactor.watch(channel.fileno(), self.handle_channel)
+        log.info("%s starting (pid %d)", self.what(), pid)
 
     def spawn_failed(self, exc: OSError) -> None:
         self.failures += 1
+        self.down = True
         delay = min(BACKOFF_FIRST_S * 2 ** (self.failures - 1), BACKOFF_MAX_S)
-        log.error("cannot start the GPU worker: %s; retrying in %.1f s", exc, delay)
-        message = f"cannot start the GPU worker: {exc}; retrying in {delay:.1f} s"
-        for job in self.queue.drain():
-            self.ledger.fail(job, protocol.INTERNAL, message)
+        log.error("cannot start the %s: %s; retrying in %.1f s", self.what(), exc, delay)
+        self.refused = f"cannot start the {self.what()}: {exc}; retrying in {delay:.1f} s"
         self.respawn_at = time.monotonic() + delay
+        self.owner.fail_stranded()
 
-    def reconfigure(self, config: Config) -> None:
-        """Take a reloaded config. A running worker whose [gpu] or [pipelines] changed is
-        replaced once idle; pipelines it held that are still configured are restored. Queued
-        runs of a pipeline that is gone (or of a GPU worker now disabled) end now."""
-        changed = (config.gpu, config.pipelines) != (self.config.gpu, self.config.pipelines)
-        self.config = config
-        self.cached = [name for name in self.cached if name in config.pipelines]
-        for key in self.queue.waiting_keys():
-            if not self.enabled or key not in config.pipelines:
-                reason = (
-                    "the GPU worker is disabled ([gpu] enabled)"
-                    if not self.enabled
-                    else "it is no longer configured"
-                )
-                for job in self.queue.pop_key(key):
-                    self.ledger.fail(
-                        job, protocol.UNKNOWN_TASK, f"pipeline {key!r}: {reason} (after a reload)"
-                    )
+    def reconfigure(self, changed: bool) -> None:
+        """A reload: forget pipelines that are gone; restart once idle if its settings changed."""
+        pipelines = self.owner.config.pipelines
+        self.cached = [name for name in self.cached if name in pipelines]
+        self.parked = [name for name in self.parked if name in pipelines]
         if changed and self.pid is not None:
             self.restart_pending = True
             self.restart_if_idle()
@@ -152,8 +189,15 @@ class GpuWorker:
             self.stop_process()
 
     def ensure_started(self) -> None:
-        if self.pid is None and self.respawn_at == math.inf and not self.stopping:
+        if self.pid is None and self.respawn_at == math.inf and not self.stopping and not self.retired:
             self.spawn()
+
+    def retire(self) -> None:
+        """Stop it for good: its device is not one the daemon serves."""
+        self.retired = True
+        self.respawn_at = math.inf
+        if self.pid is not None:
+            self.stop_process()
 
     def reaped(self, pid: int, status: int) -> bool:
         """A child of the master exited: is it this worker?"""
@@ -163,45 +207,45 @@ class GpuWorker:
         was = self.phase
         self.close_channel()
         self.pid, self.phase = None, "stopped"
-        retry = None if self.stopping else self.retry
+        retry = None if self.stopping else self.owner.retry
         if settle(
-            self.ledger, self.lane, pid, f"GPU worker {pid}", how, self.stack_file(pid), retry, self.hand_back
+            self.owner.ledger,
+            self.lane,
+            pid,
+            f"GPU worker {pid}",
+            how,
+            self.stack_file(pid),
+            retry,
+            self.owner.hand_back,
         ):
-            self.counters["gpu_timeouts"] += 1
-        remove_quietly(stack_path(self.stack_dir, pid))
-        self.answer_waiting(f"GPU worker {how}")
-        if self.stopping:
+            self.owner.counters["gpu_timeouts"] += 1
+        remove_quietly(stack_path(self.owner.stack_dir, pid))
+        self.parked = []  # host memory went with the process
+        self.answer_waiting(f"{self.what()} {how}")
+        if self.stopping or self.retired:
             return True
         if was == "stopping":  # replaced after a config reload: start the new one now
-            self.respawn_at = time.monotonic() if self.enabled else math.inf
+            self.respawn_at = time.monotonic() if self.owner.enabled else math.inf
             return True
-        log.warning("GPU worker %d %s (state %s)", pid, how, was)
+        log.warning("%s %d %s (state %s)", self.what(), pid, how, was)
         if was not in ("killing", "killed"):  # killed for its timeout: counted as gpu_timeouts
-            self.counters["gpu_worker_deaths"] += 1
+            self.owner.counters["gpu_worker_deaths"] += 1
         if self.restoring:
             self.cached = []  # it died restoring: do not try the same thing in a loop
         self.restoring = False
+        self.down = True
         self.failures += 1
         delay = min(BACKOFF_FIRST_S * 2 ** (self.failures - 1), BACKOFF_MAX_S)
         self.respawn_at = time.monotonic() + (delay if was == "starting" else 0.0)
         return True
 
     def stack_file(self, pid: int) -> Callable[[], str]:
-        return lambda: read_text(stack_path(self.stack_dir, pid))
-
-    def retry(self, job: Job) -> None:
-        self.queue.push(job, front=True)
-
-    def hand_back(self, job: Job) -> None:
-        if self.stopping:
-            self.ledger.fail(job, protocol.SHUTTING_DOWN, "workerd is stopping")
-        else:
-            self.queue.push(job, front=True)
+        return lambda: read_text(stack_path(self.owner.stack_dir, pid))
 
     def close_channel(self) -> None:
         if self.channel is not None:
             self.read_channel()  # what it sent before it went
-            self.reactor.unwatch(self.channel.fileno())
+            self.owner.reactor.unwatch(self.channel.fileno())
             self.channel.close()
             self.channel = None
 
@@ -227,11 +271,11 @@ class GpuWorker:
         except OSError:
             done = True  # gone: reaping it settles everything
             channel.out.clear()
-        self.reactor.want_write(channel.fileno(), None if done else self.flush)
+        self.owner.reactor.want_write(channel.fileno(), None if done else self.flush)
 
     def handle_channel(self) -> None:
         self.read_channel()
-        self.dispatch()
+        self.owner.dispatch()
 
     def read_channel(self) -> None:
         channel = self.channel
@@ -240,10 +284,10 @@ class GpuWorker:
         try:
             messages = channel.receive()
         except ChannelError as exc:
-            log.error("GPU worker broke its channel (%s): killing it", exc)
+            log.error("%s broke its channel (%s): killing it", self.what(), exc)
             messages = None
         if messages is None:
-            self.reactor.unwatch(channel.fileno())
+            self.owner.reactor.unwatch(channel.fileno())
             if not channel.closed and self.pid is not None:
                 processes.signal_quietly(self.pid, signal.SIGKILL)
             return
@@ -262,64 +306,63 @@ class GpuWorker:
         elif kind == b"ready":
             self.ready(protocol.unpack(frames[1]))
         elif kind == b"restored":
+            restored = protocol.unpack(frames[1])
             self.restoring = False
             self.failures = 0
-            log.info("GPU worker restored pipelines: %s", protocol.unpack(frames[1]))
+            self.take_report(restored)
+            log.info("%s restored pipelines: %s", self.what(), restored)
         elif kind in (b"memory", b"cleared"):
+            if kind == b"cleared":
+                self.take_report(protocol.unpack(frames[3]))  # a full clear dropped its pipelines
             waiting = self.waiting.pop(bytes(frames[1]), None)
             if waiting:
                 waiting[0](protocol.unpack(frames[2]))
 
     def ready(self, info: dict[str, Any]) -> None:
         self.device = info["device"]
+        self.free_bytes = int(info.get("free_bytes", 0))
+        self.down = False
         if self.phase == "starting":
             self.phase = "serving"
-        log.info("GPU worker ready on %s (imports took %.2f s)", self.device, info["import_s"])
-        if self.config.gpu.enabled == "true" and not str(self.device).startswith("cuda"):
+        log.info("%s ready on %s (imports took %.2f s)", self.what(), self.device, info["import_s"])
+        if self.owner.config.gpu.enabled == "true" and not str(self.device).startswith("cuda"):
             log.warning("[gpu] enabled = true but no CUDA device is usable: pipelines run on %s", self.device)
-        if self.cached:
+        self.owner.ready(self, info)  # may retire it: the counting worker, on a device not served
+        if self.cached and not self.retired:
             self.restoring = True
             self.send([b"restore", protocol.pack(self.cached)])
 
+    def take_report(self, report: dict[str, Any]) -> None:
+        """Its cache's tiers, from a `done` or `restored`: what placement and a restore read."""
+        self.cached = list(report.get("cached", []))
+        self.parked = list(report.get("parked", []))
+        self.free_bytes = int(report.get("free_bytes", 0))
+
     def run_done(self, job: Job, outcome: bytes, frame: bytes, extra: dict[str, Any], raw: list[Any]) -> None:
         self.runs += 1
-        self.cached = list(extra.get("cached", []))
+        self.take_report(extra)
         if not self.restoring:
             self.failures = 0
         for name, key in CACHE_EVENTS.items():  # this run's cache hits, misses and evictions
-            self.counters[key] += int(extra.get(name, 0))
-        self.ledger.result(job, outcome, frame, raw)
+            self.owner.counters[key] += int(extra.get(name, 0))
+        self.owner.ledger.result(job, outcome, frame, raw)
         if self.stopping:
             self.stop_process()
         self.restart_if_idle()
 
-    # -- jobs ----------------------------------------------------------------------------------
+    # -- runs ----------------------------------------------------------------------------------
 
-    def submit(self, job: Job) -> None:
-        self.queue.push(job)
-        self.ensure_started()
-        self.dispatch()
-
-    def dispatch(self) -> None:
-        if self.phase != "serving" or self.lane.jobs or not self.queue or self.restart_pending:
-            return
-        job = self.queue.take(lambda key: True)
-        if job is not None:
-            self.lane.add(job, time.monotonic())
-            self.send([b"run", b"%d" % job.id, job.body, *job.raw])
+    def run(self, job: Job) -> None:
+        self.lane.add(job, time.monotonic())
+        self.send([b"run", b"%d" % job.id, job.body, *job.raw])
 
     def cancel(self, job: Job, terminate: bool) -> str:
-        """`cancel` for a pipeline run: queued ones surely; a run handed to the worker is
-        "running" (the worker may have begun it) unless terminated with its worker."""
-        if self.queue.remove(job):
-            self.ledger.cancel_reply(job)
-            return "cancelled"
-        if job not in self.lane.jobs:
-            return "unknown"
+        """`cancel` for the run it holds: "running" (it may have begun it) unless terminated
+        with the worker."""
         if not terminate or self.pid is None or self.phase in ("killing", "killed"):
             return "running"
         job.cancelled = True
-        self.ledger.cancel_reply(job, terminated=True)
+        self.owner.ledger.cancel_reply(job, terminated=True)
         processes.signal_quietly(self.pid, signal.SIGKILL)
         self.phase = "killed"
         return "cancelled"
@@ -329,8 +372,7 @@ class GpuWorker:
         times.extend(deadline for _, deadline in self.waiting.values())
         return min(times)
 
-    def tick(self) -> None:
-        now = time.monotonic()
+    def tick(self, now: float) -> None:
         if self.phase == "killing" and now >= self.kill_at:
             self.finish_kill()
         elif self.phase not in ("killing", "killed") and self.lane.next_deadline() <= now:
@@ -338,10 +380,9 @@ class GpuWorker:
         for token, (callback, deadline) in list(self.waiting.items()):
             if now >= deadline:
                 del self.waiting[token]
-                callback({"error": "the GPU worker did not answer in time", "state": self.state})
+                callback({"error": f"the {self.what()} did not answer in time", "state": self.state})
         if now >= self.respawn_at and not self.stopping:
             self.spawn()
-        self.dispatch()
 
     def start_kill(self, now: float) -> None:
         """A run went past its timeout: its answer is TIMEOUT from now on; ask for the stacks."""
@@ -361,12 +402,12 @@ class GpuWorker:
         self.phase = "killed"
         if self.pid is None:
             return
-        stack = read_text(stack_path(self.stack_dir, self.pid))
+        stack = read_text(stack_path(self.owner.stack_dir, self.pid))
         processes.signal_quietly(self.pid, signal.SIGKILL)
         job, self.expired = self.expired, None
         if job is not None:
-            self.counters["gpu_timeouts"] += 1
-            self.ledger.timed_out(job, self.pid, stack, f"GPU worker {self.pid}")
+            self.owner.counters["gpu_timeouts"] += 1
+            self.owner.ledger.timed_out(job, self.pid, stack, f"GPU worker {self.pid}")
 
     # -- requests to the worker ------------------------------------------------------------------
 
@@ -386,20 +427,16 @@ class GpuWorker:
         self.ask(b"clear", [level.encode()], callback, CLEAR_WAIT_S)
 
     def describe(self) -> list[dict[str, Any]]:
-        """The worker's line in memory_status's `workers`."""
+        """Its line in memory_status's `workers`."""
         if self.pid is None:
             return []
-        return [
-            {"pid": self.pid, "kind": "gpu", "state": self.state, "tasks_done": self.runs}
-            | memory.process_memory(self.pid)
-        ]
+        line = {"pid": self.pid, "kind": "gpu", "state": self.state, "tasks_done": self.runs}
+        return [line | {"index": self.index, "device": self.name} | memory.process_memory(self.pid)]
 
     # -- stop ----------------------------------------------------------------------------------
 
     def begin_stop(self) -> None:
         self.stopping = True
-        for job in self.queue.drain():
-            self.ledger.fail(job, protocol.SHUTTING_DOWN, "workerd is stopping")
         self.answer_waiting("workerd is stopping")
         if self.state in ("idle", "starting") and self.pid is not None:
             self.stop_process()
@@ -413,7 +450,7 @@ class GpuWorker:
 
     def abort_running(self) -> None:
         for job in list(self.lane.jobs):
-            self.ledger.fail(
+            self.owner.ledger.fail(
                 job, protocol.SHUTTING_DOWN, f"workerd stopped before {job.name} finished (grace period over)"
             )
         if self.pid is not None:

@@ -12,18 +12,24 @@ Messages (GPU worker <-> master, on the socketpair the master spawned us with):
                     [b"clear", token, level]                 after the run in progress
                     [b"memory", token]                       answered at once
                     [b"stop"]
-    gpu -> master   [b"ready", msgpack({"pid", "device", "import_s"})]
+    gpu -> master   [b"ready", msgpack({"pid", "device", "import_s", "device_count",
+                                            "cached", "parked", "free_bytes"})]
                     [b"start", job id]                       the run begins now (its timeout too)
                     [b"done", job id, b"ok"|b"error", reply frame, msgpack(state)]
                     [b"restored", msgpack({"loaded": [names], "failed": [names], "cached",
                                            "parked", "free_bytes"})]
-                    [b"cleared", token, msgpack(result)]
+                    [b"cleared", token, msgpack(result), msgpack(placement state)]
                     [b"memory", token, msgpack(snapshot)]
 
     state = {"cached": [names on the device, least recently used first: what to restore],
              "parked": [names in host memory], "free_bytes": device budget left,
              "hits", "misses", "wakes", "parks", "evictions", "leak_reloads": counted since
              the last report (metrics.CACHE_EVENTS)}
+
+`device_count` is how many CUDA devices this process sees: the master counts the devices for
+`[gpu] devices = "all"` through the first worker (it never imports torch itself). With several
+devices, the master names this worker's device in `device_name` ("cuda:1"; the process itself,
+seeing only that GPU, loads on "cuda"); results, memory and clear answers say that name.
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ class Runner(threading.Thread):
             settings.get("retained_warn_mb", 500),
         )
         self.reported = dict(self.cache.counts)  # the counts as of the last report to the master
+        self.name: str = settings.get("device_name") or self.cache.device
         self.max_message_bytes: int = settings["max_message_bytes"]
         self.inbox: queue.Queue[list[Any] | None] = queue.Queue()
         self.send = send
@@ -87,7 +94,8 @@ class Runner(threading.Thread):
                 self.send([b"restored", protocol.pack(self.restore(protocol.unpack(frames[1])))])
             elif op == b"clear":
                 result = self.cache.clear(bytes(frames[2]).decode())
-                self.send([b"cleared", frames[1], protocol.pack(result)])
+                cleared = protocol.pack(result | {"device": self.name})
+                self.send([b"cleared", frames[1], cleared, protocol.pack(self.cache.placement_state())])
 
     def run_pipeline(self, job: bytes, body: bytes, raw: list[bytes]) -> list[Any]:
         """One pipeline run: [b"done", job, kind, reply body, extra, *raw frames of the reply]."""
@@ -100,6 +108,7 @@ class Runner(threading.Thread):
         frames: list[Any]
         try:
             result = self.cache.run(request["name"], request.get("args", []), request.get("kwargs", {}))
+            result["device"] = self.name
             kind, frames = tasks.bounded_frames(
                 tasks.OK,
                 protocol.encode_result_frames(request_id, result),
@@ -140,6 +149,20 @@ class Runner(threading.Thread):
         self.reported = dict(self.cache.counts)  # what a restore moved is not counted, as before
         return {"loaded": loaded, "failed": failed, **self.cache.placement_state()}
 
+    def snapshot(self) -> dict[str, Any]:
+        return self.cache.snapshot() | {"device": self.name}
+
+    def ready(self, import_s: float) -> dict[str, Any]:
+        from .gpumemory import device_count
+
+        return {
+            "pid": os.getpid(),
+            "device": self.name,
+            "import_s": import_s,
+            "device_count": device_count(),
+            **self.cache.placement_state(),
+        }
+
 
 def serve(settings: dict[str, Any], sock: socket.socket) -> None:
     pid = os.getpid()
@@ -155,19 +178,12 @@ def serve(settings: dict[str, Any], sock: socket.socket) -> None:
     started = time.monotonic()
     runner = Runner(settings, send)
     runner.start()
-    send(
-        [
-            b"ready",
-            protocol.pack(
-                {"pid": pid, "device": runner.cache.device, "import_s": time.monotonic() - started}
-            ),
-        ]
-    )
+    send([b"ready", protocol.pack(runner.ready(time.monotonic() - started))])
     try:
         while (messages := channel.receive(block=True)) is not None:
             for frames in messages:
                 if frames[0] == b"memory":
-                    send([b"memory", frames[1], protocol.pack(runner.cache.snapshot())])
+                    send([b"memory", frames[1], protocol.pack(runner.snapshot())])
                 elif frames[0] == b"stop":
                     return
                 else:

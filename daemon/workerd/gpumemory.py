@@ -31,6 +31,11 @@ def pick_device(setting: str) -> str:
     return "cpu"
 
 
+def device_count() -> int:
+    """The CUDA devices this process sees (what [gpu] devices = "all" counts)."""
+    return int(torch.cuda.device_count()) if torch is not None else 0
+
+
 def is_cuda(device: str) -> bool:
     return device.startswith("cuda")
 

@@ -93,14 +93,7 @@ class Commands:
                 "prefetched": pool.waiting() - len(pool.queue),
                 "max": master.config.daemon.max_queue,
             },
-            "gpu": {
-                "enabled": master.gpu.enabled,
-                "state": master.gpu.state,
-                "pid": master.gpu.pid,
-                "device": master.gpu.device,
-                "queue": len(master.gpu.queue),
-                "cached": master.gpu.cached,
-            },
+            **master.gpu.status(),  # "gpu" (the first device, as with one) and "gpus" (each)
             "counters": dict(+master.counters),  # only the non-zero ones
             "metrics": self.metrics(),
         }
@@ -114,7 +107,7 @@ class Commands:
         return DEFERRED
 
     def gather_memory(self, callback: Callable[[dict[str, Any]], None]) -> None:
-        """Memory of every process; the GPU figures come from the GPU worker itself."""
+        """Memory of every process; the GPU figures come from the GPU workers themselves."""
         pool, gpu = self.master.pool, self.master.gpu
         result = {
             "daemon": {"pid": os.getpid(), "rss_bytes": memory.process_memory(os.getpid())["rss_bytes"]},
@@ -123,8 +116,8 @@ class Commands:
             "gpu": None,
         }
 
-        def answer(gpu_stats: dict[str, Any] | None) -> None:
-            result["gpu"] = gpu_stats
+        def answer(first: dict[str, Any] | None, each: list[dict[str, Any]]) -> None:
+            result["gpu"], result["gpus"] = first, each
             callback(result)
 
         gpu.memory(answer)
@@ -136,36 +129,39 @@ class Commands:
         queues = {"cpu": master.pool.waiting(), "gpu": len(master.gpu.queue)}
 
         def answer(memory_result: dict[str, Any]) -> None:
-            gpu = memory_result["gpu"]
             deliver(
                 {
                     "metrics": master.metrics.snapshot(),
                     "queue": queues,
                     "workers": memory_result["workers"],
-                    "gpu": gpu if isinstance(gpu, dict) and "error" not in gpu else None,
+                    "gpus": [gpu for gpu in memory_result["gpus"] if "pipelines" in gpu],
                 }
             )
 
         self.gather_memory(answer)
 
     def clear_memory(self, msg: Incoming) -> object:
-        """gc in every CPU worker; and in the GPU worker gc, cache or full, as asked."""
+        """gc in every CPU worker; and in each GPU worker gc, cache or full, as asked."""
         level = msg.request.get("level", "cache")
         if level not in CLEAR_LEVELS:
             raise RequestRejected(protocol.BAD_REQUEST, f"'level' must be one of {', '.join(CLEAR_LEVELS)}")
         master = self.master
-        parts: dict[str, Any] = {}
+        result: dict[str, Any] = {"level": level}
 
-        def gather(part: str) -> Callable[[Any], None]:
-            def put(value: Any) -> None:
-                parts[part] = value
-                if len(parts) == 2:
-                    master.answer(msg, {"level": level, **parts["cpu"], "gpu": parts["gpu"]})
+        def cpu_done(cpu: dict[str, Any]) -> None:
+            result.update(cpu)
+            answer_once_both()
 
-            return put
+        def gpu_done(first: dict[str, Any] | None, each: list[dict[str, Any]]) -> None:
+            result["gpu"], result["gpus"] = first, each
+            answer_once_both()
 
-        master.pool.collect_garbage(gather("cpu"))
-        master.gpu.clear(level, gather("gpu"))
+        def answer_once_both() -> None:
+            if "workers" in result and "gpus" in result:
+                master.answer(msg, result)
+
+        master.pool.collect_garbage(cpu_done)
+        master.gpu.clear(level, gpu_done)
         return DEFERRED
 
     def execute(self, msg: Incoming) -> object:

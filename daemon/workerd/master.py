@@ -31,7 +31,7 @@ from . import config as configuration
 from . import control, memory, processes
 from .access import Access
 from .admission import RequestRejected
-from .gpu import GpuWorker
+from .gpus import GpuWorkers
 from .handlers import DEFERRED, Commands, Incoming
 from .lifecycle import Ledger
 from .limits import ClientLimits
@@ -116,7 +116,7 @@ class Master:
         self.ledger = Ledger(self.reply, self.metrics)
         self.pool = Pool(self.config, self.private_dir, self.ledger, self.reactor, self.metrics)
         self.pool.generations.on_generation = self.generation_done
-        self.gpu = GpuWorker(self.config, self.private_dir, self.ledger, self.reactor, self.metrics)
+        self.gpu = GpuWorkers(self.config, self.private_dir, self.ledger, self.reactor, self.metrics)
         log.info("workerd listening on %s (config: %s)", self.socket_path, self.config.source)
         self.notifier.status(f"importing task code; serving {self.socket_path}")
         try:
@@ -126,7 +126,7 @@ class Master:
             log.error("%s", failure)
             self.generation_done(0, False, failure)
         if self.gpu.enabled and self.config.gpu.start == "boot":
-            self.gpu.spawn()
+            self.gpu.start()
 
     def start_exporter(self) -> None:
         address = self.config.metrics.address()
@@ -400,7 +400,7 @@ class Master:
         self.pool.scale(self.pool.target - 1)
 
     def handle_sigchld(self) -> None:
-        """Reap every child that exited: zygotes, the GPU worker, and (we are a subreaper)
+        """Reap every child that exited: zygotes, GPU workers, and (we are a subreaper)
         whatever a dead zygote left behind."""
         for pid, status in processes.reap():
             if not (self.pool.reaped(pid, status) or self.gpu.reaped(pid, status)):
@@ -424,7 +424,7 @@ class Master:
             self.pool.abort_running()
             self.gpu.abort_running()
             self.exit_deadline = now + EXIT_WAIT_S
-        if (not self.pool.workers and self.gpu.pid is None) or now >= self.exit_deadline:
+        if (not self.pool.workers and self.gpu.exited) or now >= self.exit_deadline:
             self.state = "stopped"
 
     def cleanup(self) -> None:

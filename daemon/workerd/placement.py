@@ -1,9 +1,10 @@
 """Several GPUs: which devices get a GPU worker, and which worker runs a pipeline.
 
-Pure decisions; the master does the I/O. `worker_slots` turns `[gpu] device` and `devices` into
-one slot per GPU worker process. `place` picks the worker for a run from what each worker last
-reported about its cache (the `cached`, `parked` and `free_bytes` of its `done` and `restored`
-messages) and from the master's own view of it (alive, queue length).
+Pure decisions; gpus.py does the I/O, placing each waiting run when a worker is free to take
+it. `worker_slots` turns `[gpu] device` and `devices` into one slot per GPU worker process.
+`place` picks the worker for a run from what each worker last reported about its cache (the
+`cached`, `parked` and `free_bytes` of its `ready`, `done`, `restored` and `cleared` messages) and
+from the master's own view of it (alive, the run it holds).
 
 The order of preference is the issue's: a worker that holds the pipeline on its device (a warm
 run), then one that holds it in host memory (a wake, a fraction of a load), else the one with
@@ -52,6 +53,20 @@ def worker_slots(gpu: GpuConfig, cuda_count: int) -> list[Slot]:
     if missing:
         raise ValueError(f"[gpu] devices lists cuda:{missing[0]}; {cuda_count} CUDA device(s) are visible")
     return [Slot(i, f"cuda:{i}") for i in devices]
+
+
+def known_slots(gpu: GpuConfig) -> list[Slot] | None:
+    """The slots, when the machine's CUDA devices do not decide them; None when a first worker
+    must count the devices (`[gpu] devices` set, on "auto" or "cuda")."""
+    if gpu.devices is None or gpu.device == "cpu":
+        return worker_slots(gpu, 0)
+    return None
+
+
+def slot_name(slot: Slot) -> str:
+    """How status, memory_status and run results name a slot's device: its CUDA device, or for
+    the test-only CPU slots "cpu:INDEX" (several CPU workers must not all read "cpu")."""
+    return slot.device if slot.device.startswith("cuda") else f"{slot.device}:{slot.index}"
 
 
 def worker_environment(slot: Slot, environ: Mapping[str, str]) -> tuple[str, dict[str, str]]:

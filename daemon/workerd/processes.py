@@ -18,7 +18,7 @@ import ctypes
 import os
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from . import faults
 
@@ -49,8 +49,11 @@ def become_subreaper() -> None:
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
-def spawn(module: str, args: Sequence[str], pass_fds: Sequence[int] = ()) -> int:
-    """Start `python -m module args...` with stdin on /dev/null; returns its pid.
+def spawn(
+    module: str, args: Sequence[str], pass_fds: Sequence[int] = (), env: Mapping[str, str] | None = None
+) -> int:
+    """Start `python -m module args...` with stdin on /dev/null, in `env` (default: ours);
+    returns its pid.
 
     Raises OSError when the kernel refuses (EAGAIN, ENOMEM): callers answer for it, the loop
     never dies of it."""
@@ -61,7 +64,7 @@ def spawn(module: str, args: Sequence[str], pass_fds: Sequence[int] = ()) -> int
         return os.posix_spawn(
             sys.executable,
             [sys.executable, "-m", module, *args],
-            os.environ,
+            os.environ if env is None else env,
             file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)],
         )
     finally:

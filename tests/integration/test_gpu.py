@@ -29,7 +29,9 @@ def load(device):
     time.sleep({load_s})
     return torch.ones(int(SIZE_MB * 1024 * 1024 / 4), device=device)
 
-def run(weights, sleep=0.0, oom=False, crash=False):
+def run(weights, sleep=0.0, oom=False, crash=False, mark=""):
+    if mark:  # the run has begun (its worker said so): a test may kill the worker now
+        open(mark, "w").close()
     if crash:
         os.abort()
     if oom:
@@ -191,11 +193,14 @@ def test_pipeline_retries_on_a_respawned_worker(gpu_daemon: Daemon) -> None:
         assert client.status()["counters"]["retries"] == 1
 
 
-def test_sigkill_of_the_gpu_worker_mid_run(gpu_daemon: Daemon) -> None:
+def test_sigkill_of_the_gpu_worker_mid_run(gpu_daemon: Daemon, tmp_path: Path) -> None:
     with gpu_daemon.client() as client:
         client.execute("a")
-        run = client.send("execute", name="a", kwargs={"sleep": 30})
-        wait_until(lambda: client.status()["gpu"]["state"] == "busy")
+        # Killed once the run has begun: "busy" alone is a run handed over, maybe not started,
+        # and one that never started is run again, not WORKER_LOST.
+        mark = tmp_path / "running"
+        run = client.send("execute", name="a", kwargs={"sleep": 30, "mark": str(mark)})
+        wait_until(mark.exists)
         os.kill(client.status()["gpu"]["pid"], signal.SIGKILL)
         with pytest.raises(errors.WorkerLost):
             client.wait_result(run, 10)

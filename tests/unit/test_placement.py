@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from workerd.config import GpuConfig
-from workerd.placement import Slot, WorkerView, place, worker_environment, worker_slots
+from workerd.placement import (
+    Slot,
+    WorkerView,
+    known_slots,
+    place,
+    slot_name,
+    worker_environment,
+    worker_slots,
+)
 
 GB = 1024**3
 
@@ -77,3 +85,14 @@ def test_a_dead_worker_is_passed_over_while_another_is_alive() -> None:
     assert place("a", workers, pins=(0,)) == 0
     assert place("a", [view(0, alive=False), view(1, alive=False, device="a")]) == 1
     assert place("a", []) is None
+
+
+def test_slots_known_without_a_worker_only_when_cuda_cannot_change_them() -> None:
+    assert known_slots(GpuConfig()) == [Slot(0, "auto")]  # one worker on [gpu] device
+    assert known_slots(GpuConfig(device="cpu", devices=(0, 2))) == [Slot(0, "cpu"), Slot(2, "cpu")]
+    assert known_slots(GpuConfig(devices="all")) is None  # a worker counts the devices first
+    assert known_slots(GpuConfig(device="cuda", devices=(1,))) is None  # ...and checks that 1 exists
+
+
+def test_each_slot_has_its_own_name() -> None:
+    assert [slot_name(Slot(1, "cuda:1")), slot_name(Slot(2, "cpu"))] == ["cuda:1", "cpu:2"]
