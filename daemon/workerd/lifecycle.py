@@ -232,11 +232,6 @@ class JobQueue:
             jobs.append(job)
         self.count += 1
 
-    def push_back_all(self, jobs: Sequence[Job]) -> None:
-        """Jobs handed back by a worker, ahead of everything queued since, in their order."""
-        for job in reversed(jobs):
-            self.push(job, front=True)
-
     def take(self, accepts: Callable[[str], bool]) -> Job | None:
         """The oldest job whose key `accepts` says yes to, removed from the queue."""
         best: collections.deque[Job] | None = None
@@ -299,9 +294,6 @@ class Lane:
     def running(self) -> Job | None:
         head = self.head
         return head if head is not None and head.state is RUNNING else None
-
-    def free(self) -> int:
-        return self.capacity - len(self.jobs)
 
     def add(self, job: Job, now: float) -> None:
         job.state = ASSIGNED
