@@ -164,6 +164,9 @@ class GpuWorker:
         was = self.phase
         self.close_channel()
         self.pid, self.phase = None, "stopped"
+        # A death inside the kill window ends the kill too (settle answers the TIMEOUT): a
+        # kill_at left set is a deadline forever past, and the loop spun on it at full CPU.
+        self.kill_at, self.expired = math.inf, None
         retry = None if self.stopping else self.retry
         if settle(
             self.ledger, self.lane, pid, f"GPU worker {pid}", how, self.stack_file(pid), retry, self.hand_back
