@@ -582,7 +582,8 @@ def test_zygote_restart_runs_the_same_code(start_daemon: Callable[..., Daemon], 
 
 def test_failed_start_leaves_nothing_behind(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
     """The metrics port is taken: the daemon exits at start, after binding its socket. Neither
-    the socket nor a private workerd-* directory is left behind."""
+    the socket nor a private workerd-* directory is left behind (the directory is made after
+    the last check that can fail: this holds that order too)."""
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
@@ -599,6 +600,26 @@ def test_failed_start_leaves_nothing_behind(start_daemon: Callable[..., Daemon],
     assert "cannot serve metrics" in daemon.output()
     assert not os.path.exists(daemon.socket)
     assert not list(private.glob("workerd-*"))
+
+
+def test_start_refused_on_a_served_socket_leaves_it_alone(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """A second daemon on the socket a live one serves is refused at start: it exits 69, and
+    the live daemon's socket is still there and still serves."""
+    first = start_seams(start_daemon, tmp_path, seams_config(["moda"]))
+    private, elsewhere = tmp_path / "private", tmp_path / "second"
+    private.mkdir()
+    elsewhere.mkdir()
+    second = Daemon(elsewhere, first.config_path.read_text(), [], {"TMPDIR": str(private)}, first.socket)
+    try:
+        assert second.proc.wait(30) == 69  # EX_UNAVAILABLE
+    finally:
+        second.stop()
+    assert "already serving" in second.log_path.read_text()
+    assert not list(private.glob("workerd-*"))
+    with first.client() as client:
+        assert client.execute("moda:echo", 1) == 1
 
 
 # -- prefetch x chaos (issue 12, item 6) -------------------------------------------------------------
@@ -646,8 +667,10 @@ def test_workers_killed_while_holding_prefetched_jobs(
         if isinstance(result, int):  # OK: it ran to the end exactly once, in that worker
             assert pids and pids[-1] == result and pids.count(result) == 1, (n, pids, result)
         else:
+            # Its worker died while it was first in line: it ran there, or had not yet written
+            # its line (the daemon cannot tell, so it says WORKER_LOST, not a silent re-run).
             assert result["code"] == "WORKER_LOST", result
-            assert pids and pids[-1] in killed, (n, pids, result)
+            assert all(pid in killed for pid in pids), (n, pids, result)
     if retries:
         assert tally.codes["OK"] >= count - 2, tally.codes
 
@@ -675,13 +698,13 @@ def test_cancel_queued_prefetched_and_running(start_daemon: Callable[..., Daemon
 
         assert cancel("Q")["cancelled"] == ["Q"]  # queued
         assert cancel("P")["cancelled"] == ["P"]  # prefetched: S is prefetched in its place
-        assert client.status()["queue"]["prefetched"] == 1
+        wait_until(lambda: client.status()["queue"]["prefetched"] == 1)  # S, at the turn's end
         assert cancel("R", terminate=True)["cancelled"] == ["R"]
         wait_for(counter, "S")
         exactly_once(counter, {"R", "P", "Q", "S", "cancel-Q", "cancel-P", "cancel-R"})
-        for key in ("Q", "P"):
-            assert counter.tally.results[key]["details"] == {"terminated": False}
-        assert counter.tally.results["R"]["details"] == {"terminated": True}
+        for key in ("Q", "P", "R"):
+            assert code(counter, key) == "CANCELLED", counter.tally.results[key]
+            assert counter.tally.results[key]["details"] == {"terminated": key == "R"}
         runs = runs_of(log)
         assert set(runs) == {"R", "S"}, runs
         assert runs["R"] == [worker] and len(runs["S"]) == 1 and runs["S"][0] != worker
