@@ -281,6 +281,11 @@ class GpuWorker:
         log.info("GPU worker ready on %s (imports took %.2f s)", self.device, info["import_s"])
         if self.config.gpu.enabled == "true" and not str(self.device).startswith("cuda"):
             log.warning("[gpu] enabled = true but no CUDA device is usable: pipelines run on %s", self.device)
+        if self.restart_pending:
+            # A reload changed its config while it started: replace it now. Nothing else ever
+            # sees it idle (dispatch holds back while a restart is pending), so it waited for good.
+            self.restart_if_idle()
+            return
         if self.cached:
             self.restoring = True
             self.send([b"restore", protocol.pack(self.cached)])

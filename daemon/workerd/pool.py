@@ -313,6 +313,10 @@ class Pool:
 
     def restart_zygote(self) -> None:
         self.zygote_restart_at = math.inf
+        if self.generation in self.zygotes:
+            # A reload's zygote came ready during the back-off and serves this generation: a
+            # restart now would start a second one beside it (never retired, never reaped).
+            return
         try:
             self.start_generation(self.config, self.generation)
         except OSError as exc:

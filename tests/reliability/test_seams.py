@@ -348,12 +348,48 @@ def test_zygote_restart_whose_spawn_fails(start_daemon: Callable[..., Daemon], t
     )
     with daemon.client() as client:
         old = set(workers_of(client.status()))
-        for role in ("serving", "standby"):
-            os.kill(zygote(client, role=role), signal.SIGKILL)
+        for pid in [zygote(client, role=role) for role in ("serving", "standby")]:
+            os.kill(pid, signal.SIGKILL)
         wait_until(lambda: replaced(client, old, 1), timeout=20)
         assert daemon.proc.poll() is None
         assert client.execute("moda:echo", 1) == 1
     assert "cannot start a zygote" in daemon.output()
+
+
+def forked_processes(master: int) -> list[int]:
+    """The zygotes (serving and standby) and CPU workers (forked from them) of the daemon
+    whose master is `master`: every process that runs `python -m workerd.zygote FD MASTER`."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                argv = handle.read().split(b"\0")
+        except OSError:
+            continue
+        if b"workerd.zygote" in argv and argv[-2:-1] == [str(master).encode()]:
+            found.append(int(entry))
+    return found
+
+
+def test_reload_while_a_zygote_restart_backs_off(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    """The zygote and its standby die and the restart's spawns fail (2, 3), so it backs off; a
+    reload (spawn 4) brings generation 2 meanwhile. The restart, due later, must not start a
+    second zygote for generation 2 beside the one serving (it did: a zygote never retired)."""
+    daemon = start_seams(
+        start_daemon, tmp_path, seams_config(["moda"]), env={"WORKERD_FAULTS": "spawn=EAGAIN:2@1"}
+    )
+    with daemon.client() as client:
+        for pid in [zygote(client, role=role) for role in ("serving", "standby")]:
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: daemon.output().count("cannot start a zygote") == 2)
+        assert client.reload() == {"generation": 2}
+        wait_until(lambda: daemon.output().count("restarting the zygote") == 3)  # its back-off ended
+        wait_until(lambda: client.status()["pool"]["idle"] == 1)
+        workers = client.status()["pool"]["workers"]
+        assert [w["generation"] for w in workers] == [2]
+        zygotes = set(forked_processes(daemon.proc.pid)) - {w["pid"] for w in workers}
+        assert len(zygotes) == 2, zygotes  # generation 2 and its standby
+        assert client.execute("moda:echo", 1) == 1
 
 
 def test_reload_whose_zygote_cannot_start(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
@@ -408,6 +444,28 @@ def test_reload_disabling_the_gpu_worker_answers_its_queue(
         assert code(counter, "running") == "OK"  # it had started: it finishes
         wait_until(lambda: client.status()["gpu"]["pid"] is None, timeout=20)
         assert client.status()["gpu"]["enabled"] is False
+
+
+def test_reload_changing_pipelines_while_the_gpu_worker_starts(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """A reload that changes [pipelines] lands while the GPU worker is still importing: once
+    ready, the worker is replaced by one with the new config, and the run that started it is
+    answered (it used to wait for good: the replacement waited for an "idle" never checked)."""
+    daemon = start_seams(start_daemon, tmp_path, pipeline_config(tmp_path))
+    with Counter(daemon.socket) as counter, daemon.client(timeout=60) as client:
+        counter.send(execute("first", "p"))
+        wait_until(lambda: client.status()["gpu"]["state"] == "starting")
+        changed = pipeline_config(tmp_path) + f'[pipelines.q]\npath = "{tmp_path / "pipe.py"}"\n'
+        daemon.config_path.write_text(changed)
+        counter.send(request("reload", "reload"))
+        wait_for(counter, "reload")
+        assert client.status()["gpu"]["state"] == "starting", "the reload came too late to test"
+        wait_for(counter, "first", 30)
+        counter.send(execute("second", "q"))
+        wait_for(counter, "second", 30)
+        exactly_once(counter, {"first", "reload", "second"})
+        assert code(counter, "first") == "OK" and code(counter, "second") == "OK"
 
 
 # -- zygote death seen, whatever holds its fds (2e) -------------------------------------------------
