@@ -500,28 +500,30 @@ class Pool:
         for fanout in self.fanouts:
             fanout.waiting.discard(worker.pid)
         stack = lambda: read_text(stack_path(self.stack_dir, worker.pid))  # noqa: E731
-        retry = None if self.stopping else self.retry
+        retry = None if self.stopping else self.requeue
         if settle(
             self.ledger, worker.lane, worker.pid, f"worker {worker.pid}", how, stack, retry, self.hand_back
         ):
             self.counters["timeouts"] += 1
         remove_quietly(stack_path(self.stack_dir, worker.pid))
 
-    def retry(self, job: Job) -> None:
-        self.queue.push(job, front=True)
+    def requeue(self, job: Job) -> None:
+        """A job handed back or retried: queued again, ahead of later ones, unless a reload
+        removed its module since (then no worker would ever take it: it would wait for good).
+        The serving generation's config says, even while its zygote restarts."""
+        if job.key not in self.config.tasks.modules:
+            self.refuse_removed(job, self.generation)
+        else:
+            self.queue.push(job, front=True)
 
     def hand_back(self, job: Job) -> None:
-        """A job a worker held and never started: queued again, ahead of later ones."""
+        """A job a worker held and never started."""
         if job.cancel_requested or job.cancelled:
             self.ledger.cancel_reply(job)
         elif self.stopping:
             self.ledger.fail(job, protocol.SHUTTING_DOWN, "workerd is stopping")
         else:
-            zygote = self.zygotes.get(self.generation)
-            if zygote is not None and zygote.ready and job.key not in zygote.modules:
-                self.refuse_removed(job, self.generation)
-            else:
-                self.queue.push(job, front=True)
+            self.requeue(job)
 
     # -- handing jobs back -----------------------------------------------------------------------
 

@@ -49,7 +49,7 @@ MODA = HOLD + textwrap.dedent("""
     def version():
         return 1
 """)
-MODB = "def echo(value):\n    return ['b', value]\n"
+MODB = HOLD + "\ndef echo(value):\n    return ['b', value]\n"
 # A module whose import takes a while: a slow reload.
 SLOWMOD = "import time\ntime.sleep(2)\n\ndef ready():\n    return True\n"
 # Appends "TOKEN PID" to a file each time it runs: how often each request ran, and where.
@@ -262,6 +262,25 @@ def test_reload_dropping_a_module_ends_its_queued_jobs(
         release.touch()
         assert wait_for(counter, "busy") == "released"
         exactly_once(counter, {"busy", "b", "a", "reload", "later"})
+
+
+def test_retry_of_a_module_a_reload_dropped(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    """A modb job with retries=1 runs on an old worker when a reload drops modb; that worker
+    then dies: the retry can run nowhere, so it ends with an error naming the reload (it waited
+    for good: a retry went back to the queue unchecked)."""
+    daemon = start_seams(start_daemon, tmp_path, seams_config(["moda", "modb"]))
+    with Counter(daemon.socket) as counter, daemon.client() as client:
+        counter.send(execute("b", "modb:hold", str(tmp_path / "never"), retries=1))
+        wait_until(lambda: client.status()["pool"]["busy"] == 1)
+        old = workers_of(client.status())[0]
+        daemon.config_path.write_text(seams_config(["moda"]))
+        assert client.reload() == {"generation": 2}
+        wait_until(lambda: client.status()["pool"]["idle"] == 1)  # the new worker, beside the old
+        os.kill(old, signal.SIGKILL)
+        reply = wait_for(counter, "b")
+        assert reply["code"] == "DENIED" and "reload" in reply["message"], reply
+        exactly_once(counter, {"b"})
+        assert client.execute("moda:echo", 1) == 1
 
 
 # -- reload x zygote death (2b) -------------------------------------------------------------------
