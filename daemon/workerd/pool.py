@@ -145,7 +145,7 @@ class Pool:
         self.unflushed: set[Worker] = set()
         self.failure: str | None = None  # why there is no usable zygote, if there is none
         self.stopping = False
-        self.respawn_at = 0.0
+        self.respawn_at = 0.0  # after a failed fork or start, no fork before this; 0: none pending
         self.early_deaths = 0
         self.zygote_restart_at = math.inf
         self.zygote_failures = 0
@@ -646,7 +646,7 @@ class Pool:
         for worker in self.workers.values():
             times.append(worker.kill_at if worker.phase == "killing" else worker.lane.next_deadline())
         times.extend(f.deadline for f in self.fanouts)
-        if self.respawn_at > time.monotonic():
+        if self.respawn_at:  # a back-off is pending: wake when it ends, even if that is now
             times.append(self.respawn_at)
         return min(times)
 
@@ -660,6 +660,11 @@ class Pool:
                 self.start_kill(worker, now)
         for fanout in [f for f in self.fanouts if now >= f.deadline]:
             self.answer_fanout(fanout)
+        if self.respawn_at and now >= self.respawn_at:
+            # The back-off is over: manage_workers below forks what is missing. Cleared here,
+            # where it is due: next_deadline used to drop a back-off the moment it passed, and
+            # if no tick had run by then, nothing forked again, ever (a pool left empty).
+            self.respawn_at = 0.0
         if now >= self.zygote_restart_at:
             log.info("restarting the zygote")
             self.restart_zygote()

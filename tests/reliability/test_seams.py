@@ -348,7 +348,8 @@ def test_gpu_worker_that_cannot_be_spawned_answers_once(
 
 def test_worker_forks_failing_in_the_zygote(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
     """The zygote's first two worker forks fail: the master lives, backs off, and the pool
-    reaches its target."""
+    reaches its target (it stayed empty for good when a status request woke the loop just as
+    the back-off ended), and then the master sleeps."""
     daemon = start_seams(
         start_daemon, tmp_path, seams_config(["moda"], workers=2), env={"WORKERD_FAULTS": "fork=EAGAIN:2"}
     )
@@ -357,6 +358,7 @@ def test_worker_forks_failing_in_the_zygote(start_daemon: Callable[..., Daemon],
         assert status["pool"]["idle"] == 2
         assert status["counters"]["fork_failures"] == 2
         assert client.execute("moda:echo", 1) == 1
+    assert idle_cpu(daemon.proc.pid, 0.5) < 0.2
 
 
 def test_zygote_restart_whose_spawn_fails(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
