@@ -407,6 +407,9 @@ class GpuWorker:
 
     def begin_stop(self) -> None:
         self.stopping = True
+        # No respawn from now on: a back-off left pending would come due and stay due (tick
+        # never spawns while stopping), and the loop spun on it for the rest of the stop.
+        self.respawn_at = math.inf
         for job in self.queue.drain():
             self.ledger.fail(job, protocol.SHUTTING_DOWN, "workerd is stopping")
         self.answer_waiting("workerd is stopping")

@@ -126,9 +126,9 @@ run_timeout_s = 60
 """
 
 
-def pipeline_config(directory: Path, gpu: str = "auto") -> str:
-    """No task modules; pipeline `p` (PIPELINE)."""
-    return seams_config([], gpu=gpu) + f'[pipelines.p]\npath = "{directory / "pipe.py"}"\n'
+def pipeline_config(directory: Path, gpu: str = "auto", modules: Sequence[str] = ()) -> str:
+    """Pipeline `p` (PIPELINE); no task modules unless given."""
+    return seams_config(modules, gpu=gpu) + f'[pipelines.p]\npath = "{directory / "pipe.py"}"\n'
 
 
 def start_seams(
@@ -344,6 +344,27 @@ def test_gpu_worker_that_cannot_be_spawned_answers_once(
         exactly_once(counter, {"first", "second"})
         assert code(counter, "second") == "OK"
         assert daemon.proc.poll() is None
+
+
+def test_stop_while_the_gpu_worker_backs_off(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    """Every GPU worker spawn fails, so a respawn is always pending; a stop waits for a CPU task
+    meanwhile: the master sleeps through the stop (a respawn left due made it spin), then exits."""
+    config = pipeline_config(tmp_path, modules=["moda"])
+    daemon = start_seams(start_daemon, tmp_path, config, env={"WORKERD_FAULTS": "spawn=EAGAIN:99@1"})
+    release = tmp_path / "release"
+    with Counter(daemon.socket) as counter, daemon.client() as client:
+        counter.send(execute("run", "p"))
+        assert wait_for(counter, "run")["code"] == "INTERNAL"
+        counter.send(execute("busy", "moda:hold", str(release)))
+        wait_until(lambda: client.status()["pool"]["busy"] == 1)
+        daemon.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: client.status()["state"] == "stopping")
+        share = idle_cpu(daemon.proc.pid, 1.5)  # past the back-off pending at the stop
+        release.touch()
+        assert wait_for(counter, "busy") == "released"
+    assert daemon.proc.wait(20) == 0
+    report("stop during a GPU back-off: master CPU share", share=f"{share:.3f}")
+    assert share < 0.2
 
 
 def test_worker_forks_failing_in_the_zygote(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
