@@ -30,10 +30,12 @@ from tests.reliability.harness import Chaos, Counter, report, request, workers_o
 from workerctl import Client
 
 # Busy until the test says so: `path` exists (no guess at how long the other side takes).
+# PATH.started says it runs (a worker shown busy may not have read the job yet).
 HOLD = textwrap.dedent("""
     import os, time
 
     def hold(path):
+        open(path + ".started", "w").close()
         while not os.path.exists(path):
             time.sleep(0.01)
         return "released"
@@ -356,7 +358,7 @@ def test_stop_while_the_gpu_worker_backs_off(start_daemon: Callable[..., Daemon]
         counter.send(execute("run", "p"))
         assert wait_for(counter, "run")["code"] == "INTERNAL"
         counter.send(execute("busy", "moda:hold", str(release)))
-        wait_until(lambda: client.status()["pool"]["busy"] == 1)
+        wait_until((tmp_path / "release.started").exists)  # running, so the stop waits for it
         daemon.proc.send_signal(signal.SIGTERM)
         wait_until(lambda: client.status()["state"] == "stopping")
         share = idle_cpu(daemon.proc.pid, 1.5)  # past the back-off pending at the stop
