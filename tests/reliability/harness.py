@@ -1,4 +1,5 @@
-"""What the reliability suite shares: its scale, a client that counts every reply, process figures.
+"""What the reliability suite shares: its scale, a client that counts every reply, a thread that
+kills processes at random (Chaos), process figures.
 
 The suite runs short by default (CI) and long with WORKERD_STRESS=1; `scaled(short, long)` picks
 the count. Every test reports what it did through `report()`, and the suite's conftest prints the
