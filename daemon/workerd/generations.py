@@ -220,6 +220,10 @@ class Generations:
 
     def restart(self) -> None:
         self.restart_at = math.inf
+        if self.generation in self.zygotes:
+            # A reload's zygote came ready during the back-off and serves this generation: a
+            # restart now would start a second one beside it (never retired, never reaped).
+            return
         try:
             self.start(self.pool.config, self.generation)
         except OSError as exc:

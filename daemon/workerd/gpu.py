@@ -207,6 +207,9 @@ class GpuWorker:
         was = self.phase
         self.close_channel()
         self.pid, self.phase = None, "stopped"
+        # A death inside the kill window ends the kill too (settle answers the TIMEOUT): a
+        # kill_at left set is a deadline forever past, and the loop spun on it at full CPU.
+        self.kill_at, self.expired = math.inf, None
         retry = None if self.stopping else self.owner.retry
         if settle(
             self.owner.ledger,
@@ -328,6 +331,11 @@ class GpuWorker:
         if self.owner.config.gpu.enabled == "true" and not str(self.device).startswith("cuda"):
             log.warning("[gpu] enabled = true but no CUDA device is usable: pipelines run on %s", self.device)
         self.owner.ready(self, info)  # may retire it: the counting worker, on a device not served
+        if self.restart_pending:
+            # A reload changed its config while it started: replace it now. Nothing else ever
+            # sees it idle (dispatch holds back while a restart is pending), so it waited for good.
+            self.restart_if_idle()
+            return
         if self.cached and not self.retired:
             self.restoring = True
             self.send([b"restore", protocol.pack(self.cached)])
@@ -437,6 +445,9 @@ class GpuWorker:
 
     def begin_stop(self) -> None:
         self.stopping = True
+        # No respawn from now on: a back-off left pending would come due and stay due (tick
+        # never spawns while stopping), and the loop spun on it for the rest of the stop.
+        self.respawn_at = math.inf
         self.answer_waiting("workerd is stopping")
         if self.state in ("idle", "starting") and self.pid is not None:
             self.stop_process()

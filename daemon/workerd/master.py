@@ -330,11 +330,21 @@ class Master:
         # [access] does not depend on task code: it applies at once, not once the new code has
         # imported (nor never, if the import fails): tightening access must not wait.
         self.access.reconfigure(config.access)
+        try:
+            generation = self.pool.generations.start(config)
+        except OSError as exc:
+            # Answered here, once, and the state never leaves "running": an exception out of
+            # here was answered INTERNAL by the handler yet left the reload pending (answered
+            # again at stop) and the state "reloading" (later reloads joined it, never ended);
+            # from SIGHUP it ended the loop.
+            log.error("reload failed: cannot start a zygote: %s", exc)
+            self.finish_reloads(protocol.INTERNAL, f"reload failed: cannot start a zygote: {exc}")
+            return
         self.state = "reloading"
         self.notifier.reloading()
         log.info("reloading: importing task code into a new zygote")
         self.pending_config = config
-        self.reload_generation = self.pool.generations.start(config)
+        self.reload_generation = generation
 
     def generation_done(self, generation: int, ok: bool, message: str) -> None:
         """A zygote is ready or failed to import: the first boot, a reload, or a restart."""

@@ -142,7 +142,7 @@ class Pool:
         self.fanouts: list[Fanout] = []
         self.unflushed: set[Worker] = set()
         self.stopping = False
-        self.respawn_at = 0.0
+        self.respawn_at = 0.0  # after a failed fork or start, no fork before this; 0: none pending
         self.early_deaths = 0
 
     def reaped(self, pid: int, status: int) -> bool:
@@ -312,28 +312,30 @@ class Pool:
         for fanout in self.fanouts:
             fanout.waiting.discard(worker.pid)
         stack = lambda: read_text(stack_path(self.stack_dir, worker.pid))  # noqa: E731
-        retry = None if self.stopping else self.retry
+        retry = None if self.stopping else self.requeue
         if settle(
             self.ledger, worker.lane, worker.pid, f"worker {worker.pid}", how, stack, retry, self.hand_back
         ):
             self.counters["timeouts"] += 1
         remove_quietly(stack_path(self.stack_dir, worker.pid))
 
-    def retry(self, job: Job) -> None:
-        self.queue.push(job, front=True)
+    def requeue(self, job: Job) -> None:
+        """A job handed back or retried: queued again, ahead of later ones, unless a reload
+        removed its module since (then no worker would ever take it: it would wait for good).
+        The serving generation's config says, even while its zygote restarts."""
+        if job.key not in self.config.tasks.modules:
+            self.generations.refuse_removed(job, self.generations.generation)
+        else:
+            self.queue.push(job, front=True)
 
     def hand_back(self, job: Job) -> None:
-        """A job a worker held and never started: queued again, ahead of later ones."""
+        """A job a worker held and never started."""
         if job.cancel_requested or job.cancelled:
             self.ledger.cancel_reply(job)
         elif self.stopping:
             self.ledger.fail(job, protocol.SHUTTING_DOWN, "workerd is stopping")
         else:
-            zygote = self.generations.serving()
-            if zygote is not None and job.key not in zygote.modules:
-                self.generations.refuse_removed(job, zygote.generation)
-            else:
-                self.queue.push(job, front=True)
+            self.requeue(job)
 
     # -- handing jobs back -----------------------------------------------------------------------
 
@@ -484,7 +486,7 @@ class Pool:
         for worker in self.workers.values():
             times.append(worker.kill_at if worker.phase == "killing" else worker.lane.next_deadline())
         times.extend(f.deadline for f in self.fanouts)
-        if self.respawn_at > time.monotonic():
+        if self.respawn_at:  # a back-off is pending: wake when it ends, even if that is now
             times.append(self.respawn_at)
         return min(times)
 
@@ -499,6 +501,11 @@ class Pool:
         for fanout in [f for f in self.fanouts if now >= f.deadline]:
             self.answer_fanout(fanout)
         self.steal(now)
+        if self.respawn_at and now >= self.respawn_at:
+            # The back-off is over: manage_workers below forks what is missing. Cleared here,
+            # where it is due: next_deadline used to drop a back-off the moment it passed, and
+            # if no tick had run by then, nothing forked again, ever (a pool left empty).
+            self.respawn_at = 0.0
         self.generations.tick(now)
         self.manage_workers()
         self.dispatch()

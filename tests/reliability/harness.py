@@ -1,4 +1,5 @@
-"""What the reliability suite shares: its scale, a client that counts every reply, process figures.
+"""What the reliability suite shares: its scale, a client that counts every reply, a thread that
+kills processes at random (Chaos), process figures.
 
 The suite runs short by default (CI) and long with WORKERD_STRESS=1; `scaled(short, long)` picks
 the count. Every test reports what it did through `report()`, and the suite's conftest prints the
@@ -13,6 +14,9 @@ from __future__ import annotations
 
 import collections
 import os
+import random
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -21,7 +25,7 @@ import msgpack
 import psutil
 import zmq
 
-from workerctl import protocol
+from workerctl import Client, protocol
 
 STRESS = os.environ.get("WORKERD_STRESS", "") not in ("", "0")
 REPORTS: list[tuple[str, dict[str, Any]]] = []
@@ -208,6 +212,51 @@ class Watch:
         if progress != self.progress:
             self.progress, self.stall_at = progress, now + STALL_S
         return now < self.deadline and now < self.stall_at and self.alive()
+
+
+class Chaos:
+    """A thread that SIGKILLs a busy worker at random intervals until stopped.
+
+    `victims()` names the candidates; at least `min_gap_s` passes between two kills, far longer
+    than one small task takes, so a request re-run after a kill finishes before the next one."""
+
+    def __init__(
+        self, victims: Callable[[Client], list[int]], socket: str, gap_s: tuple[float, float]
+    ) -> None:
+        self.victims = victims
+        self.socket = socket
+        self.gap_s = gap_s
+        self.killed: list[int] = []
+        self.stopped = threading.Event()
+        self.error: BaseException | None = None
+        self.rng = random.Random(int(os.environ.get("WORKERD_CHAOS_SEED", random.randrange(2**32))))
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def __enter__(self) -> Chaos:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join(30)
+        if self.error is not None:
+            raise self.error
+
+    def run(self) -> None:
+        try:
+            with Client(self.socket, timeout=30) as client:
+                while not self.stopped.wait(self.rng.uniform(*self.gap_s)):
+                    candidates = self.victims(client)
+                    if not candidates:
+                        continue
+                    pid = self.rng.choice(candidates)
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        continue
+                    self.killed.append(pid)
+        except BaseException as exc:  # reported by __exit__, in the test's thread
+            self.error = exc
 
 
 # -- processes -----------------------------------------------------------------------------------

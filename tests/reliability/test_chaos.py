@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Daemon, wait_until
-from tests.reliability.harness import Counter, report, request, scaled
+from tests.reliability.harness import Chaos, Counter, report, request, scaled
 from workerctl import Client, errors
 
 TASKS = "workerd.examples.tasks"
@@ -57,51 +57,6 @@ enabled = "false"
 def start_with_tasks(start_daemon: Callable[..., Daemon], directory: Path, workers: int) -> Daemon:
     (directory / "chaos_tasks.py").write_text(CHAOS_TASKS)
     return start_daemon(config=cpu_config(workers), env={"PYTHONPATH": str(directory)})
-
-
-class Chaos:
-    """A thread that SIGKILLs a busy worker at random intervals until stopped.
-
-    `victims()` names the candidates; at least `min_gap_s` passes between two kills, far longer
-    than one small task takes, so a request re-run after a kill finishes before the next one."""
-
-    def __init__(
-        self, victims: Callable[[Client], list[int]], socket: str, gap_s: tuple[float, float]
-    ) -> None:
-        self.victims = victims
-        self.socket = socket
-        self.gap_s = gap_s
-        self.killed: list[int] = []
-        self.stopped = threading.Event()
-        self.error: BaseException | None = None
-        self.rng = random.Random(int(os.environ.get("WORKERD_CHAOS_SEED", random.randrange(2**32))))
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def __enter__(self) -> Chaos:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopped.set()
-        self.thread.join(30)
-        if self.error is not None:
-            raise self.error
-
-    def run(self) -> None:
-        try:
-            with Client(self.socket, timeout=30) as client:
-                while not self.stopped.wait(self.rng.uniform(*self.gap_s)):
-                    candidates = self.victims(client)
-                    if not candidates:
-                        continue
-                    pid = self.rng.choice(candidates)
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        continue
-                    self.killed.append(pid)
-        except BaseException as exc:  # reported by __exit__, in the test's thread
-            self.error = exc
 
 
 def busy_cpu_workers(spare: Path) -> Callable[[Client], list[int]]:

@@ -1,10 +1,16 @@
-"""The pool's pure decisions: how many workers to fork and which to retire."""
+"""The pool's pure decisions: how many workers to fork and which to retire, and when."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
 
-from workerd.pool import plan_workers
+from workerd import config
+from workerd.lifecycle import Ledger
+from workerd.metrics import Metrics
+from workerd.pool import Pool, plan_workers
+from workerd.reactor import Reactor
 
 
 @dataclasses.dataclass(eq=False)
@@ -64,3 +70,15 @@ def test_workers_marked_to_retire_do_not_count() -> None:
     pool = workers((1, "busy"), (1, "idle"))
     pool[0].retiring = True
     assert plan_workers(pool, 2, 1, pending=0) == (1, [])
+
+
+def test_a_fork_back_off_stays_due_once_it_has_passed() -> None:
+    """Regression: the loop's deadline dropped a back-off the moment it passed, so when the
+    loop woke just before it (zmq_poll may return a little early) and next looked just after,
+    nothing forked again, ever (seen as a pool left empty after two refused forks)."""
+    pool = Pool(config.load(None), "/nonexistent", Ledger(lambda *a: None, Metrics()), Reactor(), Metrics())
+    assert pool.next_deadline() == math.inf
+    pool.respawn_at = time.monotonic() - 0.001
+    assert pool.next_deadline() <= time.monotonic()
+    pool.tick()  # no zygote yet: nothing forks, but the back-off is over
+    assert pool.next_deadline() == math.inf
