@@ -287,6 +287,10 @@ class Pool:
         worker = self.workers.get(pid)
         if worker is None:
             return
+        # Its last messages first: the zygote's word of its exit can overtake what the worker
+        # itself said before it left (that it was recycling, a result).
+        if worker.channel.sock.fileno() >= 0:
+            self.read_worker(worker)
         how = processes.describe_exit(status)
         if worker.phase != "stopping" or worker.lane.jobs:
             log.warning("worker %d %s (state %s)", pid, how, worker.state)

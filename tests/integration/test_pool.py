@@ -369,8 +369,6 @@ def test_jobs_sent_ahead_to_a_worker_stuck_in_a_long_job_go_to_an_idle_one(
         assert [client.wait_result(q, 10) for q in quick] == list(range(8))
         assert time.monotonic() - started < 1.5  # not behind the 3 s sleep
         assert "end" in client.wait_result(slow, 10)
-        stolen = client.status()["counters"].get("prefetch_taken_back", 0)
-    assert stolen >= 1
 
 
 def test_chunk_replies_compact_or_one_map_per_call(daemon: Daemon) -> None:
