@@ -25,7 +25,10 @@ from .pool import MAX_WORKERS
 from .tasks import TaskLookupError, check_allowed
 
 if TYPE_CHECKING:
+    from .cluster.backend import Cluster
+    from .gpu import GpuWorker
     from .master import Master
+    from .pool import Pool
 
 DEFERRED = object()
 
@@ -101,6 +104,7 @@ class Commands:
                 "queue": len(master.gpu.queue),
                 "cached": master.gpu.cached,
             },
+            "cluster": master.cluster.status() if master.cluster.enabled else None,
             "counters": dict(+master.counters),  # only the non-zero ones
             "metrics": self.metrics(),
         }
@@ -114,26 +118,35 @@ class Commands:
         return DEFERRED
 
     def gather_memory(self, callback: Callable[[dict[str, Any]], None]) -> None:
-        """Memory of every process; the GPU figures come from the GPU worker itself."""
-        pool, gpu = self.master.pool, self.master.gpu
+        """Memory of every process; the GPU figures come from the GPU worker itself, the
+        cluster's from the Ray bridge."""
+        pool, gpu, cluster = self.master.pool, self.master.gpu, self.master.cluster
         result = {
             "daemon": {"pid": os.getpid(), "rss_bytes": memory.process_memory(os.getpid())["rss_bytes"]},
             "zygotes": pool.zygote_memory(),
-            "workers": pool.memory() + gpu.describe(),
-            "gpu": None,
+            "workers": pool.memory() + gpu.describe() + cluster.describe(),
         }
 
-        def answer(gpu_stats: dict[str, Any] | None) -> None:
-            result["gpu"] = gpu_stats
-            callback(result)
+        def put(part: str) -> Callable[[Any], None]:
+            def answer(value: Any) -> None:
+                result[part] = value
+                if "gpu" in result and "cluster" in result:
+                    callback(result)
 
-        gpu.memory(answer)
+            return answer
+
+        gpu.memory(put("gpu"))
+        cluster.memory(put("cluster"))
 
     def scrape(self, deliver: Callable[[dict[str, Any]], None]) -> None:
         """What the Prometheus endpoint shows (exporter.families): the counters and histograms
         of `status`, queue depths, and each worker's state and memory as memory_status reads them."""
         master = self.master
-        queues = {"cpu": master.pool.waiting(), "gpu": len(master.gpu.queue)}
+        queues = {
+            "cpu": master.pool.waiting(),
+            "gpu": len(master.gpu.queue),
+            "cluster": len(master.cluster.queue),
+        }
 
         def answer(memory_result: dict[str, Any]) -> None:
             gpu = memory_result["gpu"]
@@ -149,7 +162,8 @@ class Commands:
         self.gather_memory(answer)
 
     def clear_memory(self, msg: Incoming) -> object:
-        """gc in every CPU worker; and in the GPU worker gc, cache or full, as asked."""
+        """gc in every CPU worker; and in the GPU worker and the cluster's pipeline hosts gc,
+        cache or full, as asked."""
         level = msg.request.get("level", "cache")
         if level not in CLEAR_LEVELS:
             raise RequestRejected(protocol.BAD_REQUEST, f"'level' must be one of {', '.join(CLEAR_LEVELS)}")
@@ -159,13 +173,15 @@ class Commands:
         def gather(part: str) -> Callable[[Any], None]:
             def put(value: Any) -> None:
                 parts[part] = value
-                if len(parts) == 2:
-                    master.answer(msg, {"level": level, **parts["cpu"], "gpu": parts["gpu"]})
+                if len(parts) == 3:
+                    cpu = parts.pop("cpu")
+                    master.answer(msg, {"level": level, **cpu, **parts})
 
             return put
 
         master.pool.collect_garbage(gather("cpu"))
         master.gpu.clear(level, gather("gpu"))
+        master.cluster.clear(level, gather("cluster"))
         return DEFERRED
 
     def execute(self, msg: Incoming) -> object:
@@ -187,6 +203,10 @@ class Commands:
             except TaskLookupError as exc:
                 raise RequestRejected(exc.code, exc.message) from None
             full = master.pool.full(master.config.daemon.max_queue)
+        # The cluster hook: routing.destination, in one call (cluster/backend.py).
+        to_cluster = master.cluster.takes(is_pipeline, master.pool.waiting)
+        if to_cluster:
+            full = master.cluster.full(master.config.daemon.max_queue)
         if full:
             raise RequestRejected(
                 protocol.BUSY, f"queue is full ({master.config.daemon.max_queue} waiting); retry later"
@@ -199,13 +219,13 @@ class Commands:
             raw=msg.raw,
             name=name,
             key=name if is_pipeline else module,
-            pool="gpu" if is_pipeline else "cpu",
+            pool="cluster" if to_cluster else "gpu" if is_pipeline else "cpu",
             timeout_s=timeout_s,
             retries=retries,
             accepted_at=msg.arrived_at,  # latency metrics count from arrival, checks included
         )
         master.ledger.accept(job)
-        (master.gpu if is_pipeline else master.pool).submit(job)
+        (master.cluster if to_cluster else master.gpu if is_pipeline else master.pool).submit(job)
         return DEFERRED
 
     def cancel(self, msg: Incoming) -> dict[str, Any]:
@@ -222,12 +242,17 @@ class Commands:
         master = self.master
         for request_id in ids:
             fates = [
-                (master.gpu if job.pool == "gpu" else master.pool).cancel(job, terminate)
+                self.backend(job.pool).cancel(job, terminate)
                 for job in master.ledger.find(msg.client, request_id)
             ]
             fate = "running" if "running" in fates else "cancelled" if "cancelled" in fates else "unknown"
             result[fate].append(request_id)
         return result
+
+    def backend(self, pool: str) -> Pool | GpuWorker | Cluster:
+        """Where a job of this pool (Job.pool) is."""
+        master = self.master
+        return master.cluster if pool == "cluster" else master.gpu if pool == "gpu" else master.pool
 
     def check_pipeline(self, name: str) -> None:
         config = self.master.config
@@ -236,7 +261,7 @@ class Commands:
                 protocol.UNKNOWN_TASK,
                 f"no pipeline named {name!r} (tasks are named 'package.module:function')",
             )
-        if not self.master.gpu.enabled:
+        if not self.master.gpu.enabled and not self.master.cluster.runs_pipelines:
             raise RequestRejected(
                 protocol.UNKNOWN_TASK, f"pipeline {name!r}: the GPU worker is disabled ([gpu] enabled)"
             )
