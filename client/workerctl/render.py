@@ -41,12 +41,30 @@ def render_status(status: dict[str, Any]) -> str:
             f"gpu     {gpu.get('state')} on {gpu.get('device') or '-'}, pid {gpu.get('pid') or '-'}, "
             f"{gpu.get('queue', 0)} waiting, cached: {', '.join(gpu.get('cached') or []) or '-'}"
         )
+    cluster = status.get("cluster")
+    if cluster:
+        lines.append(cluster_line(cluster))
     lines.extend(render_metrics(status.get("metrics") or {}))
     counters = status.get("counters") or {}
     if counters:
         lines.append("counters")
         lines.extend(f"  {key}: {value}" for key, value in sorted(counters.items()))
     return "\n".join(lines)
+
+
+def cluster_line(cluster: dict[str, Any]) -> str:
+    """One line: where the cluster is and how it serves, or the one line saying why it cannot."""
+    head = f"cluster {cluster.get('engine')} at {cluster.get('address')}, mode {cluster.get('mode')}"
+    if cluster.get("state") == "down":
+        return f"{head}: DOWN: {cluster.get('error')}"
+    if cluster.get("state") != "ready":
+        return f"{head}: {cluster.get('state')}"
+    nodes = cluster.get("nodes") or []
+    return (
+        f"{head}: {len(nodes)} node(s), {cluster.get('cpus', 0):g} CPUs, {cluster.get('gpus', 0):g} GPUs, "
+        f"{cluster.get('queue', 0)} waiting, {cluster.get('running', 0)} running"
+        + (f", {cluster.get('hosts', 0)} pipeline host(s)" if cluster.get("pipelines") else "")
+    )
 
 
 def render_metrics(metrics: dict[str, Any]) -> list[str]:
@@ -115,11 +133,20 @@ def render_memory(memory: dict[str, Any]) -> str:
     ]
     headers = ["pid", "kind", "state", "tasks", "rss MiB", "uss MiB", "pss MiB", "shared MiB"]
     lines.append(table(headers, rows))
-    gpu = memory.get("gpu")
+    lines.extend(render_gpu(memory.get("gpu")))
+    cluster = memory.get("cluster")
+    if cluster:
+        lines.extend(render_cluster_memory(cluster))
+    return "\n".join(lines)
+
+
+def render_gpu(gpu: dict[str, Any] | None, title: str = "gpu") -> list[str]:
+    """A pipeline cache's memory: the GPU worker's, or a cluster pipeline host's."""
+    lines: list[str] = []
     if gpu:
         lines += [
             "",
-            f"gpu {gpu.get('device')}  allocated {mib(gpu.get('allocated_bytes'))} MiB  "
+            f"{title} {gpu.get('device')}  allocated {mib(gpu.get('allocated_bytes'))} MiB  "
             f"reserved {mib(gpu.get('reserved_bytes'))} MiB  "
             f"peak {mib(gpu.get('peak_allocated_bytes'))} MiB  "
             f"free {mib(gpu.get('free_bytes'))} / {mib(gpu.get('total_bytes'))} MiB  "
@@ -146,7 +173,35 @@ def render_memory(memory: dict[str, Any]) -> str:
         if pipelines:
             headers = ["pipeline", "sha256", "tier", "MiB", "retained MiB", "runs", "last used"]
             lines.append(table(headers, pipelines))
-    return "\n".join(lines)
+    return lines
+
+
+def render_cluster_memory(cluster: dict[str, Any]) -> list[str]:
+    """Each node, its Ray processes' memory, and each pipeline host's cache."""
+    lines = ["", cluster_line(cluster)]
+    rows = []
+    for node in cluster.get("nodes") or []:
+        for process in node.get("processes") or []:
+            rows.append(
+                [
+                    str(node.get("node_id", ""))[:12],
+                    node.get("address"),
+                    process.get("pid"),
+                    process.get("name"),
+                    mib(process.get("rss_bytes")),
+                    mib(process.get("uss_bytes")),
+                ]
+            )
+    if rows:
+        lines.append(table(["node", "address", "pid", "process", "rss MiB", "uss MiB"], rows))
+    for host in cluster.get("hosts") or []:
+        if "error" in host:
+            lines += ["", f"pipeline host {host.get('index')}: {host['error']}"]
+            continue
+        node = str(host.get("node_id", ""))[:12]
+        title = f"pipeline host {host.get('index')} (node {node}, pid {host.get('pid')})"
+        lines.extend(render_gpu(host, title))
+    return lines
 
 
 def render_clear(result: dict[str, Any]) -> str:
@@ -165,17 +220,27 @@ def render_clear(result: dict[str, Any]) -> str:
         "",
         table(headers, rows),
     ]
-    gpu = result.get("gpu")
+    lines.extend(render_gpu_clear(result.get("gpu")))
+    cluster = result.get("cluster") or {}
+    for host in cluster.get("hosts", []):
+        lines.extend(render_gpu_clear(host, f"pipeline host (node {str(host.get('node_id', ''))[:12]})"))
+    if "error" in cluster:
+        lines += ["", f"cluster {cluster['error']}"]
+    return "\n".join(lines)
+
+
+def render_gpu_clear(gpu: dict[str, Any] | None, title: str = "gpu") -> list[str]:
+    lines: list[str] = []
     if gpu is None:
-        lines += ["", "gpu     not running"]
+        lines += ["", f"{title}     not running"]
     elif "error" in gpu:
-        lines += ["", f"gpu     {gpu['error']}"]
+        lines += ["", f"{title}     {gpu['error']}"]
     else:
         lines += [
             "",
-            f"gpu {gpu.get('device')}  objects freed {gpu.get('freed_objects')}  "
+            f"{title} {gpu.get('device')}  objects freed {gpu.get('freed_objects')}  "
             f"allocated {mib(gpu.get('allocated_before'))} -> {mib(gpu.get('allocated_after'))} MiB  "
             f"reserved {mib(gpu.get('reserved_before'))} -> {mib(gpu.get('reserved_after'))} MiB  "
             f"freed {mib(gpu.get('freed_bytes'))} MiB  dropped: {', '.join(gpu.get('dropped') or []) or '-'}",
         ]
-    return "\n".join(lines)
+    return lines

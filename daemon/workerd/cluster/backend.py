@@ -506,6 +506,10 @@ class Cluster:
         self.phase = "stopping"
 
     def abort_running(self) -> None:
+        """The grace period is over: answer what still runs and kill the bridge. An idle bridge
+        was told to stop already, and is left to shut Ray down (a private head with it)."""
+        if not self.lane.jobs:
+            return
         for job in list(self.lane.jobs):
             self.ledger.fail(
                 job, protocol.SHUTTING_DOWN, f"workerd stopped before {job.name} finished (grace period over)"
