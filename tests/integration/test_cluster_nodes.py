@@ -9,8 +9,13 @@ directory, which only the daemons see.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -179,3 +184,63 @@ def test_no_ray_process_of_the_cluster_listens_beyond_loopback(ray_cluster: Any)
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
             ip = ip.ipv4_mapped
         assert ip.is_loopback, f"{address.ip}:{address.port}"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def ray_start(port: int, temp_dir: str) -> None:
+    ray = str(Path(sys.executable).parent / "ray")
+    command = [ray, "start", "--head", f"--port={port}", "--num-cpus=1", "--node-ip-address=127.0.0.1"]
+    command += ["--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONPATH": str(REPO)}
+    subprocess.run(command, check=True, capture_output=True, timeout=120, env=env)
+
+
+def kill_head(temp_dir: str) -> None:
+    """End the head that `ray start` left running (by its temp dir, never `ray stop`, which
+    ends every Ray on the machine)."""
+    for process in psutil.process_iter(["cmdline"]):
+        if any(temp_dir in part for part in process.info["cmdline"] or ()):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+
+
+@pytest.mark.cluster_slow
+def test_a_head_that_is_down_is_one_line_and_reconnects(tmp_path: Path) -> None:
+    port = free_port()
+    head_dir = tempfile.mkdtemp(prefix="wr-", dir="/tmp")
+    config = nodes_config(f"127.0.0.1:{port}", '["tests.cluster_tasks"]').replace(
+        'mode = "all"', 'mode = "overflow"'
+    )
+    daemon = start(tmp_path / "down", config.replace("workers = 1", "workers = 1\nprefetch = 0"), str(REPO))
+    try:
+        status = cluster_of(daemon)
+        assert status["state"] == "down"
+        assert status["error"] == f"Ray head at 127.0.0.1:{port} is unreachable (Connection refused)"
+        with daemon.client() as client:  # overflow: the local pool keeps serving
+            local = {w["pid"] for w in client.status()["pool"]["workers"]}
+            sent = [client.send("execute", name="tests.cluster_tasks:where", args=[0.2]) for _ in range(3)]
+            assert {client.wait_result(r, timeout=30)["pid"] for r in sent} <= local
+        ray_start(port, head_dir)
+        wait_until(lambda: cluster_of(daemon)["state"] == "ready", 30, 0.2)
+        with daemon.client() as client:
+            sent = [client.send("execute", name="tests.cluster_tasks:where", args=[0.5]) for _ in range(3)]
+            parents = [client.wait_result(r, timeout=30)["parent"] for r in sent]
+        assert psutil.Process(parents[-1]).name() == "raylet"  # the third spilled
+        kill_head(head_dir)
+        wait_until(lambda: cluster_of(daemon)["state"] == "down", 30, 0.2)
+        assert f"Ray head at 127.0.0.1:{port}" in cluster_of(daemon)["error"]
+        # Mode "all" needs the cluster: its requests fail with the line.
+        daemon.config_path.write_text(nodes_config(f"127.0.0.1:{port}", '["tests.cluster_tasks"]'))
+        with daemon.client() as client:
+            client.reload()
+            with pytest.raises(errors.WorkerdError) as failed:
+                client.execute("tests.cluster_tasks:where")
+        assert failed.value.code == "INTERNAL" and "cluster unavailable: " in str(failed.value)
+    finally:
+        kill_head(head_dir)
+        daemon.stop(timeout=20)
