@@ -178,7 +178,6 @@ class Bridge:
         self.ray = ray
         self.remote: Any = remote  # its Ray-decorated names are untyped
         self.loop: asyncio.AbstractEventLoop  # set by serve(), which runs on it
-        self.allowed = frozenset(settings["task_modules"])
         self.limit: int = settings["max_message_bytes"]
         self.tasks: dict[int, Any] = {}  # job id -> its ObjectRef or streaming generator
         self.generators: set[str] = set()  # task names whose runs stream
@@ -246,7 +245,7 @@ class Bridge:
     # -- CPU tasks -----------------------------------------------------------------------------
 
     def run_task(self, job_id: int, name: str, body: bytes, raw: list[Any]) -> None:
-        args = (self.allowed, self.limit, body, *self.remote.to_ray(raw))
+        args = (body, *self.remote.to_ray(raw))
         if name in self.generators:
             stream = self.remote.stream_task.remote(*args)
             self.tasks[job_id] = stream
@@ -525,8 +524,16 @@ def connect(settings: dict[str, Any], give_up: Callable[[str], None]) -> tuple[A
         options["_temp_dir"] = settings["temp_dir"]
     else:
         options["address"] = address
+    from .cluster.remote import MAX_MESSAGE_BYTES, TASK_MODULES
+
+    # What every Ray worker of this job needs to know (cluster/remote.py reads it once).
+    variables = {
+        TASK_MODULES: json.dumps(settings["task_modules"]),
+        MAX_MESSAGE_BYTES: str(settings["max_message_bytes"]),
+    }
+    options["runtime_env"] = {"env_vars": variables}
     if settings["ship_modules"]:
-        options["runtime_env"] = {"py_modules": py_modules(settings["task_modules"])}
+        options["runtime_env"]["py_modules"] = py_modules(settings["task_modules"])
     where = "a private Ray head" if address == "local" else f"Ray head at {address}"
     timer = threading.Timer(
         CONNECT_TIMEOUT_S, give_up, [f"{where} did not answer within {CONNECT_TIMEOUT_S:g} s"]

@@ -191,6 +191,8 @@ class Master:
             self.cluster.tick()
         self.pool.dispatch()
         self.gpu.dispatch()
+        if self.pool.queue:
+            self.cluster.take_overflow(self.pool.queue, self.pool.waiting)
         self.cluster.dispatch()
         self.pool.flush()
         self.ping_watchdog(now)

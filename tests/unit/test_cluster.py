@@ -18,35 +18,45 @@ def never() -> int:
     raise AssertionError("the local queue's depth was asked for")
 
 
+def room() -> bool:
+    return True
+
+
+def test_overflow_keeps_a_job_local_while_the_cluster_has_no_room() -> None:
+    overflow = ClusterConfig(engine="ray")
+    assert destination(overflow, False, True, lambda: 10, lambda: False) == LOCAL
+    assert destination(ClusterConfig(engine="ray", mode="all"), False, True, never, lambda: False) == CLUSTER
+
+
 def test_an_engine_off_keeps_everything_local() -> None:
     off = ClusterConfig()
-    assert destination(off, False, True, never) == LOCAL
-    assert destination(off, True, True, never) == LOCAL
+    assert destination(off, False, True, never, room) == LOCAL
+    assert destination(off, True, True, never, room) == LOCAL
 
 
 def test_pipelines_go_to_the_cluster_only_when_told() -> None:
     on = ClusterConfig(engine="ray")
-    assert destination(on, True, True, never) == LOCAL
+    assert destination(on, True, True, never, room) == LOCAL
     pipelines = ClusterConfig(engine="ray", pipelines=True)
-    assert destination(pipelines, True, True, never) == CLUSTER
-    assert destination(pipelines, True, False, never) == CLUSTER  # down: the error, not a GPU worker
+    assert destination(pipelines, True, True, never, room) == CLUSTER
+    assert destination(pipelines, True, False, never, room) == CLUSTER  # down: the error, not a GPU worker
 
 
 def test_mode_all_sends_every_cpu_execute_even_while_down() -> None:
     every = ClusterConfig(engine="ray", mode="all")
-    assert destination(every, False, True, never) == CLUSTER
-    assert destination(every, False, False, never) == CLUSTER
+    assert destination(every, False, True, never, room) == CLUSTER
+    assert destination(every, False, False, never, room) == CLUSTER
 
 
 @pytest.mark.parametrize(("waiting", "where"), [(0, LOCAL), (2, LOCAL), (3, CLUSTER), (50, CLUSTER)])
 def test_overflow_spills_only_past_spill_queue(waiting: int, where: str) -> None:
     overflow = ClusterConfig(engine="ray", spill_queue=2)
-    assert destination(overflow, False, True, lambda: waiting) == where
+    assert destination(overflow, False, True, lambda: waiting, room) == where
 
 
 def test_overflow_never_spills_to_a_cluster_that_is_not_connected() -> None:
     overflow = ClusterConfig(engine="ray")
-    assert destination(overflow, False, False, lambda: 1000) == LOCAL
+    assert destination(overflow, False, False, lambda: 1000, room) == LOCAL
 
 
 def job(n: int, timeout_s: float = 10.0) -> Job:

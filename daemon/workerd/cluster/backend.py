@@ -47,8 +47,10 @@ log = logging.getLogger("workerd.cluster")
 # Jobs the bridge holds at once, per CPU of the cluster (and never fewer than MIN_IN_FLIGHT):
 # enough that Ray's own queue never runs dry between two of our messages, few enough that a
 # job's timeout (which counts from here) is mostly its run.
-IN_FLIGHT_PER_CPU = 4
+IN_FLIGHT_PER_CPU = 32
 MIN_IN_FLIGHT = 16
+# Overflow jobs the cluster may hold per CPU: one running, one next (as [pool] prefetch = 1).
+SPILL_PER_CPU = 2
 # Reconnecting: the first retry after 1 s, doubling up to 10 s.
 RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 10.0
@@ -119,10 +121,27 @@ class Cluster:
 
     def takes(self, is_pipeline: bool, local_waiting: Callable[[], int]) -> bool:
         """Does this execute go to the cluster? (handlers.py asks for each one.)"""
-        return (
-            routing.destination(self.config.cluster, is_pipeline, self.connected, local_waiting)
-            == routing.CLUSTER
+        where = routing.destination(
+            self.config.cluster, is_pipeline, self.connected, local_waiting, self.has_room
         )
+        return where == routing.CLUSTER
+
+    def take_overflow(self, queue: JobQueue, local_waiting: Callable[[], int]) -> None:
+        """Move jobs waiting in the local pool's queue (oldest first) to the cluster while the
+        overflow rule holds (routing.spills). The master calls it each turn, after the local
+        workers took what they could."""
+        cluster = self.config.cluster
+        while queue and routing.spills(cluster, self.connected, local_waiting, self.has_room):
+            job = queue.take(lambda key: True)
+            if job is None:
+                return
+            job.pool = "cluster"
+            self.counters["cluster_spilled"] += 1
+            self.submit(job)
+
+    def has_room(self) -> bool:
+        """Can an overflow job start on the cluster about now? (SPILL_PER_CPU per CPU held.)"""
+        return len(self.lane) + len(self.queue) < SPILL_PER_CPU * max(self.info.get("cpus", 0), 1)
 
     @property
     def runs_pipelines(self) -> bool:

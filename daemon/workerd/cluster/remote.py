@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -40,6 +41,7 @@ from workerctl import protocol
 from .. import memory, tasks
 from ..config import PipelineConfig
 
+TASK_MODULES, MAX_MESSAGE_BYTES = "WORKERD_TASK_MODULES", "WORKERD_MAX_MESSAGE_BYTES"
 Message = tuple[bytes, list[Any]]  # (kind: tasks.ITEM | OK | ERROR, [reply body, *raw frames])
 
 
@@ -70,10 +72,18 @@ def check_public(name: str, allowed: frozenset[str]) -> bool:
     return inspect.isgeneratorfunction(function)
 
 
-def messages(
-    allowed: frozenset[str], limit: int, body: bytes, raw: Sequence[Any]
-) -> tuple[bool, Iterator[Message]]:
+@functools.cache
+def limits() -> tuple[frozenset[str], int]:
+    """[tasks] modules and the message size limit, from the job's runtime_env (env_vars): set
+    once per bridge, since a reload starts a new bridge, hence a new Ray job. Measured, four
+    arguments per task instead of one cost the bridge ~30 % more per submission."""
+    modules = json.loads(os.environ[TASK_MODULES])
+    return frozenset(modules), int(os.environ[MAX_MESSAGE_BYTES])
+
+
+def messages(body: bytes, raw: Sequence[Any]) -> tuple[bool, Iterator[Message]]:
     """(is it a generator function, the run's messages) for one execute request."""
+    allowed, limit = limits()
     request, error = tasks.decode(body, list(raw))
     if request is None:
         return False, iter([(tasks.ERROR, [error])])
@@ -88,14 +98,14 @@ def messages(
 # max_retries=0: retries are the request's own (`retries`), decided by the master's Ledger,
 # which knows whether a stream item has reached the caller; Ray would retry blind.
 @ray.remote(max_retries=0)
-def run_task(allowed: frozenset[str], limit: int, body: bytes, *raw: Any) -> tuple[bool, list[Message]]:
-    generator, run = messages(allowed, limit, body, raw)
+def run_task(body: bytes, *raw: Any) -> tuple[bool, list[Message]]:
+    generator, run = messages(body, raw)
     return generator, list(run)
 
 
 @ray.remote(max_retries=0, num_returns="streaming")
-def stream_task(allowed: frozenset[str], limit: int, body: bytes, *raw: Any) -> Iterator[Message]:
-    _, run = messages(allowed, limit, body, raw)
+def stream_task(body: bytes, *raw: Any) -> Iterator[Message]:
+    _, run = messages(body, raw)
     yield from run
 
 
