@@ -141,7 +141,8 @@ class Cluster:
 
     def has_room(self) -> bool:
         """Can an overflow job start on the cluster about now? (SPILL_PER_CPU per CPU held.)"""
-        return len(self.lane) + len(self.queue) < SPILL_PER_CPU * max(self.info.get("cpus", 0), 1)
+        cpus = max(float(self.info.get("cpus", 0)), 1.0)
+        return len(self.lane) + len(self.queue) < SPILL_PER_CPU * cpus
 
     @property
     def runs_pipelines(self) -> bool:
