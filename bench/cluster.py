@@ -22,6 +22,7 @@ Four parts, every Ray process on 127.0.0.1:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import socket
 import statistics
@@ -44,6 +45,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import ray  # after the environment it reads
 
 IN_FLIGHT = 64
+ROLES = ("client", "master", "bridge", "ray")
 
 
 def cluster_section(address: str, mode: str, spill_queue: int = 0) -> str:
@@ -97,15 +99,28 @@ def through_workerd(client: Client, name: str, kwargs: dict[str, Any], count: in
     return elapsed / count
 
 
+def cpu_by_role(daemon_pid: int, bridge_pid: int) -> dict[str, dict[int, float]]:
+    """CPU seconds so far, per process, of: this script (the client, or the direct driver), the
+    master, the bridge, and the private head's processes (its descendants: GCS, raylet, workers)."""
+    roles = {"client": [os.getpid()], "master": [daemon_pid], "bridge": [bridge_pid]}
+    roles["ray"] = [p.pid for p in psutil.Process(bridge_pid).children(recursive=True)]
+    return {role: benchlib.cpu_seconds(pids) for role, pids in roles.items()}
+
+
+def spent(before: dict[int, float], after: dict[int, float]) -> float:
+    return sum(after[pid] - before[pid] for pid in after if pid in before)
+
+
 def bridge_cost(rounds: int) -> tuple[str, list[dict[str, Any]]]:
     daemon = start(1, cluster_section("local", "all"))
-    rows, csv = [], []
+    rows, csv, cpu_rows = [], [], []
     try:
         status = daemon.status()
         assert status is not None
+        bridge = status["cluster"]["pid"]
         ray.init(address=status["cluster"]["address"], _node_ip_address="127.0.0.1", log_to_driver=False)
         cases = [
-            ("trivial (echo)", "workerd.examples.tasks:echo", {"value": 1}, echo, 1, 2000),
+            ("trivial (echo)", "workerd.examples.tasks:echo", {"value": 1}, echo, 1, 1000),
             ("50 ms sleep", "workerd.examples.tasks:sleep", {"seconds": 0.05}, sleep, 0.05, 200),
         ]
         with daemon.client() as client:
@@ -113,9 +128,18 @@ def bridge_cost(rounds: int) -> tuple[str, list[dict[str, Any]]]:
                 through_workerd(client, name, kwargs, count // 4)  # warm both paths' workers
                 direct(remote, arg, count // 4)
                 ours, theirs = [], []
+                cpu = {"workerd": dict.fromkeys(ROLES, 0.0), "direct": dict.fromkeys(ROLES, 0.0)}
+                paths = {
+                    "workerd": (ours, functools.partial(through_workerd, client, name, kwargs, count)),
+                    "direct": (theirs, functools.partial(direct, remote, arg, count)),
+                }
                 for _ in range(rounds):
-                    ours.append(through_workerd(client, name, kwargs, count))
-                    theirs.append(direct(remote, arg, count))
+                    for path, (times, run) in paths.items():
+                        before = cpu_by_role(daemon.pid, bridge)
+                        times.append(run())
+                        after = cpu_by_role(daemon.pid, bridge)
+                        for role in ROLES:
+                            cpu[path][role] += spent(before[role], after[role]) / (count * rounds)
                 ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
                 rows.append(
                     [
@@ -126,6 +150,10 @@ def bridge_cost(rounds: int) -> tuple[str, list[dict[str, Any]]]:
                         benchlib.spread(ratios, 2),
                     ]
                 )
+                for path, label_path in (("direct", "Ray direct"), ("workerd", "workerd -> Ray")):
+                    used = cpu[path]
+                    cells = [f"{used[role] * 1e6:.0f}" for role in ROLES]
+                    cpu_rows.append([label, label_path, *cells, f"{sum(used.values()) * 1e6:.0f}"])
                 csv.append(
                     {
                         "part": "bridge_cost",
@@ -139,9 +167,14 @@ def bridge_cost(rounds: int) -> tuple[str, list[dict[str, Any]]]:
         ray.shutdown()
         daemon.stop()
     headers = ["tasks", "per round", "Ray direct us/task", "workerd -> Ray us/task", "ratio"]
+    cpu_headers = ["tasks", "path", *(f"{role} CPU us" for role in ROLES), "total CPU us/task"]
     text = (
         f"**The bridge's cost** ({IN_FLIGHT} in flight, a private head with 2 CPUs, {rounds} rounds "
-        "alternating, median (min-max)):\n\n" + benchlib.table(headers, rows)
+        "alternating, median (min-max)):\n\n"
+        + benchlib.table(headers, rows)
+        + "\n\nCPU per task, by process (the same rounds; `client` is this script: workerd's client, "
+        "or the Ray driver of the direct path; `ray` is every process of the private head):\n\n"
+        + benchlib.table(cpu_headers, cpu_rows)
     )
     return text, csv
 
@@ -384,7 +417,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--parts", default="cost,overflow,startup,death", help="which parts, comma-separated")
     args = parser.parse_args()
-    rounds, runs, count = (2, 1, 200) if args.quick else (5, 3, 400)
+    rounds, runs, count = (2, 1, 200) if args.quick else (8, 3, 400)
     chosen = args.parts.split(",")
     parts = [
         run()

@@ -186,6 +186,8 @@ class Bridge:
         self.sources = Sources()
         self.state: dict[str, Any] = {}
         self.flush_scheduled = False
+        self.completed: collections.deque[Callable[[], None]] = collections.deque()
+        self.wake_pending = False
         self.stopped = asyncio.Event()
 
     # -- channel -------------------------------------------------------------------------------
@@ -235,12 +237,25 @@ class Bridge:
 
     def on_loop(self, handler: Callable[..., None], *args: Any) -> Callable[[Any], None]:
         """A callback for ObjectRef._on_completed, which Ray calls on a thread of its own: it
-        hands the value (or the exception) to `handler` on the loop's thread."""
+        hands the value (or the exception) to `handler` on the loop's thread.
+
+        Completions are queued and the loop woken once per batch, not once each (each wake is
+        a write to asyncio's self-pipe and a turn of the loop). The loop clears `wake_pending`
+        before it drains, so a completion queued meanwhile is drained or wakes it again."""
 
         def callback(value: Any) -> None:
-            self.loop.call_soon_threadsafe(functools.partial(handler, *args, value))
+            self.completed.append(functools.partial(handler, *args, value))
+            if not self.wake_pending:
+                self.wake_pending = True
+                self.loop.call_soon_threadsafe(self.drain_completed)
 
         return callback
+
+    def drain_completed(self) -> None:
+        self.wake_pending = False
+        completed = self.completed
+        while completed:
+            completed.popleft()()
 
     # -- CPU tasks -----------------------------------------------------------------------------
 

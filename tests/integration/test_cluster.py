@@ -37,23 +37,31 @@ def run(obj, x=0):
 """
 
 
-def cluster_config(pipeline: Path | None = None, mode: str = "all", extra: str = "", workers: int = 1) -> str:
+def cluster_config(
+    pipeline: Path | None = None,
+    mode: str = "all",
+    extra: str = "",
+    address: str = "local",
+    modules: str = TASKS,
+    ship: bool = False,
+) -> str:
     text = textwrap.dedent(f"""\
         [daemon]
         stop_timeout_s = 20
         [pool]
-        workers = {workers}
+        workers = 1
         task_timeout_s = 60
         {extra}
         [tasks]
-        modules = {TASKS}
+        modules = {modules}
         [gpu]
         enabled = "false"
         [cluster]
         engine = "ray"
-        address = "local"
+        address = "{address}"
         mode = "{mode}"
         pipelines = {"true" if pipeline else "false"}
+        ship_modules = {"true" if ship else "false"}
         """)
     if pipeline is not None:
         text += f'[pipelines.echo]\npath = "{pipeline}"\n'

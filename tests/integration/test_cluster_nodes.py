@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ import psutil
 import pytest
 
 from tests.conftest import Daemon, wait_until
+from tests.integration.test_cluster import cluster_config
 from tests.reliability.harness import Counter, request
 from workerctl import errors
 
@@ -57,21 +57,7 @@ def ray_cluster() -> Iterator[Any]:
 
 
 def nodes_config(address: str, modules: str, ship: bool = False) -> str:
-    return textwrap.dedent(f"""\
-        [daemon]
-        stop_timeout_s = 10
-        [pool]
-        workers = 1
-        [tasks]
-        modules = {modules}
-        [gpu]
-        enabled = "false"
-        [cluster]
-        engine = "ray"
-        address = "{address}"
-        mode = "all"
-        ship_modules = {"true" if ship else "false"}
-        """)
+    return cluster_config(address=address, modules=modules, ship=ship)
 
 
 def start(directory: Path, config: str, pythonpath: str) -> Daemon:
