@@ -127,18 +127,19 @@ def test_every_ray_process_is_on_loopback_and_the_master_never_imports_ray(clust
     processes = ray_processes(status["pid"])
     names = {p.name() for p in processes}
     assert {"gcs_server", "raylet"} <= names
-    listening = [
-        conn.laddr
-        for process in processes
+    connections = [
+        conn
+        for process in [*processes, psutil.Process(status["pid"])]
         for conn in process.net_connections(kind="inet")
-        if conn.status == psutil.CONN_LISTEN
     ]
-    assert listening, "the private head listens somewhere"
-    for address in listening:
+    listening = [conn.laddr for conn in connections if conn.status == psutil.CONN_LISTEN]
+    reaching = [conn.raddr for conn in connections if conn.raddr]
+    assert listening and reaching, "the private head listens, and its processes talk"
+    for address in listening + reaching:
         ip = ipaddress.ip_address(address.ip)
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
             ip = ip.ipv4_mapped  # [::ffff:127.0.0.1], as Ray's gRPC servers show it
-        assert ip.is_loopback, f"a Ray process listens on {address.ip}:{address.port}"
+        assert ip.is_loopback, f"a Ray process binds or reaches {address.ip}:{address.port}"
     with open(f"/proc/{cluster_daemon.proc.pid}/maps") as maps:
         assert "_raylet" not in maps.read()
 
