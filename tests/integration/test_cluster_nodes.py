@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -230,3 +231,4 @@ def test_a_head_that_is_down_is_one_line_and_reconnects(tmp_path: Path) -> None:
     finally:
         kill_head(head_dir)
         daemon.stop(timeout=20)
+        shutil.rmtree(head_dir, ignore_errors=True)
