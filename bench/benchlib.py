@@ -75,6 +75,7 @@ class Daemon:
         extra_pythonpath: Sequence[Path] = (),
         env: dict[str, str] | None = None,
         label: str = "workerd",
+        extra_config: str = "",
     ) -> None:
         self.directory = Path(tempfile.mkdtemp(prefix="wbench-"))
         self.socket = str(self.directory / "w.sock")
@@ -86,6 +87,7 @@ class Daemon:
                 gc_freeze="true" if gc_freeze else "false",
                 modules=toml_list(modules),
             )
+            + extra_config
         )
         self.workers = workers
         self.label = label

@@ -67,6 +67,8 @@ def payload(_: object = None) -> dict[str, Any]:
     chunk of Pool's or ProcessPoolExecutor's (one pickled list of calls) to almost nothing."""
     n = next(SERIAL)
     return {"user": f"user{n}", "n": n, "tags": ["a", "b", str(n)], "ok": True}
+
+
 # How long the workerd client waits for one reply before the variant counts as failed.
 REPLY_TIMEOUT_S = 10.0
 

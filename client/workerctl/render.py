@@ -44,12 +44,30 @@ def render_status(status: dict[str, Any]) -> str:
         lines.extend(f"  {g.get('device')}  {gpu_state(g)}" for g in each)
     elif gpu.get("enabled"):
         lines.append(f"gpu     {gpu.get('state')} on {gpu.get('device') or '-'}, {gpu_state(gpu, 'state')}")
+    cluster = status.get("cluster")
+    if cluster:
+        lines.append(cluster_line(cluster))
     lines.extend(render_metrics(status.get("metrics") or {}))
     counters = status.get("counters") or {}
     if counters:
         lines.append("counters")
         lines.extend(f"  {key}: {value}" for key, value in sorted(counters.items()))
     return "\n".join(lines)
+
+
+def cluster_line(cluster: dict[str, Any]) -> str:
+    """One line: where the cluster is and how it serves, or the one line saying why it cannot."""
+    head = f"cluster {cluster.get('engine')} at {cluster.get('address')}, mode {cluster.get('mode')}"
+    if cluster.get("state") == "down":
+        return f"{head}: DOWN: {cluster.get('error')}"
+    if cluster.get("state") != "ready":
+        return f"{head}: {cluster.get('state')}"
+    nodes = cluster.get("nodes") or []
+    return (
+        f"{head}: {len(nodes)} node(s), {cluster.get('cpus', 0):g} CPUs, {cluster.get('gpus', 0):g} GPUs, "
+        f"{cluster.get('queue', 0)} waiting, {cluster.get('running', 0)} running"
+        + (f", {cluster.get('hosts', 0)} pipeline host(s)" if cluster.get("pipelines") else "")
+    )
 
 
 def gpu_state(gpu: dict[str, Any], *leave_out: str) -> str:
@@ -148,14 +166,47 @@ def render_memory(memory: dict[str, Any]) -> str:
             lines += render_gpu_memory(gpu)
         elif gpu and gpu.get("error"):
             lines += ["", f"{gpu_label(gpu, len(each) > 1):<8}{gpu['error']}"]
+    cluster = memory.get("cluster")
+    if cluster:
+        lines.extend(render_cluster_memory(cluster))
     return "\n".join(lines)
 
 
-def render_gpu_memory(gpu: dict[str, Any]) -> list[str]:
-    """One GPU worker's figures and its pipelines, in `workerctl memory`."""
+def render_cluster_memory(cluster: dict[str, Any]) -> list[str]:
+    """Each node, its Ray processes' memory, and each pipeline host's cache."""
+    lines = ["", cluster_line(cluster)]
+    rows = []
+    for node in cluster.get("nodes") or []:
+        for process in node.get("processes") or []:
+            rows.append(
+                [
+                    str(node.get("node_id", ""))[:12],
+                    node.get("address"),
+                    process.get("pid"),
+                    process.get("name"),
+                    mib(process.get("rss_bytes")),
+                    mib(process.get("uss_bytes")),
+                ]
+            )
+    if rows:
+        lines.append(table(["node", "address", "pid", "process", "rss MiB", "uss MiB"], rows))
+    for host in cluster.get("hosts") or []:
+        if "error" in host:
+            lines += ["", f"pipeline host {host.get('index')}: {host['error']}"]
+            continue
+        node = str(host.get("node_id", ""))[:12]
+        lines.extend(
+            render_gpu_memory(host, f"pipeline host {host.get('index')} (node {node}, pid {host.get('pid')})")
+        )
+    return lines
+
+
+def render_gpu_memory(gpu: dict[str, Any], title: str = "gpu") -> list[str]:
+    """One pipeline cache's figures and its pipelines, in `workerctl memory`: a GPU worker's, or
+    a cluster pipeline host's."""
     lines = [
         "",
-        f"gpu {gpu.get('device')}  allocated {mib(gpu.get('allocated_bytes'))} MiB  "
+        f"{title} {gpu.get('device')}  allocated {mib(gpu.get('allocated_bytes'))} MiB  "
         f"reserved {mib(gpu.get('reserved_bytes'))} MiB  "
         f"peak {mib(gpu.get('peak_allocated_bytes'))} MiB  "
         f"free {mib(gpu.get('free_bytes'))} / {mib(gpu.get('total_bytes'))} MiB  "
@@ -209,12 +260,22 @@ def render_clear(result: dict[str, Any]) -> str:
         elif "error" in gpu:
             lines += ["", f"{label}{gpu['error']}"]
         else:
-            dropped = ", ".join(gpu.get("dropped") or []) or "-"
-            lines += [
-                "",
-                f"gpu {gpu.get('device')}  objects freed {gpu.get('freed_objects')}  "
-                f"allocated {mib(gpu.get('allocated_before'))} -> {mib(gpu.get('allocated_after'))} MiB  "
-                f"reserved {mib(gpu.get('reserved_before'))} -> {mib(gpu.get('reserved_after'))} MiB  "
-                f"freed {mib(gpu.get('freed_bytes'))} MiB  dropped: {dropped}",
-            ]
+            lines += ["", cleared_line(gpu, "gpu")]
+    cluster = result.get("cluster") or {}
+    for host in cluster.get("hosts", []):
+        title = f"pipeline host (node {str(host.get('node_id', ''))[:12]})"
+        lines += ["", f"{title}     {host['error']}" if "error" in host else cleared_line(host, title)]
+    if "error" in cluster:
+        lines += ["", f"cluster {cluster['error']}"]
     return "\n".join(lines)
+
+
+def cleared_line(gpu: dict[str, Any], title: str) -> str:
+    """What clear_memory freed in one pipeline cache."""
+    dropped = ", ".join(gpu.get("dropped") or []) or "-"
+    return (
+        f"{title} {gpu.get('device')}  objects freed {gpu.get('freed_objects')}  "
+        f"allocated {mib(gpu.get('allocated_before'))} -> {mib(gpu.get('allocated_after'))} MiB  "
+        f"reserved {mib(gpu.get('reserved_before'))} -> {mib(gpu.get('reserved_after'))} MiB  "
+        f"freed {mib(gpu.get('freed_bytes'))} MiB  dropped: {dropped}"
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import grp
+import importlib.util
 import ipaddress
 import os
 import pwd
@@ -56,6 +57,16 @@ reload = []
 [metrics]
 # A Prometheus endpoint, e.g. "127.0.0.1:9464" (loopback only); empty: off.
 listen = ""
+
+[cluster]
+# "ray": send work to a Ray cluster (needs the cluster extra); empty: off.
+engine = ""
+address = "local"
+mode = "overflow"
+spill_queue = 0
+pipelines = false
+num_gpus = 0
+ship_modules = false
 """
 
 EMBEDDED_SOURCE = "<embedded default>"
@@ -152,6 +163,23 @@ class MetricsConfig:
         return listen_address(self.listen) if self.listen else None
 
 
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    """[cluster]: where work goes beyond this machine (cluster/ and bridge.py)."""
+
+    engine: str = ""  # "" = off; "ray"
+    address: str = "local"  # "local": a private Ray on this machine; else "host:port" of a Ray head
+    mode: str = "overflow"  # "overflow": past spill_queue waiting local jobs; "all": every CPU execute
+    spill_queue: int = 0
+    pipelines: bool = False  # pipelines run in Ray actors instead of the local GPU worker
+    num_gpus: float = 0  # GPUs each pipeline actor asks Ray for
+    ship_modules: bool = False  # [tasks] modules travel to the nodes in a runtime_env (py_modules)
+
+    @property
+    def enabled(self) -> bool:
+        return self.engine == "ray"
+
+
 ACCESS_COMMANDS = tuple(field.name for field in dataclasses.fields(AccessConfig))
 
 
@@ -165,6 +193,7 @@ class Config:
     pipelines: dict[str, PipelineConfig]
     access: AccessConfig = AccessConfig()
     metrics: MetricsConfig = MetricsConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     def with_overrides(self, socket: str | None = None, workers: int | None = None) -> Config:
         """The config with command-line flags applied (flags beat the file)."""
@@ -296,6 +325,37 @@ def listen(value: Any) -> str:
     return str(value)
 
 
+def cluster_address(value: Any) -> str:
+    """ "local", or "host:port" of a Ray head (its GCS port, 6379 unless `ray start` was told)."""
+    if value == "local":
+        return "local"
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError('expected "local" or "HOST:PORT" of a Ray head, e.g. "10.0.0.5:6379"')
+    host, _, port = value.rpartition(":")
+    if not host or "/" in host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError('expected "local" or "HOST:PORT" of a Ray head (a port from 1 to 65535)')
+    return value
+
+
+def engine(value: Any) -> str:
+    if value not in ("", "ray"):
+        raise ValueError('expected "" (off) or "ray"')
+    return str(value)
+
+
+def ray_installed() -> bool:
+    """Is Ray importable here? Asked without importing it: the master never imports ray."""
+    return importlib.util.find_spec("ray") is not None
+
+
+def check_cluster(source: str, cluster: ClusterConfig) -> None:
+    if cluster.enabled and not ray_installed():
+        raise ConfigError(
+            f'{source}: [cluster] engine = "ray" needs Ray, which is not installed: '
+            "pip install 'workerd[cluster]'"
+        )
+
+
 def one_of(*choices: Any) -> Checker:
     def check(value: Any) -> str:
         # TOML writes `enabled = true`; keep the three-way setting as one string.
@@ -345,6 +405,18 @@ SECTIONS: dict[str, tuple[type, dict[str, Checker]]] = {
     ),
     "access": (AccessConfig, dict.fromkeys(ACCESS_COMMANDS, principals)),
     "metrics": (MetricsConfig, {"listen": listen}),
+    "cluster": (
+        ClusterConfig,
+        {
+            "engine": engine,
+            "address": cluster_address,
+            "mode": one_of("overflow", "all"),
+            "spill_queue": integer(0),
+            "pipelines": boolean,
+            "num_gpus": number(0),
+            "ship_modules": boolean,
+        },
+    ),
 }
 
 
@@ -455,6 +527,7 @@ def parse(text: str, source: str) -> Config:
         raise ConfigError(f"{source}: [pipelines] must be a table of [pipelines.NAME] tables")
     pipelines = {name: parse_pipeline(source, name, table) for name, table in pipelines_table.items()}
     check_devices(source, sections["gpu"], pipelines)
+    check_cluster(source, sections["cluster"])
     return Config(source=source, pipelines=pipelines, **sections)
 
 

@@ -49,7 +49,6 @@ from typing import Any
 
 from workerctl import protocol
 
-from . import tasks
 from .config import PipelineConfig
 from .logs import setup_logging
 from .processes import die_with_parent
@@ -99,30 +98,10 @@ class Runner(threading.Thread):
 
     def run_pipeline(self, job: bytes, body: bytes, raw: list[bytes]) -> list[Any]:
         """One pipeline run: [b"done", job, kind, reply body, extra, *raw frames of the reply]."""
-        from .pipelines import PipelineError
+        from .pipelines import run_request
 
-        request, error = tasks.decode(body, raw)
-        if request is None:
-            return self.done(job, tasks.ERROR, [error])
-        request_id = request.get("id")
-        frames: list[Any]
-        try:
-            result = self.cache.run(request["name"], request.get("args", []), request.get("kwargs", {}))
-            result["device"] = self.name
-            kind, frames = tasks.bounded_frames(
-                tasks.OK,
-                protocol.encode_result_frames(request_id, result),
-                request_id,
-                self.max_message_bytes,
-            )
-        except PipelineError as exc:
-            kind, frames = (
-                tasks.ERROR,
-                [protocol.encode_error(request_id, exc.code, exc.message, exc.details)],
-            )
-        except Exception as exc:
-            kind, frames = tasks.ERROR, [tasks.task_error(request_id, exc)]
-        return self.done(job, kind, frames)
+        frames = run_request(self.cache, body, raw, self.max_message_bytes, {"device": self.name})
+        return self.done(job, *frames)
 
     def done(self, job: bytes, kind: bytes, frames: list[Any]) -> list[Any]:
         return [b"done", job, kind, frames[0], protocol.pack(self.state()), *frames[1:]]

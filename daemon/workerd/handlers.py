@@ -25,7 +25,10 @@ from .pool import MAX_WORKERS
 from .tasks import TaskLookupError, check_allowed
 
 if TYPE_CHECKING:
+    from .cluster.backend import Cluster
+    from .gpus import GpuWorkers
     from .master import Master
+    from .pool import Pool
 
 DEFERRED = object()
 
@@ -94,6 +97,7 @@ class Commands:
                 "max": master.config.daemon.max_queue,
             },
             **master.gpu.status(),  # "gpu" (the first device, as with one) and "gpus" (each)
+            "cluster": master.cluster.status() if master.cluster.enabled else None,
             "counters": dict(+master.counters),  # only the non-zero ones
             "metrics": self.metrics(),
         }
@@ -107,26 +111,39 @@ class Commands:
         return DEFERRED
 
     def gather_memory(self, callback: Callable[[dict[str, Any]], None]) -> None:
-        """Memory of every process; the GPU figures come from the GPU workers themselves."""
-        pool, gpu = self.master.pool, self.master.gpu
-        result = {
+        """Memory of every process; the GPU figures come from the GPU workers themselves, the
+        cluster's from the Ray bridge."""
+        pool, gpu, cluster = self.master.pool, self.master.gpu, self.master.cluster
+        result: dict[str, Any] = {
             "daemon": {"pid": os.getpid(), "rss_bytes": memory.process_memory(os.getpid())["rss_bytes"]},
             "zygotes": pool.generations.memory(),
-            "workers": pool.memory() + gpu.describe(),
-            "gpu": None,
+            "workers": pool.memory() + gpu.describe() + cluster.describe(),
         }
 
-        def answer(first: dict[str, Any] | None, each: list[dict[str, Any]]) -> None:
-            result["gpu"], result["gpus"] = first, each
-            callback(result)
+        def answer_when_all() -> None:
+            if "gpus" in result and "cluster" in result:
+                callback(result)
 
-        gpu.memory(answer)
+        def gpu_answer(first: dict[str, Any] | None, each: list[dict[str, Any]]) -> None:
+            result["gpu"], result["gpus"] = first, each
+            answer_when_all()
+
+        def cluster_answer(value: Any) -> None:
+            result["cluster"] = value
+            answer_when_all()
+
+        gpu.memory(gpu_answer)
+        cluster.memory(cluster_answer)
 
     def scrape(self, deliver: Callable[[dict[str, Any]], None]) -> None:
         """What the Prometheus endpoint shows (exporter.families): the counters and histograms
         of `status`, queue depths, and each worker's state and memory as memory_status reads them."""
         master = self.master
-        queues = {"cpu": master.pool.waiting(), "gpu": len(master.gpu.queue)}
+        queues = {
+            "cpu": master.pool.waiting(),
+            "gpu": len(master.gpu.queue),
+            "cluster": len(master.cluster.queue),
+        }
 
         def answer(memory_result: dict[str, Any]) -> None:
             deliver(
@@ -141,7 +158,8 @@ class Commands:
         self.gather_memory(answer)
 
     def clear_memory(self, msg: Incoming) -> object:
-        """gc in every CPU worker; and in each GPU worker gc, cache or full, as asked."""
+        """gc in every CPU worker; and in each GPU worker and the cluster's pipeline hosts gc,
+        cache or full, as asked."""
         level = msg.request.get("level", "cache")
         if level not in CLEAR_LEVELS:
             raise RequestRejected(protocol.BAD_REQUEST, f"'level' must be one of {', '.join(CLEAR_LEVELS)}")
@@ -150,18 +168,23 @@ class Commands:
 
         def cpu_done(cpu: dict[str, Any]) -> None:
             result.update(cpu)
-            answer_once_both()
+            answer_when_all()
 
         def gpu_done(first: dict[str, Any] | None, each: list[dict[str, Any]]) -> None:
             result["gpu"], result["gpus"] = first, each
-            answer_once_both()
+            answer_when_all()
 
-        def answer_once_both() -> None:
-            if "workers" in result and "gpus" in result:
+        def cluster_done(cluster: Any) -> None:
+            result["cluster"] = cluster
+            answer_when_all()
+
+        def answer_when_all() -> None:
+            if "workers" in result and "gpus" in result and "cluster" in result:
                 master.answer(msg, result)
 
         master.pool.collect_garbage(cpu_done)
         master.gpu.clear(level, gpu_done)
+        master.cluster.clear(level, cluster_done)
         return DEFERRED
 
     def execute(self, msg: Incoming) -> object:
@@ -183,6 +206,10 @@ class Commands:
             except TaskLookupError as exc:
                 raise RequestRejected(exc.code, exc.message) from None
             full = master.pool.full(master.config.daemon.max_queue)
+        # The cluster hook: routing.destination, in one call (cluster/backend.py).
+        to_cluster = master.cluster.takes(is_pipeline, master.pool.waiting)
+        if to_cluster:
+            full = master.cluster.full(master.config.daemon.max_queue)
         if full:
             raise RequestRejected(
                 protocol.BUSY, f"queue is full ({master.config.daemon.max_queue} waiting); retry later"
@@ -195,13 +222,13 @@ class Commands:
             raw=msg.raw,
             name=name,
             key=name if is_pipeline else module,
-            pool="gpu" if is_pipeline else "cpu",
+            pool="cluster" if to_cluster else "gpu" if is_pipeline else "cpu",
             timeout_s=timeout_s,
             retries=retries,
             accepted_at=msg.arrived_at,  # latency metrics count from arrival, checks included
         )
         master.ledger.accept(job)
-        (master.gpu if is_pipeline else master.pool).submit(job)
+        (master.cluster if to_cluster else master.gpu if is_pipeline else master.pool).submit(job)
         return DEFERRED
 
     def cancel(self, msg: Incoming) -> dict[str, Any]:
@@ -218,12 +245,17 @@ class Commands:
         master = self.master
         for request_id in ids:
             fates = [
-                (master.gpu if job.pool == "gpu" else master.pool).cancel(job, terminate)
+                self.backend(job.pool).cancel(job, terminate)
                 for job in master.ledger.find(msg.client, request_id)
             ]
             fate = "running" if "running" in fates else "cancelled" if "cancelled" in fates else "unknown"
             result[fate].append(request_id)
         return result
+
+    def backend(self, pool: str) -> Pool | GpuWorkers | Cluster:
+        """Where a job of this pool (Job.pool) is."""
+        master = self.master
+        return master.cluster if pool == "cluster" else master.gpu if pool == "gpu" else master.pool
 
     def check_pipeline(self, name: str) -> None:
         config = self.master.config
@@ -232,7 +264,7 @@ class Commands:
                 protocol.UNKNOWN_TASK,
                 f"no pipeline named {name!r} (tasks are named 'package.module:function')",
             )
-        if not self.master.gpu.enabled:
+        if not self.master.gpu.enabled and not self.master.cluster.runs_pipelines:
             raise RequestRejected(
                 protocol.UNKNOWN_TASK, f"pipeline {name!r}: the GPU worker is disabled ([gpu] enabled)"
             )

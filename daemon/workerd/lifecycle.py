@@ -21,8 +21,13 @@ by care in every backend:
     before it starts the next one; so of the jobs a lost worker held, only the first one not
     finished may have run, and the others go back to the queue untouched.
 
-Backends (pool.py for CPU workers, gpu.py for GPU workers) decide what a worker is and how it
-is started and killed; they queue, assign, finish and settle jobs only through this module.
+The Ray bridge (cluster/backend.py) is the exception to run order: it runs every job it holds
+at once (a WHEN_ASSIGNED lane), so each job starts when assigned, has its own deadline, and if
+the bridge is lost every job it held may have run.
+
+Backends (pool.py for CPU workers, gpu.py for GPU workers, cluster/ for the Ray bridge) decide
+what a worker is and how it is started and killed; they queue, assign, finish and settle jobs
+only through this module.
 """
 
 from __future__ import annotations
@@ -183,12 +188,13 @@ def settle(
     """A worker is gone: answer or requeue every job it held. Returns True if this answered a
     TIMEOUT (the worker died inside its kill window, before the kill itself).
 
-    Of its jobs only the first one it had not finished may have run: that one is retried or
-    WORKER_LOST (TIMEOUT if it was past its deadline, nothing if it was answered already); the
-    others never started and go back (`hand_back`) as if never dispatched."""
-    ran, never_ran = lane.release()
+    Of its jobs only the first one it had not finished may have run (every one, in a
+    WHEN_ASSIGNED lane): that one is retried or WORKER_LOST (TIMEOUT if it was past its deadline,
+    nothing if it was answered already); the others never started and go back (`hand_back`) as
+    if never dispatched."""
+    may_have_run, never_ran = lane.release()
     timed_out = False
-    if ran is not None:
+    for ran in may_have_run:
         if ran.expired and ran.state is not ANSWERED:
             ledger.timed_out(ran, pid, stack(), what)
             timed_out = True
@@ -272,6 +278,9 @@ class JobQueue:
 # How a lane learns that its next job has started.
 AFTER_PREVIOUS = "after_previous"  # a CPU worker: when the one before it is done
 WHEN_TOLD = "when_told"  # the GPU worker: it says so (restores and clears run between jobs)
+# The Ray bridge: at once, each job on its own (Ray runs them side by side, finishing in any
+# order). Ray does not say when a task leaves its own queue, so a job's timeout counts from here.
+WHEN_ASSIGNED = "when_assigned"
 
 
 class Lane:
@@ -295,10 +304,13 @@ class Lane:
         head = self.head
         return head if head is not None and head.state is RUNNING else None
 
+    def free(self) -> int:
+        return self.capacity - len(self.jobs)
+
     def add(self, job: Job, now: float) -> None:
         job.state = ASSIGNED
         self.jobs.append(job)
-        if len(self.jobs) == 1 and self.starts == AFTER_PREVIOUS:
+        if self.starts == WHEN_ASSIGNED or (len(self.jobs) == 1 and self.starts == AFTER_PREVIOUS):
             job.start(now)
 
     def find(self, job_id: int) -> Job | None:
@@ -316,7 +328,13 @@ class Lane:
         return job
 
     def done(self, job_id: int, now: float) -> Job | None:
-        """The worker finished `job_id`, which must be its first job; the next one starts now."""
+        """The worker finished `job_id`, which must be its first job (any of them, in a
+        WHEN_ASSIGNED lane); the next one starts now."""
+        if self.starts == WHEN_ASSIGNED:
+            job = self.find(job_id)
+            if job is not None:
+                self.jobs.remove(job)
+            return job
         job = self.head
         if job is None or job.id != job_id:
             return None
@@ -335,18 +353,29 @@ class Lane:
     def prefetched(self) -> list[Job]:
         return [job for job in self.jobs if job.state is ASSIGNED and job is not self.running]
 
-    def release(self) -> tuple[Job | None, list[Job]]:
-        """The worker is gone: (the job that may have run, the jobs that never started)."""
+    def release(self) -> tuple[list[Job], list[Job]]:
+        """The worker is gone: (the jobs that may have run, the jobs that never started)."""
         jobs = list(self.jobs)
         self.jobs.clear()
-        if not jobs:
-            return None, []
+        if not jobs or self.starts == WHEN_ASSIGNED:
+            return jobs, []  # all of them started, side by side
         head, rest = jobs[0], jobs[1:]
         if head.state is ASSIGNED and self.starts == WHEN_TOLD:
-            return None, jobs  # it never said it started
-        return head, rest
+            return [], jobs  # it never said it started
+        return [head], rest
 
     def next_deadline(self) -> float:
-        """When the running job's timeout ends (never, once it is answered)."""
+        """When the running job's timeout ends (never, once it is answered); in a WHEN_ASSIGNED
+        lane, the first of its jobs' deadlines."""
+        if self.starts == WHEN_ASSIGNED:
+            return min((job.deadline for job in self.jobs), default=math.inf)
         job = self.running
         return job.deadline if job is not None else math.inf
+
+    def overdue(self, now: float) -> list[Job]:
+        """The jobs of a WHEN_ASSIGNED lane past their deadline, removed from it: the backend
+        answers them TIMEOUT and has the worker cancel them (the worker itself lives on)."""
+        late = [job for job in self.jobs if job.deadline <= now]
+        for job in late:
+            self.jobs.remove(job)
+        return late

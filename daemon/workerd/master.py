@@ -31,6 +31,7 @@ from . import config as configuration
 from . import control, memory, processes
 from .access import Access
 from .admission import RequestRejected
+from .cluster.backend import Cluster
 from .gpus import GpuWorkers
 from .handlers import DEFERRED, Commands, Incoming
 from .lifecycle import Ledger
@@ -80,6 +81,7 @@ class Master:
         self.pending_config: configuration.Config | None = None
         self.reload_generation: int | None = None
         self.reload_queued = False
+        self.booted: tuple[bool, str] | None = None  # the first generation's outcome, until READY
         self.stop_deadline = math.inf
         self.exit_deadline = math.inf
         self.next_watchdog = time.monotonic()
@@ -117,6 +119,10 @@ class Master:
         self.pool = Pool(self.config, self.private_dir, self.ledger, self.reactor, self.metrics)
         self.pool.generations.on_generation = self.generation_done
         self.gpu = GpuWorkers(self.config, self.private_dir, self.ledger, self.reactor, self.metrics)
+        self.cluster = Cluster(
+            self.config, self.private_dir, self.ledger, self.reactor, self.metrics, self.pool.submit
+        )
+        self.cluster.on_connect = self.finish_boot
         log.info("workerd listening on %s (config: %s)", self.socket_path, self.config.source)
         self.notifier.status(f"importing task code; serving {self.socket_path}")
         try:
@@ -127,6 +133,7 @@ class Master:
             self.generation_done(0, False, failure)
         if self.gpu.enabled and self.config.gpu.start == "boot":
             self.gpu.start()
+        self.cluster.start()
 
     def start_exporter(self) -> None:
         address = self.config.metrics.address()
@@ -170,15 +177,21 @@ class Master:
     def poll_once(self) -> None:
         # Deadlines read once a turn: whatever this turn adds is due later, not now.
         pool_due, gpu_due = self.pool.next_deadline(), self.gpu.next_deadline()
-        events = self.reactor.poll(self.poll_timeout_ms(min(pool_due, gpu_due)))
+        cluster_due = self.cluster.next_deadline()
+        events = self.reactor.poll(self.poll_timeout_ms(min(pool_due, gpu_due, cluster_due)))
         self.reactor.dispatch(events)
         now = time.monotonic()
         if now >= pool_due:
             self.pool.tick()
         if now >= gpu_due:
             self.gpu.tick()
+        if now >= cluster_due:
+            self.cluster.tick()
         self.pool.dispatch()
         self.gpu.dispatch()
+        if self.pool.queue:
+            self.cluster.take_overflow(self.pool.queue, self.pool.waiting)
+        self.cluster.dispatch()
         self.pool.flush()
         self.ping_watchdog(now)
         self.trim_when_idle(bool(events), now)
@@ -351,11 +364,8 @@ class Master:
         if self.state == "stopping":
             return
         if self.state == "starting":
-            self.notifier.ready(f"serving {self.socket_path}" if ok else f"degraded: {message}")
-            self.state = "running"
-            if self.reload_queued:
-                self.reload_queued = False
-                self.reload(None)
+            self.booted = (ok, message)
+            self.finish_boot()
             return
         if generation != self.reload_generation:
             return  # a restart after a crash: nothing to announce
@@ -363,6 +373,7 @@ class Master:
         if ok and self.pending_config is not None:
             self.config = self.pending_config
             self.gpu.reconfigure(self.config)
+            self.cluster.reconfigure(self.config)
         self.pending_config = None
         self.state = "running"
         self.notifier.ready(f"serving {self.socket_path}" if ok else f"reload failed: {message}")
@@ -370,6 +381,19 @@ class Master:
             self.finish_reloads(None, message)
         else:
             self.finish_reloads(protocol.INTERNAL, message)
+
+    def finish_boot(self) -> None:
+        """READY=1 once the first generation is ready (or failed) and, with [cluster] engine
+        set, the bridge has connected or said why it cannot: `systemctl start` then returns to
+        a daemon whose cluster is usable, or whose status says in one line why not."""
+        if self.state != "starting" or self.booted is None or self.cluster.connecting:
+            return
+        ok, message = self.booted
+        self.notifier.ready(f"serving {self.socket_path}" if ok else f"degraded: {message}")
+        self.state = "running"
+        if self.reload_queued:
+            self.reload_queued = False
+            self.reload(None)
 
     def finish_reloads(self, code: str | None, message: str) -> None:
         """Answer every pending reload: its new generation, or the error `code`."""
@@ -410,10 +434,11 @@ class Master:
         self.pool.scale(self.pool.target - 1)
 
     def handle_sigchld(self) -> None:
-        """Reap every child that exited: zygotes, GPU workers, and (we are a subreaper)
-        whatever a dead zygote left behind."""
+        """Reap every child that exited: zygotes, GPU workers, the Ray bridge, and (we are a
+        subreaper) whatever a dead zygote or bridge left behind."""
         for pid, status in processes.reap():
-            if not (self.pool.reaped(pid, status) or self.gpu.reaped(pid, status)):
+            backends = (self.pool, self.gpu, self.cluster)
+            if not any(backend.reaped(pid, status) for backend in backends):
                 log.debug("reaped process %d (%s)", pid, processes.describe_exit(status))
 
     # -- stop ----------------------------------------------------------------------------------
@@ -426,15 +451,19 @@ class Master:
         self.stop_deadline = time.monotonic() + self.config.daemon.stop_timeout_s
         self.pool.begin_stop()
         self.gpu.begin_stop()
+        self.cluster.begin_stop()
 
     def advance_stop(self, now: float) -> None:
         if self.exit_deadline == math.inf:  # still letting tasks in flight finish
-            if (self.pool.running() or self.gpu.running) and now < self.stop_deadline:
+            busy = self.pool.running() or self.gpu.running or self.cluster.running
+            if busy and now < self.stop_deadline:
                 return
             self.pool.abort_running()
             self.gpu.abort_running()
+            self.cluster.abort_running()
             self.exit_deadline = now + EXIT_WAIT_S
-        if (not self.pool.workers and self.gpu.exited) or now >= self.exit_deadline:
+        gone = not self.pool.workers and self.gpu.exited and self.cluster.pid is None
+        if gone or now >= self.exit_deadline:
             self.state = "stopped"
 
     def cleanup(self) -> None:

@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
 import importlib
 import importlib.util
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -37,9 +35,10 @@ from typing import Any
 
 from workerctl import protocol
 
-from . import tiers
+from . import tasks, tiers
 from .config import PipelineConfig
 from .gpumemory import Memory, pick_device
+from .sources import SourceError, Sources
 
 log = logging.getLogger("workerd.gpu")
 
@@ -221,8 +220,7 @@ class PipelineCache:
         self.footprint_history: dict[str, int] = {}
         # The last run's pipeline and probe before it, until settle() measures what it left.
         self.pending: tuple[Entry, int] | None = None
-        self._hashes: dict[str, tuple[tuple[int, int, int], str]] = {}
-        self._origins: dict[str, str] = {}
+        self.sources = Sources()
         if self.memory.host_budget and not self.memory.cuda:
             log.info("host tier on %s: device and host memory are the same here", self.device)
 
@@ -237,36 +235,6 @@ class PipelineCache:
     def host_held(self) -> int:
         return sum(e.host_bytes for e in list(self.entries.values()))
 
-    # Source files and their hashes.
-
-    def source_path(self, config: PipelineConfig) -> str:
-        if config.path:
-            return config.path
-        # find_spec walks sys.path: do it once per module, not on every run.
-        if config.module not in self._origins:
-            spec = importlib.util.find_spec(config.module)
-            if spec is None or not spec.origin or not os.path.isfile(spec.origin):
-                raise PipelineError(
-                    protocol.UNKNOWN_TASK, f"pipeline {config.name!r}: module {config.module!r} not found"
-                )
-            self._origins[config.module] = spec.origin
-        return self._origins[config.module]
-
-    def sha256(self, path: str) -> str:
-        """The file's SHA-256, re-read only when its size, mtime or inode changed."""
-        try:
-            info = os.stat(path)
-        except OSError as exc:
-            raise PipelineError(protocol.UNKNOWN_TASK, f"pipeline source {path}: {exc.strerror}") from None
-        key = (info.st_mtime_ns, info.st_size, info.st_ino)
-        known = self._hashes.get(path)
-        if known and known[0] == key:
-            return known[1]
-        with open(path, "rb") as handle:
-            digest = hashlib.sha256(handle.read()).hexdigest()
-        self._hashes[path] = (key, digest)
-        return digest
-
     # Getting a pipeline onto the device: as it is, woken from host memory, or loaded.
 
     def prepare(self, name: str) -> tuple[Entry, str]:
@@ -274,8 +242,11 @@ class PipelineCache:
         config = self.configs.get(name)
         if config is None:
             raise PipelineError(protocol.UNKNOWN_TASK, f"no pipeline named {name!r}")
-        path = self.source_path(config)
-        digest = self.sha256(path)
+        try:
+            path = self.sources.path(config)
+            digest = self.sources.read(path).sha256
+        except SourceError as exc:
+            raise PipelineError(exc.code, exc.message) from None
         entry = self.entries.get(name)
         if entry is not None and entry.sha256 != digest:
             log.info("pipeline %s changed on disk (sha256 %s): reloading", name, digest[:12])
@@ -550,3 +521,25 @@ class PipelineCache:
             "host_bytes_before": host_before,
             "host_bytes_after": self.host_held(),
         }
+
+
+def run_request(
+    cache: PipelineCache, body: bytes, raw: list[Any], limit: int, where: dict[str, Any] | None = None
+) -> tuple[bytes, list[Any]]:
+    """One execute request for a pipeline, on `cache`: (kind, [reply body, *raw frames]), kind
+    tasks.OK or tasks.ERROR. Every failure is a typed error reply (used by the GPU worker and by
+    the Ray bridge's pipeline hosts). `where` is added to the result (the GPU worker's device)."""
+    request, error = tasks.decode(body, raw)
+    if request is None:
+        return tasks.ERROR, [error]
+    request_id = request.get("id")
+    try:
+        result = cache.run(request["name"], request.get("args", []), request.get("kwargs", {}))
+        result.update(where or {})
+        return tasks.bounded_frames(
+            tasks.OK, protocol.encode_result_frames(request_id, result), request_id, limit
+        )
+    except PipelineError as exc:
+        return tasks.ERROR, [protocol.encode_error(request_id, exc.code, exc.message, exc.details)]
+    except Exception as exc:
+        return tasks.ERROR, [tasks.task_error(request_id, exc)]

@@ -1,0 +1,29 @@
+"""Tasks for the cluster tests: they say where they ran, and can lose their Ray worker once."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from workerd.examples.tasks import echo as imported_echo  # noqa: F401 (a name merely imported)
+
+
+def where(seconds: float = 0.0) -> dict[str, Any]:
+    """Sleep, then say which process ran it and whose child that is (a Ray worker's parent is
+    its node's raylet, so `parent` tells the nodes apart on one machine)."""
+    time.sleep(seconds)
+    return {"pid": os.getpid(), "parent": os.getppid()}
+
+
+def crash_once(marker: str) -> str:
+    """End this process the hard way the first time (as a node loss would), succeed the next."""
+    if not os.path.exists(marker):
+        with open(marker, "w"):
+            pass
+        os._exit(1)
+    return "second attempt"
+
+
+def _private() -> str:
+    return "never runs"
