@@ -9,9 +9,13 @@ from typing import Any
 from workerd.examples.tasks import echo as imported_echo  # noqa: F401 (a name merely imported)
 
 
-def where(seconds: float = 0.0) -> dict[str, Any]:
+def where(seconds: float = 0.0, started: str = "") -> dict[str, Any]:
     """Sleep, then say which process ran it and whose child that is (a Ray worker's parent is
-    its node's raylet, so `parent` tells the nodes apart on one machine)."""
+    its node's raylet, so `parent` tells the nodes apart on one machine). With `started`, a
+    directory: first leave a file there named for the raylet, to say this node runs one now."""
+    if started:
+        with open(os.path.join(started, str(os.getppid())), "w"):
+            pass
     time.sleep(seconds)
     return {"pid": os.getpid(), "parent": os.getppid()}
 

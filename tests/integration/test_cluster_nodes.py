@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -101,15 +100,19 @@ def test_three_loopback_nodes_and_tasks_land_on_several(nodes_daemon: Daemon) ->
 
 @pytest.mark.cluster_slow
 def test_a_node_removed_mid_batch_gives_each_request_one_reply(
-    nodes_daemon: Daemon, ray_cluster: Any
+    nodes_daemon: Daemon, ray_cluster: Any, tmp_path: Path
 ) -> None:
     """Every request ends in exactly one terminal reply, counted at the wire; those whose node
     went are retried (retries=2) and succeed on the nodes left."""
     count = 9
+    started = tmp_path / "started"
+    started.mkdir()
     with Counter(nodes_daemon.socket) as counter:
         for n in range(count):
-            counter.send(request(n, "execute", name="tests.cluster_tasks:where", args=[1.5], retries=2))
-        time.sleep(0.7)  # each node runs one of them now
+            args = [1.5, str(started)]
+            counter.send(request(n, "execute", name="tests.cluster_tasks:where", args=args, retries=2))
+        # Once every node runs one (each node leaves a file), the one removed surely loses a task.
+        wait_until(lambda: len(os.listdir(started)) >= 3, 30)
         victim = ray_cluster.list_all_nodes()[-1]
         ray_cluster.remove_node(victim, allow_graceful=False)
         assert counter.wait_replies(count, timeout_s=90)
