@@ -1,6 +1,6 @@
 """Master-to-worker transport: a ZeroMQ ipc ROUTER/DEALER pair against a socketpair Channel.
 
-Why this exists: the choice of workerd.transport was made on these figures. A parent plays the
+Why this exists: the choice of workerd.core.transport was made on these figures. A parent plays the
 master, a forked child the worker; the child echoes each [b"run", job id, body] as
 [b"done", job id, b"ok", body, extras], as a CPU worker does. Both sides are measured one call
 in flight (the latency of a hop) and with 64 in flight (what batching buys). Bodies differ per
@@ -22,7 +22,7 @@ import zmq
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "daemon"))
 
-from workerd.transport import Channel, channel_pair
+from workerd.core.transport import Channel, channel_pair
 
 EXTRA = b"\x80"
 

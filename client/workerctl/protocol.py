@@ -83,7 +83,7 @@ Buffer = bytes | bytearray | memoryview
 # A request id is echoed back verbatim; bound it so a client cannot make us echo megabytes.
 MAX_ID_LENGTH = 256
 # Bounds the daemon checks, here so that a client can check them before sending: execute's
-# `retries` (workerd.jobs.MAX_RETRIES), scale's `workers` (workerd.pool.MAX_WORKERS), the ids
+# `retries` (workerd.jobs.MAX_RETRIES), scale's `workers` (workerd.pool.backend.MAX_WORKERS), the ids
 # of one cancel.
 MAX_RETRIES = 10
 MAX_WORKERS = 1024

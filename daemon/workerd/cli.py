@@ -7,9 +7,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import __version__, config, control, importcheck
-from .logs import setup_logging
-from .master import Master, load_config
+from workerd import __version__, config, control, importcheck
+from workerd.logs import setup_logging
+from workerd.master import Master, load_config
 
 # Named exit codes (sysexits.h), so systemd can tell a bad config from a crash and need not
 # restart in a loop on what a restart cannot fix (RestartPreventExitStatus= in the unit).

@@ -18,8 +18,7 @@ from typing import Any
 import zmq
 
 from workerctl import paths
-
-from . import limits
+from workerd import limits
 
 SOCKET_MODE = 0o660  # group access is the grant: add users to the socket's group
 DIRECTORY_MODE = 0o750

@@ -17,18 +17,17 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from workerctl import protocol
-
-from . import __version__, memory
-from .admission import MAX_CANCEL_IDS, RequestRejected, check_execute, check_raw_frames
-from .lifecycle import Job
-from .pool import MAX_WORKERS
-from .tasks import TaskLookupError, check_allowed
+from workerd import __version__, memory
+from workerd.admission import MAX_CANCEL_IDS, RequestRejected, check_execute, check_raw_frames
+from workerd.core.lifecycle import Job
+from workerd.pool.backend import MAX_WORKERS
+from workerd.tasks import TaskLookupError, check_allowed
 
 if TYPE_CHECKING:
-    from .cluster.backend import Cluster
-    from .gpus import GpuWorkers
-    from .master import Master
-    from .pool import Pool
+    from workerd.cluster.backend import Cluster
+    from workerd.gpu.backend import GpuWorkers
+    from workerd.master import Master
+    from workerd.pool.backend import Pool
 
 DEFERRED = object()
 

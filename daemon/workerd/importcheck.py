@@ -23,7 +23,7 @@ import subprocess
 import sys
 from typing import Any
 
-from .config import Config, PipelineConfig
+from workerd.config import Config, PipelineConfig
 
 # A child that takes longer is reported as hung; the unit gives a start this long, too.
 TIMEOUT_S = 300.0
@@ -103,7 +103,7 @@ def problem_of(entry: dict[str, Any]) -> str | None:
         if "module" in entry:
             importlib.import_module(entry["module"])
             return None
-        from .pipelines import PipelineError, import_pipeline  # imports torch where installed
+        from workerd.gpu.pipelines import PipelineError, import_pipeline  # imports torch where installed
 
         config = PipelineConfig(**entry["pipeline"])
         try:

@@ -36,8 +36,7 @@ import zmq
 
 from workerctl.frames import SNDMORE
 from workerctl.protocol import frame_size
-
-from .access import PEER_PROPERTY, parse_peer_address
+from workerd.access import PEER_PROPERTY, parse_peer_address
 
 log = logging.getLogger("workerd")
 

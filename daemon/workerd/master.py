@@ -26,23 +26,23 @@ import zmq
 from workerctl import protocol
 from workerctl.frames import RCVMORE, readable
 from workerctl.paths import resolve_socket_path
-
-from . import config as configuration
-from . import control, memory, processes
-from .access import Access
-from .admission import RequestRejected
-from .cluster.backend import Cluster
-from .gpus import GpuWorkers
-from .handlers import DEFERRED, Commands, Incoming
-from .lifecycle import Ledger
-from .limits import ClientLimits
-from .metrics import Metrics
-from .notify import Notifier
-from .pool import Pool
-from .reactor import Reactor
+from workerd import config as configuration
+from workerd import control, memory
+from workerd.access import Access
+from workerd.admission import RequestRejected
+from workerd.cluster.backend import Cluster
+from workerd.core import processes
+from workerd.core.lifecycle import Ledger
+from workerd.core.reactor import Reactor
+from workerd.gpu.backend import GpuWorkers
+from workerd.handlers import DEFERRED, Commands, Incoming
+from workerd.limits import ClientLimits
+from workerd.metrics import Metrics
+from workerd.notify import Notifier
+from workerd.pool.backend import Pool
 
 if TYPE_CHECKING:
-    from .exporter import Exporter
+    from workerd.exporter import Exporter
 
 log = logging.getLogger("workerd")
 
@@ -139,7 +139,7 @@ class Master:
         address = self.config.metrics.address()
         if address is None:
             return
-        from .exporter import Exporter  # prometheus_client is loaded only when asked for
+        from workerd.exporter import Exporter  # prometheus_client is loaded only when asked for
 
         try:
             self.exporter = Exporter(*address)

@@ -14,8 +14,7 @@ import importlib.util
 import os
 
 from workerctl import protocol
-
-from .config import PipelineConfig
+from workerd.config import PipelineConfig
 
 
 class SourceError(Exception):

@@ -19,8 +19,7 @@ from types import FunctionType, GeneratorType, ModuleType
 from typing import Any
 
 from workerctl import protocol
-
-from . import admission
+from workerd import admission
 
 FUNCTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # A module may name its tasks itself; then exactly those run (see task_function).

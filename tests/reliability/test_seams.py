@@ -225,7 +225,7 @@ def zombies_of(parent: int) -> list[int]:
 
 def forked_processes(master: int) -> list[int]:
     """The zygotes (serving and standby) and CPU workers (forked from them) of the daemon
-    whose master is `master`: every process that runs `python -m workerd.zygote FD MASTER`."""
+    whose master is `master`: every process that runs `python -m workerd.pool.zygote FD MASTER`."""
     found = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -233,7 +233,7 @@ def forked_processes(master: int) -> list[int]:
                 argv = handle.read().split(b"\0")
         except OSError:
             continue
-        if b"workerd.zygote" in argv and argv[-2:-1] == [str(master).encode()]:
+        if b"workerd.pool.zygote" in argv and argv[-2:-1] == [str(master).encode()]:
             found.append(int(entry))
     return found
 

@@ -7,10 +7,10 @@ import math
 import time
 
 from workerd import config
-from workerd.lifecycle import Ledger
+from workerd.core.lifecycle import Ledger
+from workerd.core.reactor import Reactor
 from workerd.metrics import Metrics
-from workerd.pool import Pool, plan_workers
-from workerd.reactor import Reactor
+from workerd.pool.backend import Pool, plan_workers
 
 
 @dataclasses.dataclass(eq=False)

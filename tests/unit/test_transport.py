@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workerd.transport import LARGE_FRAME, Channel, ChannelError, channel_pair, header
+from workerd.core.transport import LARGE_FRAME, Channel, ChannelError, channel_pair, header
 
 frames_st = st.lists(
     st.one_of(st.binary(max_size=300), st.integers(LARGE_FRAME - 2, LARGE_FRAME + 3).map(os.urandom)),

@@ -32,15 +32,15 @@ from collections.abc import Callable
 from typing import Any
 
 from workerctl import protocol
-
-from .. import memory, processes
-from ..config import Config, gpu_worker_settings
-from ..lifecycle import WHEN_ASSIGNED, Job, JobQueue, Lane, Ledger, settle
-from ..metrics import Metrics
-from ..pool import FRAME_SLACK
-from ..reactor import Reactor
-from ..transport import Channel, ChannelError, channel_pair
-from . import routing
+from workerd import memory
+from workerd.cluster import routing
+from workerd.config import Config, gpu_worker_settings
+from workerd.core import processes
+from workerd.core.lifecycle import WHEN_ASSIGNED, Job, JobQueue, Lane, Ledger, settle
+from workerd.core.reactor import Reactor
+from workerd.core.transport import Channel, ChannelError, channel_pair
+from workerd.metrics import Metrics
+from workerd.pool.backend import FRAME_SLACK
 
 log = logging.getLogger("workerd.cluster")
 
@@ -183,7 +183,9 @@ class Cluster:
         channel, theirs = channel_pair(self.max_frame() + FRAME_SLACK)
         try:
             pid = processes.spawn(
-                "workerd.bridge", [json.dumps(self.settings()), str(theirs.fileno())], [theirs.fileno()]
+                "workerd.cluster.bridge",
+                [json.dumps(self.settings()), str(theirs.fileno())],
+                [theirs.fileno()],
             )
         except OSError as exc:
             channel.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..config import ClusterConfig
+from workerd.config import ClusterConfig
 
 LOCAL, CLUSTER = "local", "cluster"
 

@@ -34,11 +34,11 @@ from types import ModuleType
 from typing import Any
 
 from workerctl import protocol
-
-from . import tasks, tiers
-from .config import PipelineConfig
-from .gpumemory import Memory, pick_device
-from .sources import SourceError, Sources
+from workerd import tasks
+from workerd.config import PipelineConfig
+from workerd.gpu import tiers
+from workerd.gpu.gpumemory import Memory, pick_device
+from workerd.sources import SourceError, Sources
 
 log = logging.getLogger("workerd.gpu")
 

@@ -21,14 +21,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from workerctl import protocol
-
-from . import memory, processes
-from .config import Config
-from .lifecycle import Job
-from .zygote import ZygoteHandle
+from workerd import memory
+from workerd.config import Config
+from workerd.core import processes
+from workerd.core.lifecycle import Job
+from workerd.pool.zygote import ZygoteHandle
 
 if TYPE_CHECKING:
-    from .pool import Pool
+    from workerd.pool.backend import Pool
 
 log = logging.getLogger("workerd.pool")
 

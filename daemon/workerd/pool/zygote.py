@@ -44,10 +44,11 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
-from . import faults, processes
+from workerd import faults
+from workerd.core import processes
 
 if TYPE_CHECKING:
-    from .config import Config
+    from workerd.config import Config
 
 MAX_PACKET = 1 << 20
 
@@ -117,7 +118,7 @@ class ZygoteHandle:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             pid = processes.spawn(
-                "workerd.zygote", [str(theirs.fileno()), str(os.getpid())], [theirs.fileno()]
+                "workerd.pool.zygote", [str(theirs.fileno()), str(os.getpid())], [theirs.fileno()]
             )
         except OSError:
             ours.close()
@@ -277,7 +278,7 @@ class Zygote:
         try:
             self.leave()
             processes.die_with_parent(zygote)
-            from .worker import WorkerSettings, serve
+            from workerd.pool.worker import WorkerSettings, serve
 
             serve(WorkerSettings(self.settings, self.generation), sock)
         except BaseException:

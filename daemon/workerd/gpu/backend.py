@@ -33,13 +33,12 @@ from collections.abc import Callable
 from typing import Any
 
 from workerctl import protocol
-
-from .config import Config, gpu_worker_settings
-from .gpu import Callback, GpuWorker
-from .lifecycle import Job, JobQueue, Ledger
-from .metrics import Metrics
-from .placement import Slot, WorkerView, known_slots, place, worker_slots
-from .reactor import Reactor
+from workerd.config import Config, gpu_worker_settings
+from workerd.core.lifecycle import Job, JobQueue, Ledger
+from workerd.core.reactor import Reactor
+from workerd.gpu.handle import Callback, GpuWorker
+from workerd.gpu.placement import Slot, WorkerView, known_slots, place, worker_slots
+from workerd.metrics import Metrics
 
 log = logging.getLogger("workerd.gpu")
 

@@ -20,7 +20,7 @@ import signal
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 
-from . import faults
+from workerd import faults
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Collection, Mapping, Sequence
 
-from .config import GpuConfig
+from workerd.config import GpuConfig
 
 
 @dataclasses.dataclass(frozen=True)

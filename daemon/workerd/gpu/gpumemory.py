@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import memory
+from workerd import memory
 
 try:
     import torch

@@ -23,19 +23,19 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from workerctl import protocol
-
-from . import memory, processes
-from .config import gpu_worker_settings
-from .generations import BACKOFF_FIRST_S, BACKOFF_MAX_S
-from .lifecycle import WHEN_TOLD, Job, Lane, settle, shown_state
-from .metrics import CACHE_EVENTS
-from .placement import Slot, WorkerView, slot_name, worker_environment
-from .pool import FRAME_SLACK, STACK_DUMP_GRACE_S, read_text, remove_quietly
-from .transport import Channel, ChannelError, channel_pair
-from .worker import stack_path
+from workerd import memory
+from workerd.config import gpu_worker_settings
+from workerd.core import processes
+from workerd.core.lifecycle import WHEN_TOLD, Job, Lane, settle, shown_state
+from workerd.core.transport import Channel, ChannelError, channel_pair
+from workerd.gpu.placement import Slot, WorkerView, slot_name, worker_environment
+from workerd.metrics import CACHE_EVENTS
+from workerd.pool.backend import FRAME_SLACK, STACK_DUMP_GRACE_S, read_text, remove_quietly
+from workerd.pool.generations import BACKOFF_FIRST_S, BACKOFF_MAX_S
+from workerd.pool.worker import stack_path
 
 if TYPE_CHECKING:
-    from .gpus import GpuWorkers
+    from workerd.gpu.backend import GpuWorkers
 
 log = logging.getLogger("workerd.gpu")
 
@@ -150,7 +150,7 @@ class GpuWorker:
         settings, env = self.settings()
         try:
             pid = processes.spawn(
-                "workerd.gpu_worker",
+                "workerd.gpu.worker",
                 [json.dumps(settings), str(theirs.fileno())],
                 [theirs.fileno()],
                 {**os.environ, **env} if env else None,

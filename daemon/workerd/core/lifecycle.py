@@ -42,8 +42,7 @@ from typing import Any, Protocol
 import zmq
 
 from workerctl import protocol
-
-from .metrics import Metrics, error_outcome
+from workerd.metrics import Metrics, error_outcome
 
 log = logging.getLogger("workerd.jobs")
 

@@ -59,15 +59,14 @@ from collections.abc import Callable
 from typing import Any
 
 from workerctl import protocol
+from workerd.config import PipelineConfig
+from workerd.core.processes import die_with_parent
+from workerd.core.transport import Channel
+from workerd.gpu.placement import WorkerView, place
+from workerd.logs import setup_logging
+from workerd.sources import SourceError, Sources
 
-from .config import PipelineConfig
-from .logs import setup_logging
-from .placement import WorkerView, place
-from .processes import die_with_parent
-from .sources import SourceError, Sources
-from .transport import Channel
-
-log = logging.getLogger("workerd.bridge")
+log = logging.getLogger("workerd.cluster.bridge")
 
 EXIT_DOWN = 3
 # A head that accepts the TCP connection but never answers would keep ray.init waiting for
@@ -171,7 +170,7 @@ class Host:
 
 class Bridge:
     def __init__(self, settings: dict[str, Any], channel: Channel, ray: Any) -> None:
-        from .cluster import remote
+        from workerd.cluster import remote
 
         self.settings = settings
         self.channel = channel
@@ -539,7 +538,7 @@ def connect(settings: dict[str, Any], give_up: Callable[[str], None]) -> tuple[A
         options["_temp_dir"] = settings["temp_dir"]
     else:
         options["address"] = address
-    from .cluster.remote import MAX_MESSAGE_BYTES, TASK_MODULES
+    from workerd.cluster.remote import MAX_MESSAGE_BYTES, TASK_MODULES
 
     # What every Ray worker of this job needs to know (cluster/remote.py reads it once).
     variables = {

@@ -40,9 +40,8 @@ import socket
 from typing import Any
 
 from workerctl import protocol
-
-from . import memory, tasks
-from .transport import Channel, Message
+from workerd import memory, tasks
+from workerd.core.transport import Channel, Message
 
 
 class WorkerSettings:

@@ -48,12 +48,11 @@ from collections.abc import Callable
 from typing import Any
 
 from workerctl import protocol
-
-from .config import PipelineConfig
-from .logs import setup_logging
-from .processes import die_with_parent
-from .transport import Channel
-from .worker import stack_path
+from workerd.config import PipelineConfig
+from workerd.core.processes import die_with_parent
+from workerd.core.transport import Channel
+from workerd.logs import setup_logging
+from workerd.pool.worker import stack_path
 
 log = logging.getLogger("workerd.gpu")
 
@@ -63,7 +62,7 @@ class Runner(threading.Thread):
 
     def __init__(self, settings: dict[str, Any], send: Callable[[list[Any]], None]) -> None:
         super().__init__(name="gpu-runner", daemon=True)
-        from .pipelines import PipelineCache  # imports torch: only ever in this process
+        from workerd.gpu.pipelines import PipelineCache  # imports torch: only ever in this process
 
         configs = {name: PipelineConfig(**fields) for name, fields in settings["pipelines"].items()}
         self.cache = PipelineCache(
@@ -98,7 +97,7 @@ class Runner(threading.Thread):
 
     def run_pipeline(self, job: bytes, body: bytes, raw: list[bytes]) -> list[Any]:
         """One pipeline run: [b"done", job, kind, reply body, extra, *raw frames of the reply]."""
-        from .pipelines import run_request
+        from workerd.gpu.pipelines import run_request
 
         frames = run_request(self.cache, body, raw, self.max_message_bytes, {"device": self.name})
         return self.done(job, *frames)
@@ -132,7 +131,7 @@ class Runner(threading.Thread):
         return self.cache.snapshot() | {"device": self.name}
 
     def ready(self, import_s: float) -> dict[str, Any]:
-        from .gpumemory import device_count
+        from workerd.gpu.gpumemory import device_count
 
         return {
             "pid": os.getpid(),

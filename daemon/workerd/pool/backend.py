@@ -26,16 +26,26 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
 from workerctl import protocol
-
-from . import memory, processes
-from .config import Config
-from .generations import BACKOFF_FIRST_S, BACKOFF_MAX_S, Generations, max_frame
-from .lifecycle import ANSWERED, ASSIGNED, RUNNING, Job, JobQueue, Lane, Ledger, settle, shown_state
-from .metrics import Metrics
-from .reactor import Reactor
-from .transport import Channel, ChannelError
-from .worker import stack_path
-from .zygote import ZygoteHandle
+from workerd import memory
+from workerd.config import Config
+from workerd.core import processes
+from workerd.core.lifecycle import (
+    ANSWERED,
+    ASSIGNED,
+    RUNNING,
+    Job,
+    JobQueue,
+    Lane,
+    Ledger,
+    settle,
+    shown_state,
+)
+from workerd.core.reactor import Reactor
+from workerd.core.transport import Channel, ChannelError
+from workerd.metrics import Metrics
+from workerd.pool.generations import BACKOFF_FIRST_S, BACKOFF_MAX_S, Generations, max_frame
+from workerd.pool.worker import stack_path
+from workerd.pool.zygote import ZygoteHandle
 
 log = logging.getLogger("workerd.pool")
 
