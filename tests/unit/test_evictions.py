@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from workerd.gpu.pipelines import HOST, Entry, plan_evictions, plan_parking
+from workerd.pipelines.cache import HOST, Entry, plan_evictions, plan_parking
 
 MB = 1024 * 1024
 

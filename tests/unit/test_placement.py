@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from workerd.config import GpuConfig
-from workerd.gpu.placement import (
+from workerd.pipelines.placement import (
     Slot,
     WorkerView,
     known_slots,

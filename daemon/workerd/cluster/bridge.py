@@ -62,9 +62,9 @@ from workerctl import protocol
 from workerd.config import PipelineConfig
 from workerd.core.processes import die_with_parent
 from workerd.core.transport import Channel
-from workerd.gpu.placement import WorkerView, place
 from workerd.logs import setup_logging
-from workerd.sources import SourceError, Sources
+from workerd.pipelines.placement import WorkerView, place
+from workerd.pipelines.sources import SourceError, Sources
 
 log = logging.getLogger("workerd.cluster.bridge")
 

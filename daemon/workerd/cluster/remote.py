@@ -126,7 +126,7 @@ def node_memory() -> dict[str, Any]:
 @ray.remote(max_restarts=0, max_task_retries=0, concurrency_groups={"query": 1})
 class PipelineHost:
     def __init__(self, settings: dict[str, Any]) -> None:
-        from workerd.gpu.pipelines import PipelineCache  # torch, where installed: in this actor only
+        from workerd.pipelines.cache import PipelineCache  # torch, where installed: in this actor only
 
         self.cache = PipelineCache(
             {},
@@ -157,7 +157,7 @@ class PipelineHost:
         self, name: str, sha256: str, source: bytes | None, body: bytes, *raw: Any
     ) -> tuple[bytes, list[Any], dict[str, Any]]:
         """(kind, reply frames, placement state) of one pipeline run."""
-        from workerd.gpu.pipelines import run_request
+        from workerd.pipelines.cache import run_request
 
         self.cache.settle()  # the leak watch for the run before, whose reply is long out
         if source is not None:

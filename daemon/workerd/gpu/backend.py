@@ -37,8 +37,8 @@ from workerd.config import Config, gpu_worker_settings
 from workerd.core.lifecycle import Job, JobQueue, Ledger
 from workerd.core.reactor import Reactor
 from workerd.gpu.handle import Callback, GpuWorker
-from workerd.gpu.placement import Slot, WorkerView, known_slots, place, worker_slots
 from workerd.metrics import Metrics
+from workerd.pipelines.placement import Slot, WorkerView, known_slots, place, worker_slots
 
 log = logging.getLogger("workerd.gpu")
 

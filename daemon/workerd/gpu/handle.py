@@ -28,8 +28,8 @@ from workerd.config import gpu_worker_settings
 from workerd.core import processes
 from workerd.core.lifecycle import WHEN_TOLD, Job, Lane, settle, shown_state
 from workerd.core.transport import Channel, ChannelError, channel_pair
-from workerd.gpu.placement import Slot, WorkerView, slot_name, worker_environment
 from workerd.metrics import CACHE_EVENTS
+from workerd.pipelines.placement import Slot, WorkerView, slot_name, worker_environment
 from workerd.pool.backend import FRAME_SLACK, STACK_DUMP_GRACE_S, read_text, remove_quietly
 from workerd.pool.generations import BACKOFF_FIRST_S, BACKOFF_MAX_S
 from workerd.pool.worker import stack_path

@@ -62,7 +62,7 @@ class Runner(threading.Thread):
 
     def __init__(self, settings: dict[str, Any], send: Callable[[list[Any]], None]) -> None:
         super().__init__(name="gpu-runner", daemon=True)
-        from workerd.gpu.pipelines import PipelineCache  # imports torch: only ever in this process
+        from workerd.pipelines.cache import PipelineCache  # imports torch: only ever in this process
 
         configs = {name: PipelineConfig(**fields) for name, fields in settings["pipelines"].items()}
         self.cache = PipelineCache(
@@ -97,7 +97,7 @@ class Runner(threading.Thread):
 
     def run_pipeline(self, job: bytes, body: bytes, raw: list[bytes]) -> list[Any]:
         """One pipeline run: [b"done", job, kind, reply body, extra, *raw frames of the reply]."""
-        from workerd.gpu.pipelines import run_request
+        from workerd.pipelines.cache import run_request
 
         frames = run_request(self.cache, body, raw, self.max_message_bytes, {"device": self.name})
         return self.done(job, *frames)
@@ -131,7 +131,7 @@ class Runner(threading.Thread):
         return self.cache.snapshot() | {"device": self.name}
 
     def ready(self, import_s: float) -> dict[str, Any]:
-        from workerd.gpu.gpumemory import device_count
+        from workerd.pipelines.gpumemory import device_count
 
         return {
             "pid": os.getpid(),

@@ -36,9 +36,9 @@ from typing import Any
 from workerctl import protocol
 from workerd import tasks
 from workerd.config import PipelineConfig
-from workerd.gpu import tiers
-from workerd.gpu.gpumemory import Memory, pick_device
-from workerd.sources import SourceError, Sources
+from workerd.pipelines import tiers
+from workerd.pipelines.gpumemory import Memory, pick_device
+from workerd.pipelines.sources import SourceError, Sources
 
 log = logging.getLogger("workerd.gpu")
 
