@@ -43,6 +43,16 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
         time.sleep(interval)
 
 
+def environment(extra: dict[str, str]) -> dict[str, str]:
+    """Ours with `extra` on top; a PYTHONPATH in `extra` goes before ours, not instead of it,
+    so a test's task modules are found and the daemon is still the code under test (a checkout
+    run with PYTHONPATH pointing at its own daemon/ and client/ would otherwise test another's)."""
+    env = {**os.environ, **extra}
+    if "PYTHONPATH" in extra and os.environ.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.pathsep.join([extra["PYTHONPATH"], os.environ["PYTHONPATH"]])
+    return env
+
+
 def clean_environment() -> dict[str, str]:
     """Our environment without systemd's variables: a test daemon must never talk to a real
     systemd (if the suite itself runs under one) or adopt a socket that is not its own."""
@@ -70,9 +80,7 @@ class Daemon:
             self.config_path.write_text(config_text)
             command += ["--config", str(self.config_path)]
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            command, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **env}
-        )
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=environment(env))
 
     def client(self, timeout: float = 30.0) -> Client:
         return Client(self.socket, timeout=timeout)

@@ -85,6 +85,11 @@ class DaemonConfig:
     max_message_mb: float = 64
     stop_timeout_s: float = 30.0
 
+    @property
+    def max_message_bytes(self) -> int:
+        """The message size limit, in bytes: the one figure every size check starts from."""
+        return int(self.max_message_mb * 1024 * 1024)
+
 
 @dataclasses.dataclass(frozen=True)
 class PoolConfig:

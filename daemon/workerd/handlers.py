@@ -7,27 +7,30 @@ memory_status, clear_memory and reload answer once the work is done).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import zmq
 
 from workerctl import protocol
 from workerd import __version__, memory
 from workerd.admission import MAX_CANCEL_IDS, RequestRejected, check_execute, check_raw_frames
-from workerd.core.lifecycle import Job
-from workerd.pool.backend import MAX_WORKERS
+from workerd.cluster.backend import Cluster
+from workerd.config import Config
+from workerd.core.backend import Backend
+from workerd.core.lifecycle import STOPPING, Job, Ledger
+from workerd.gpu.backend import GpuWorkers
+from workerd.metrics import Metrics
+from workerd.pool.backend import Pool
 from workerd.tasks import TaskLookupError, check_allowed
 
-if TYPE_CHECKING:
-    from workerd.cluster.backend import Cluster
-    from workerd.gpu.backend import GpuWorkers
-    from workerd.master import Master
-    from workerd.pool.backend import Pool
+if TYPE_CHECKING:  # prometheus_client is imported only when the endpoint is configured
+    from workerd.exporter import Exporter
 
 DEFERRED = object()
 
@@ -51,8 +54,29 @@ CLEAR_LEVELS = ("gc", "cache", "full")
 COMMANDS = ("ping", "status", "memory_status", "clear_memory", "execute", "cancel", "scale", "reload")
 
 
+class Daemon(Protocol):
+    """What the handlers read of the master (master.py) and ask it to do."""
+
+    config: Config
+    state: str
+    started: float
+    socket_path: str
+    max_message_bytes: int
+    metrics: Metrics
+    counters: collections.Counter[str]
+    exporter: Exporter | None
+    ledger: Ledger
+    pool: Pool
+    gpu: GpuWorkers
+    cluster: Cluster
+    backends: list[Backend]
+
+    def answer(self, msg: Incoming, result: Any) -> None: ...
+    def reload(self, requester: Incoming | None) -> None: ...
+
+
 class Commands:
-    def __init__(self, master: Master) -> None:
+    def __init__(self, master: Daemon) -> None:
         self.master = master
         self.job_ids = itertools.count(1)
 
@@ -91,8 +115,8 @@ class Commands:
                 "workers": workers,
             },
             "queue": {
-                "depth": pool.waiting(),
-                "prefetched": pool.waiting() - len(pool.queue),
+                "depth": pool.depth(),
+                "prefetched": pool.depth() - len(pool.queue),
                 "max": master.config.daemon.max_queue,
             },
             **master.gpu.status(),  # "gpu" (the first device, as with one) and "gpus" (each)
@@ -139,7 +163,7 @@ class Commands:
         of `status`, queue depths, and each worker's state and memory as memory_status reads them."""
         master = self.master
         queues = {
-            "cpu": master.pool.waiting(),
+            "cpu": master.pool.depth(),
             "gpu": len(master.gpu.queue),
             "cluster": len(master.cluster.queue),
         }
@@ -189,7 +213,7 @@ class Commands:
     def execute(self, msg: Incoming) -> object:
         master = self.master
         if master.state == "stopping":
-            raise RequestRejected(protocol.SHUTTING_DOWN, "workerd is stopping")
+            raise RequestRejected(protocol.SHUTTING_DOWN, STOPPING)
         name, timeout_s, retries = check_execute(msg.request, master.config.pool.task_timeout_s)
         check_raw_frames(msg.raw, master.max_message_bytes)
         is_pipeline = ":" not in name
@@ -206,7 +230,7 @@ class Commands:
                 raise RequestRejected(exc.code, exc.message) from None
             full = master.pool.full(master.config.daemon.max_queue)
         # The cluster hook: routing.destination, in one call (cluster/backend.py).
-        to_cluster = master.cluster.takes(is_pipeline, master.pool.waiting)
+        to_cluster = master.cluster.takes(is_pipeline, master.pool.depth)
         if to_cluster:
             full = master.cluster.full(master.config.daemon.max_queue)
         if full:
@@ -251,10 +275,9 @@ class Commands:
             result[fate].append(request_id)
         return result
 
-    def backend(self, pool: str) -> Pool | GpuWorkers | Cluster:
-        """Where a job of this pool (Job.pool) is."""
-        master = self.master
-        return master.cluster if pool == "cluster" else master.gpu if pool == "gpu" else master.pool
+    def backend(self, kind: str) -> Backend:
+        """Where a job of this kind (Job.pool) is."""
+        return next(backend for backend in self.master.backends if backend.kind == kind)
 
     def check_pipeline(self, name: str) -> None:
         config = self.master.config
@@ -270,12 +293,16 @@ class Commands:
 
     def scale(self, msg: Incoming) -> dict[str, Any]:
         workers = msg.request.get("workers")
-        if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
+        if (
+            isinstance(workers, bool)
+            or not isinstance(workers, int)
+            or not 1 <= workers <= protocol.MAX_WORKERS
+        ):
             raise RequestRejected(
-                protocol.BAD_REQUEST, f"'workers' must be an integer from 1 to {MAX_WORKERS}"
+                protocol.BAD_REQUEST, f"'workers' must be an integer from 1 to {protocol.MAX_WORKERS}"
             )
         if self.master.state == "stopping":
-            raise RequestRejected(protocol.SHUTTING_DOWN, "workerd is stopping")
+            raise RequestRejected(protocol.SHUTTING_DOWN, STOPPING)
         self.master.pool.scale(workers)
         return {"workers": workers}
 

@@ -32,7 +32,8 @@ from workerd.access import Access
 from workerd.admission import RequestRejected
 from workerd.cluster.backend import Cluster
 from workerd.core import processes
-from workerd.core.lifecycle import Ledger
+from workerd.core.backend import Backend
+from workerd.core.lifecycle import STOPPING, Ledger
 from workerd.core.reactor import Reactor
 from workerd.gpu.backend import GpuWorkers
 from workerd.handlers import DEFERRED, Commands, Incoming
@@ -97,7 +98,7 @@ class Master:
         old, new = control.raise_fd_limit()
         log.debug("open descriptor limit: %d (was %d)", new, old)
         self.context: zmq.Context[Any] = zmq.Context()
-        max_bytes = int(self.config.daemon.max_message_mb * 1024 * 1024)
+        max_bytes = self.config.daemon.max_message_bytes
         path = configuration_socket(self.config)
         fd = control.inherited_fd()
         self.adopted = fd is not None
@@ -123,6 +124,9 @@ class Master:
             self.config, self.private_dir, self.ledger, self.reactor, self.metrics, self.pool.submit
         )
         self.cluster.on_connect = self.finish_boot
+        # The same questions of each, each turn (core/backend.py); the pool's first, then the GPU
+        # side's, then the cluster's, which takes the pool's overflow.
+        self.backends: list[Backend] = [self.pool, self.gpu, self.cluster]
         log.info("workerd listening on %s (config: %s)", self.socket_path, self.config.source)
         self.notifier.status(f"importing task code; serving {self.socket_path}")
         try:
@@ -176,23 +180,18 @@ class Master:
 
     def poll_once(self) -> None:
         # Deadlines read once a turn: whatever this turn adds is due later, not now.
-        pool_due, gpu_due = self.pool.next_deadline(), self.gpu.next_deadline()
-        cluster_due = self.cluster.next_deadline()
-        events = self.reactor.poll(self.poll_timeout_ms(min(pool_due, gpu_due, cluster_due)))
+        due = [backend.next_deadline() for backend in self.backends]
+        events = self.reactor.poll(self.poll_timeout_ms(min(due)))
         self.reactor.dispatch(events)
         now = time.monotonic()
-        if now >= pool_due:
-            self.pool.tick()
-        if now >= gpu_due:
-            self.gpu.tick()
-        if now >= cluster_due:
-            self.cluster.tick()
-        self.pool.dispatch()
-        self.gpu.dispatch()
-        if self.pool.queue:
-            self.cluster.take_overflow(self.pool.queue, self.pool.waiting)
-        self.cluster.dispatch()
-        self.pool.flush()
+        for backend, when in zip(self.backends, due, strict=True):
+            if now >= when:
+                backend.tick()
+        for backend in self.backends:
+            backend.dispatch()
+        if self.pool.queue:  # what the local workers could not take may spill to the cluster
+            self.cluster.take_overflow(self.pool.queue, self.pool.depth)
+        self.reactor.flush()
         self.ping_watchdog(now)
         self.trim_when_idle(bool(events), now)
         if self.state == "stopping":
@@ -327,7 +326,7 @@ class Master:
         if requester is not None:
             self.pending_reloads.append(requester)
         if self.state == "stopping":
-            self.finish_reloads(protocol.SHUTTING_DOWN, "workerd is stopping")
+            self.finish_reloads(protocol.SHUTTING_DOWN, STOPPING)
             return
         if self.state in ("starting", "reloading"):
             self.reload_queued = self.state == "starting"  # the first boot finishes first
@@ -437,8 +436,7 @@ class Master:
         """Reap every child that exited: zygotes, GPU workers, the Ray bridge, and (we are a
         subreaper) whatever a dead zygote or bridge left behind."""
         for pid, status in processes.reap():
-            backends = (self.pool, self.gpu, self.cluster)
-            if not any(backend.reaped(pid, status) for backend in backends):
+            if not any(backend.reaped(pid, status) for backend in self.backends):
                 log.debug("reaped process %d (%s)", pid, processes.describe_exit(status))
 
     # -- stop ----------------------------------------------------------------------------------
@@ -447,23 +445,19 @@ class Master:
         log.info("stopping: finishing tasks in flight (grace %g s)", self.config.daemon.stop_timeout_s)
         self.state = "stopping"
         self.notifier.stopping()
-        self.finish_reloads(protocol.SHUTTING_DOWN, "workerd is stopping")
+        self.finish_reloads(protocol.SHUTTING_DOWN, STOPPING)
         self.stop_deadline = time.monotonic() + self.config.daemon.stop_timeout_s
-        self.pool.begin_stop()
-        self.gpu.begin_stop()
-        self.cluster.begin_stop()
+        for backend in self.backends:
+            backend.begin_stop()
 
     def advance_stop(self, now: float) -> None:
         if self.exit_deadline == math.inf:  # still letting tasks in flight finish
-            busy = self.pool.running() or self.gpu.running or self.cluster.running
-            if busy and now < self.stop_deadline:
+            if any(backend.busy for backend in self.backends) and now < self.stop_deadline:
                 return
-            self.pool.abort_running()
-            self.gpu.abort_running()
-            self.cluster.abort_running()
+            for backend in self.backends:
+                backend.abort_running()
             self.exit_deadline = now + EXIT_WAIT_S
-        gone = not self.pool.workers and self.gpu.exited and self.cluster.pid is None
-        if gone or now >= self.exit_deadline:
+        if all(backend.exited for backend in self.backends) or now >= self.exit_deadline:
             self.state = "stopped"
 
     def cleanup(self) -> None:

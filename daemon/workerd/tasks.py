@@ -19,7 +19,7 @@ from types import FunctionType, GeneratorType, ModuleType
 from typing import Any
 
 from workerctl import protocol
-from workerd import admission
+from workerd import admission, messages
 
 FUNCTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # A module may name its tasks itself; then exactly those run (see task_function).
@@ -126,7 +126,7 @@ def error_details(exc: BaseException) -> dict[str, Any]:
     }
 
 
-ITEM, OK, ERROR = b"item", b"ok", b"error"
+ITEM, OK, ERROR = messages.ITEM, messages.OK, messages.ERROR
 
 
 def bounded(kind: bytes, frame: bytes, request_id: Any, limit: int) -> tuple[bytes, bytes]:

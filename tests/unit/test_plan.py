@@ -10,7 +10,8 @@ from workerd import config
 from workerd.core.lifecycle import Ledger
 from workerd.core.reactor import Reactor
 from workerd.metrics import Metrics
-from workerd.pool.backend import Pool, plan_workers
+from workerd.pool.backend import Pool
+from workerd.pool.plan import plan_workers
 
 
 @dataclasses.dataclass(eq=False)
@@ -78,7 +79,7 @@ def test_a_fork_back_off_stays_due_once_it_has_passed() -> None:
     nothing forked again, ever (seen as a pool left empty after two refused forks)."""
     pool = Pool(config.load(None), "/nonexistent", Ledger(lambda *a: None, Metrics()), Reactor(), Metrics())
     assert pool.next_deadline() == math.inf
-    pool.respawn_at = time.monotonic() - 0.001
+    pool.forks.due = time.monotonic() - 0.001
     assert pool.next_deadline() <= time.monotonic()
     pool.tick()  # no zygote yet: nothing forks, but the back-off is over
     assert pool.next_deadline() == math.inf

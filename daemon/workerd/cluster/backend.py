@@ -24,7 +24,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -36,11 +35,12 @@ from workerd import memory
 from workerd.cluster import routing
 from workerd.config import Config, gpu_worker_settings
 from workerd.core import processes
-from workerd.core.lifecycle import WHEN_ASSIGNED, Job, JobQueue, Lane, Ledger, settle
+from workerd.core.backoff import Backoff
+from workerd.core.child import frame_limit
+from workerd.core.lifecycle import STOPPING, WHEN_ASSIGNED, Job, JobQueue, Lane, Ledger, settle
 from workerd.core.reactor import Reactor
 from workerd.core.transport import Channel, ChannelError, channel_pair
 from workerd.metrics import Metrics
-from workerd.pool.backend import FRAME_SLACK
 
 log = logging.getLogger("workerd.cluster")
 
@@ -62,6 +62,8 @@ Callback = Callable[[Any], None]
 
 
 class Cluster:
+    kind = "cluster"
+
     def __init__(
         self,
         config: Config,
@@ -84,8 +86,7 @@ class Cluster:
         self.info: dict[str, Any] = {}  # the bridge's last word: address, nodes, cpus, gpus, hosts
         self.queue = JobQueue()
         self.lane = Lane(MIN_IN_FLIGHT, starts=WHEN_ASSIGNED)
-        self.respawn_at = math.inf
-        self.failures = 0
+        self.respawn = Backoff(RETRY_FIRST_S, RETRY_MAX_S)  # reconnecting
         self.started_at = 0.0
         self.jobs_done = 0
         self.stopping = False
@@ -108,8 +109,12 @@ class Cluster:
         return self.phase == "starting" and self.error is None
 
     @property
-    def running(self) -> bool:
+    def busy(self) -> bool:
         return bool(self.lane.jobs)
+
+    @property
+    def exited(self) -> bool:
+        return self.pid is None
 
     @property
     def state(self) -> str:
@@ -166,21 +171,18 @@ class Cluster:
             "pipelines": gpu.pop("pipelines"),
             "gpu": gpu,
             "num_gpus": cluster.num_gpus,
-            "max_message_bytes": self.max_frame(),
+            "max_message_bytes": self.config.daemon.max_message_bytes,
             # A private head keeps its sockets and logs here: short (AF_UNIX paths are), ours.
             "temp_dir": os.path.join(self.private_dir, "ray"),
         }
-
-    def max_frame(self) -> int:
-        return int(self.config.daemon.max_message_mb * 1024 * 1024)
 
     def start(self) -> None:
         if self.enabled and self.pid is None and not self.stopping:
             self.spawn()
 
     def spawn(self) -> None:
-        self.respawn_at = math.inf
-        channel, theirs = channel_pair(self.max_frame() + FRAME_SLACK)
+        self.respawn.cancel()
+        channel, theirs = channel_pair(frame_limit(self.config.daemon.max_message_bytes))
         try:
             pid = processes.spawn(
                 "workerd.cluster.bridge",
@@ -200,9 +202,7 @@ class Cluster:
         log.info("Ray bridge starting (pid %d) for %s", pid, self.config.cluster.address)
 
     def retry_later(self) -> None:
-        self.failures += 1
-        delay = min(RETRY_FIRST_S * 2 ** (self.failures - 1), RETRY_MAX_S)
-        self.respawn_at = time.monotonic() + delay
+        self.respawn.next(time.monotonic())
 
     def went_down(self, error: str) -> None:
         """The head cannot be reached: say so once, and end what waits for it here (overflow
@@ -217,7 +217,7 @@ class Cluster:
     def resubmit(self, job: Job) -> None:
         """A job that waits for a cluster that is down (or to be retried on it)."""
         if self.stopping:
-            self.ledger.fail(job, protocol.SHUTTING_DOWN, "workerd is stopping")
+            self.ledger.shut_out(job)
         elif self.error is None or self.phase == "ready":
             self.queue.push(job, front=True)
         elif self.config.cluster.mode == "overflow" and ":" in job.name:
@@ -262,7 +262,7 @@ class Cluster:
         if self.error is None and not (self.stopping or replaced):
             where = f"the Ray head at {self.info.get('address', self.config.cluster.address)}"
             self.went_down(f"lost {where} (the Ray bridge {how} while {was})")
-        settle(self.ledger, self.lane, pid, "the Ray bridge", how, lambda: "", retry, self.resubmit)
+        settle(self.ledger, self.lane, pid, "the Ray bridge", how, retry, self.resubmit)
         self.answer_waiting(f"the Ray bridge {how}")
         if self.stopping:
             return True
@@ -370,7 +370,7 @@ class Cluster:
         if self.error is not None:
             log.info("cluster reachable again: %s", info["address"])
         self.error = None
-        self.failures = 0
+        self.respawn.reset()
         self.phase = "ready"
         self.take_state(info)
         log.info(
@@ -427,7 +427,7 @@ class Cluster:
         return "cancelled"
 
     def next_deadline(self) -> float:
-        times = [self.respawn_at, self.lane.next_deadline()]
+        times = [self.respawn.due, self.lane.next_deadline()]
         times.extend(deadline for _, deadline in self.waiting.values())
         return min(times)
 
@@ -444,7 +444,7 @@ class Cluster:
             if now >= deadline:
                 del self.waiting[token]
                 callback({"error": "the Ray bridge did not answer in time", "state": self.state})
-        if now >= self.respawn_at and not self.stopping:
+        if not self.stopping and self.respawn.ready(now):
             self.spawn()
         self.dispatch()
 
@@ -511,9 +511,12 @@ class Cluster:
 
     def begin_stop(self) -> None:
         self.stopping = True
+        # A reconnect left pending would come due and stay due (tick never spawns while
+        # stopping): the loop polled at 0 ms for the whole grace period.
+        self.respawn.cancel()
         for job in self.queue.drain():
-            self.ledger.fail(job, protocol.SHUTTING_DOWN, "workerd is stopping")
-        self.answer_waiting("workerd is stopping")
+            self.ledger.shut_out(job)
+        self.answer_waiting(STOPPING)
         if not self.lane.jobs and self.pid is not None:
             self.stop_process()
 
@@ -533,9 +536,7 @@ class Cluster:
         if not self.lane.jobs:
             return
         for job in list(self.lane.jobs):
-            self.ledger.fail(
-                job, protocol.SHUTTING_DOWN, f"workerd stopped before {job.name} finished (grace period over)"
-            )
+            self.ledger.cut_short(job)
         self.lane.jobs.clear()
         if self.pid is not None:
             processes.signal_quietly(self.pid, signal.SIGKILL)

@@ -21,13 +21,15 @@ by care in every backend:
     before it starts the next one; so of the jobs a lost worker held, only the first one not
     finished may have run, and the others go back to the queue untouched.
 
-The Ray bridge (cluster/backend.py) is the exception to run order: it runs every job it holds
+The Ray bridge (cluster/) is the exception to run order: it runs every job it holds
 at once (a WHEN_ASSIGNED lane), so each job starts when assigned, has its own deadline, and if
 the bridge is lost every job it held may have run.
 
-Backends (pool.py for CPU workers, gpu.py for GPU workers, cluster/ for the Ray bridge) decide
-what a worker is and how it is started and killed; they queue, assign, finish and settle jobs
-only through this module.
+Backends (pool/ for CPU workers, gpu/ for GPU workers, cluster/ for the Ray bridge) decide
+what a worker is and how a job is sent and answered; they queue, assign, finish and settle jobs
+only through this module, and reach their processes through core/child.py.
+
+Runs in: the master.
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ from workerd.metrics import Metrics, error_outcome
 log = logging.getLogger("workerd.jobs")
 
 QUEUED, ASSIGNED, RUNNING, ANSWERED = "queued", "assigned", "running", "answered"
+
+# What a stop answers, in one wording: a job that had not started, and one the grace period cut.
+STOPPING = "workerd is stopping"
+
+
+def cut_short_message(name: str) -> str:
+    return f"workerd stopped before {name} finished (grace period over)"
+
 
 # The prefix of each pool's outcome counters in `status` (execute_ok, pipeline_timeout, ...).
 COUNTER_PREFIX = {"cpu": "execute_", "gpu": "pipeline_", "cluster": "cluster_"}
@@ -141,8 +151,8 @@ class Ledger:
         if not job.expired and not job.cancelled:
             self.finish(job, frame, outcome.decode(), raw)
 
-    def timed_out(self, job: Job, pid: int | None, stack: str, what: str) -> None:
-        self.fail(
+    def timed_out(self, job: Job, pid: int | None, stack: str, what: str) -> bool:
+        return self.fail(
             job,
             protocol.TIMEOUT,
             f"{job.name} ran longer than {job.timeout_s:g} s; {what} was killed",
@@ -169,6 +179,14 @@ class Ledger:
             {"pid": pid, "attempts": job.attempts},
         )
 
+    def shut_out(self, job: Job) -> bool:
+        """A stop reached the job before it started."""
+        return self.fail(job, protocol.SHUTTING_DOWN, STOPPING)
+
+    def cut_short(self, job: Job) -> bool:
+        """The stop's grace period ended while the job ran."""
+        return self.fail(job, protocol.SHUTTING_DOWN, cut_short_message(job.name))
+
     def cancel_reply(self, job: Job, terminated: bool = False) -> None:
         how = "its worker was killed" if terminated else "it had not started"
         self.fail(job, protocol.CANCELLED, f"cancelled by the client ({how})", {"terminated": terminated})
@@ -180,36 +198,32 @@ def settle(
     pid: int,
     what: str,
     how: str,
-    stack: Callable[[], str],
     retry: Callable[[Job], None] | None,
     hand_back: Callable[[Job], None],
-) -> bool:
-    """A worker is gone: answer or requeue every job it held. Returns True if this answered a
-    TIMEOUT (the worker died inside its kill window, before the kill itself).
+) -> None:
+    """A worker is gone: answer or requeue every job it held.
 
     Of its jobs only the first one it had not finished may have run (every one, in a
-    WHEN_ASSIGNED lane): that one is retried or WORKER_LOST (TIMEOUT if it was past its deadline,
-    nothing if it was answered already); the others never started and go back (`hand_back`) as
-    if never dispatched."""
+    WHEN_ASSIGNED lane): that one is retried or WORKER_LOST, unless it is answered already or
+    past its deadline (its kill window, core/kill.py, answers it TIMEOUT); the others never
+    started and go back (`hand_back`) as if never dispatched."""
     may_have_run, never_ran = lane.release()
-    timed_out = False
     for ran in may_have_run:
-        if ran.expired and ran.state is not ANSWERED:
-            ledger.timed_out(ran, pid, stack(), what)
-            timed_out = True
-        else:
+        if not ran.expired:
             ledger.lost(ran, pid, what, how, retry)
     for job in never_ran:
         hand_back(job)
-    return timed_out
 
 
-def shown_state(phase: str, lane: Lane) -> str:
+def shown_state(phase: str, lane: Lane, killing: bool = False) -> str:
     """What `status` shows of a worker process in `phase` holding `lane`: idle and busy are
-    derived from the jobs it holds, never kept in step by hand."""
+    derived from the jobs it holds, never kept in step by hand; `killing` (a kill window open,
+    or SIGKILL sent) shows whatever the phase."""
+    if killing:
+        return "killing"
     if phase == "serving":
         return "busy" if lane.jobs else "idle"
-    return "killing" if phase == "killed" else phase
+    return phase
 
 
 class JobQueue:

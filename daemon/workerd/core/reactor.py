@@ -1,5 +1,7 @@
 """The master's one poller: which fd or ZeroMQ socket is watched, and who handles it.
 
+Runs in: the master.
+
 Every source of events registers a callback here: the control socket, the signal wakeup pipe,
 each zygote's channel, each worker's channel, the metrics endpoint. The loop polls once and calls
 the handlers of what is ready, so adding a kind of worker never touches the loop itself.
@@ -8,12 +10,16 @@ the handlers of what is ready, so adding a kind of worker never touches the loop
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 
-Handler = Callable[[], None]
+Handler = Callable[[], object]
 POLLIN, POLLOUT, POLLERR = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.POLLERR)
+
+
+class Flushable(Protocol):
+    def flush(self) -> bool: ...
 
 
 class Reactor:
@@ -21,6 +27,9 @@ class Reactor:
         self.poller = zmq.Poller()
         self.readers: dict[Any, Handler] = {}
         self.writers: dict[Any, Handler] = {}
+        # Channels with messages queued this turn. Written at the end of the turn, in one
+        # sendmsg each: several jobs for one worker cost one wake-up, not one each.
+        self.unflushed: set[Flushable] = set()
 
     def watch(self, target: Any, on_read: Handler) -> None:
         """Call on_read whenever `target` (an fd or a zmq.Socket) is readable."""
@@ -67,3 +76,12 @@ class Reactor:
                 handler = self.readers.get(target)
                 if handler is not None:
                     handler()
+
+    def flush_later(self, target: Flushable) -> None:
+        self.unflushed.add(target)
+
+    def flush(self) -> None:
+        """Write what this turn queued on each channel (the rest waits for POLLOUT)."""
+        unflushed, self.unflushed = self.unflushed, set()
+        for target in unflushed:
+            target.flush()

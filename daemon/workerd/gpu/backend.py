@@ -26,6 +26,7 @@ a pipeline that spreads itself over what it sees), which no other device's worke
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -34,6 +35,7 @@ from typing import Any
 
 from workerctl import protocol
 from workerd.config import Config, gpu_worker_settings
+from workerd.core.fanout import gather
 from workerd.core.lifecycle import Job, JobQueue, Ledger
 from workerd.core.reactor import Reactor
 from workerd.gpu.handle import Callback, GpuWorker
@@ -46,6 +48,8 @@ Gathered = Callable[[Any, list[dict[str, Any]]], None]  # (the first device's an
 
 
 class GpuWorkers:
+    kind = "gpu"
+
     def __init__(
         self, config: Config, stack_dir: str, ledger: Ledger, reactor: Reactor, metrics: Metrics
     ) -> None:
@@ -59,7 +63,7 @@ class GpuWorkers:
         self.failure: str | None = None  # why no pipeline can run: [gpu] devices does not fit the machine
         # The devices are laid out once: [gpu] devices (and device, with it) change on restart.
         self.layout = (config.gpu.device, config.gpu.devices)
-        self.several = config.gpu.devices is not None
+        self._several = config.gpu.devices is not None
         slots = known_slots(config.gpu)
         if slots is None:
             self.workers = [GpuWorker(self, Slot(0, config.gpu.device), counting=True)]
@@ -75,15 +79,16 @@ class GpuWorkers:
         return any(worker.counting for worker in self.workers)
 
     @property
-    def running(self) -> bool:
-        return any(worker.running for worker in self.workers)
+    def several(self) -> bool:
+        return self._several
+
+    @property
+    def busy(self) -> bool:
+        return any(worker.busy for worker in self.workers)
 
     @property
     def exited(self) -> bool:
         return all(worker.pid is None for worker in self.workers)
-
-    def max_frame(self) -> int:
-        return int(self.config.daemon.max_message_mb * 1024 * 1024)
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -217,7 +222,7 @@ class GpuWorkers:
 
     def hand_back(self, job: Job) -> None:
         if self.stopping:
-            self.ledger.fail(job, protocol.SHUTTING_DOWN, "workerd is stopping")
+            self.ledger.shut_out(job)
         else:
             self.queue.push(job, front=True)
 
@@ -299,26 +304,15 @@ class GpuWorkers:
         """Ask every worker; once all have answered (or are not running: None), call back with
         the first one's answer (the `gpu` key) and one map per device (`gpus`)."""
         workers = self.serving()
-        answers: dict[int, Any] = {}
 
-        def finish() -> None:
+        def done(answers: list[Any]) -> None:
             entries = [
-                {"index": w.index, "state": w.state, **(answers[i] or {})} for i, w in enumerate(workers)
+                {"index": w.index, "state": w.state, **(a or {})}
+                for w, a in zip(workers, answers, strict=True)
             ]
             callback(answers[0] if workers else None, entries)
 
-        def answer(i: int) -> Callback:
-            def put(value: Any) -> None:
-                answers[i] = value
-                if len(answers) == len(workers):
-                    finish()
-
-            return put
-
-        if not workers:
-            finish()
-        for i, worker in enumerate(workers):
-            ask(worker, answer(i))
+        gather([functools.partial(ask, worker) for worker in workers], done)
 
     def describe(self) -> list[dict[str, Any]]:
         """The workers' lines in memory_status's `workers`."""
@@ -329,7 +323,7 @@ class GpuWorkers:
     def begin_stop(self) -> None:
         self.stopping = True
         for job in self.queue.drain():
-            self.ledger.fail(job, protocol.SHUTTING_DOWN, "workerd is stopping")
+            self.ledger.shut_out(job)
         for worker in self.workers:
             worker.begin_stop()
 

@@ -1,41 +1,38 @@
 """One GPU worker, as the master sees it: start it, hand it pipeline runs, watch it, restore it.
 
-There is one per device (gpus.py owns the list, the queue of runs and where each run goes). The
-worker is spawned as a fresh interpreter (gpu_worker.py) and reached over its channel
-(transport.py). It holds one run at a time, through the job lifecycle (lifecycle.py); it says
-when each starts, so a run's timeout never counts the restore or the clear it waited behind. A
-run past its timeout gets the worker's stacks dumped and the worker killed (TIMEOUT); a worker
-that dies (WORKER_LOST, or a retry) is respawned after a back-off. Either way the pipelines it had
-on its device are loaded again in the background, so the next run there is warm. Nothing of this
+Runs in: the master.
+
+There is one per device (gpu/backend.py owns the list, the queue of runs and where each run
+goes). The worker is spawned as a fresh interpreter (gpu/worker.py) and reached through a
+core.child.Child: its channel, its lane of one run, its kill window, its asks. It says when each
+run starts, so a run's timeout never counts the restore or the clear it waited behind. A run past
+its timeout gets the worker's stacks dumped and the worker killed (TIMEOUT); a worker that dies
+(WORKER_LOST, or a retry) is respawned after a back-off. Either way the pipelines it had on its
+device are loaded again in the background, so the next run there is warm. Nothing of this
 touches the other devices' workers: the runs this one held go back to the shared queue.
 """
 
 from __future__ import annotations
 
-import itertools
+import collections
 import json
 import logging
-import math
 import os
 import signal
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from workerctl import protocol
-from workerd import memory
-from workerd.config import gpu_worker_settings
-from workerd.core import processes
-from workerd.core.lifecycle import WHEN_TOLD, Job, Lane, settle, shown_state
-from workerd.core.transport import Channel, ChannelError, channel_pair
+from workerd import memory, messages
+from workerd.config import Config, gpu_worker_settings
+from workerd.core.backoff import RESTART_FIRST_S, RESTART_MAX_S, Backoff
+from workerd.core.child import Child, frame_limit
+from workerd.core.lifecycle import STOPPING, WHEN_TOLD, Job, Lane, Ledger, shown_state
+from workerd.core.processes import describe_exit
+from workerd.core.reactor import Reactor
 from workerd.metrics import CACHE_EVENTS
 from workerd.pipelines.placement import Slot, WorkerView, slot_name, worker_environment
-from workerd.pool.backend import FRAME_SLACK, STACK_DUMP_GRACE_S, read_text, remove_quietly
-from workerd.pool.generations import BACKOFF_FIRST_S, BACKOFF_MAX_S
-from workerd.pool.worker import stack_path
-
-if TYPE_CHECKING:
-    from workerd.gpu.backend import GpuWorkers
 
 log = logging.getLogger("workerd.gpu")
 
@@ -47,23 +44,45 @@ CLEAR_WAIT_S = 120.0
 Callback = Callable[[Any], None]
 
 
+class Owner(Protocol):
+    """What a GPU worker needs of the GPU side (gpu/backend.py), and tells it."""
+
+    config: Config
+    ledger: Ledger
+    reactor: Reactor
+    stack_dir: str
+    counters: collections.Counter[str]
+
+    @property
+    def several(self) -> bool: ...
+    @property
+    def enabled(self) -> bool: ...
+    def dispatch(self) -> None: ...
+    def retry(self, job: Job) -> None: ...
+    def hand_back(self, job: Job) -> None: ...
+    def fail_stranded(self) -> None: ...
+    def ready(self, worker: GpuWorker, info: dict[str, Any]) -> None: ...
+
+
 class GpuWorker:
-    def __init__(self, owner: GpuWorkers, slot: Slot, counting: bool = False) -> None:
+    def __init__(self, owner: Owner, slot: Slot, counting: bool = False) -> None:
         self.owner = owner
         self.slot = slot
-        # Started before the devices are known, to count them (gpus.py): spawned on "auto",
+        # Started before the devices are known, to count them (gpu/backend.py): spawned on "auto",
         # with the machine's whole view of CUDA.
         self.counting = counting
-        self.pid: int | None = None
-        self.channel: Channel | None = None
-        # stopped | starting | serving | killing | killed | stopping (serving: idle/busy, see `state`)
-        self.phase = "stopped"
+        self.child = Child(
+            owner.reactor,
+            owner.ledger,
+            owner.stack_dir,
+            "GPU worker",
+            Lane(1, WHEN_TOLD),
+            self.message,
+            owner.dispatch,
+        )
+        self.phase = "stopped"  # stopped | starting | serving | stopping (serving: idle/busy, see `state`)
         self.device: str | None = None  # as the worker process names it
-        self.lane = Lane(1, starts=WHEN_TOLD)
-        self.kill_at = math.inf
-        self.expired: Job | None = None  # the run it is being killed for: TIMEOUT at the kill
-        self.respawn_at = math.inf
-        self.failures = 0
+        self.respawn = Backoff(RESTART_FIRST_S, RESTART_MAX_S)
         # Died, or could not be started, and not ready since: placement passes it over.
         self.down = False
         self.refused: str | None = None  # why the kernel refused to start it, until it starts
@@ -76,12 +95,18 @@ class GpuWorker:
         self.runs = 0
         self.stopping = False
         self.restart_pending = False
-        self.tokens = (b"%d" % n for n in itertools.count(1))
-        self.waiting: dict[bytes, tuple[Callback, float]] = {}
 
     @property
     def index(self) -> int:
         return self.slot.index
+
+    @property
+    def pid(self) -> int | None:
+        return self.child.pid
+
+    @property
+    def lane(self) -> Lane:
+        return self.child.lane
 
     @property
     def name(self) -> str | None:
@@ -96,29 +121,32 @@ class GpuWorker:
         return self.owner.several and not self.counting and not self.retired
 
     @property
+    def killing(self) -> bool:
+        return self.child.kill is not None or self.child.killed
+
+    @property
     def state(self) -> str:
-        return shown_state(self.phase, self.lane)
+        return shown_state(self.phase, self.lane, self.killing)
 
     @property
-    def running(self) -> bool:
-        return bool(self.lane.jobs)
+    def busy(self) -> bool:
+        return bool(self.lane.jobs) or self.child.kill is not None
 
     @property
-    def alive(self) -> bool:
-        return not self.down and self.phase not in ("killing", "killed")
+    def usable(self) -> bool:
+        """May placement send it runs (it is up, or coming up, and not being killed)?"""
+        return not self.down and not self.killing
 
     def view(self) -> WorkerView:
         """What placement knows of it. The pipeline of the run it holds counts as on its device:
         it is, or will be once loaded, so more runs of it wait here rather than load elsewhere."""
         held = frozenset(self.cached).union(job.key for job in self.lane.jobs)
         return WorkerView(
-            self.index, self.alive, held, frozenset(self.parked), self.free_bytes, len(self.lane)
+            self.index, self.usable, held, frozenset(self.parked), self.free_bytes, len(self.lane)
         )
 
     def can_take(self) -> bool:
-        return (
-            self.phase == "serving" and not self.lane.jobs and not self.restart_pending and not self.retired
-        )
+        return self.state == "idle" and not self.restart_pending and not self.retired
 
     def what(self) -> str:
         """How logs and errors name it."""
@@ -137,7 +165,7 @@ class GpuWorker:
             "master_pid": os.getpid(),
             "log_level": logging.getLogger().getEffectiveLevel(),
             "stack_dir": self.owner.stack_dir,
-            "max_message_bytes": self.owner.max_frame(),
+            "max_message_bytes": self.owner.config.daemon.max_message_bytes,
             "device_name": self.name if self.placed else None,
             **gpu_worker_settings(self.owner.config, device),
         }
@@ -145,33 +173,25 @@ class GpuWorker:
 
     def spawn(self) -> None:
         """Start the worker; if the kernel refuses, answer what only it could run, retry later."""
-        self.respawn_at = math.inf
-        channel, theirs = channel_pair(self.owner.max_frame() + FRAME_SLACK)
+        self.respawn.cancel()
         settings, env = self.settings()
+        self.child.what = self.what()
+        limit = frame_limit(self.owner.config.daemon.max_message_bytes)
         try:
-            pid = processes.spawn(
-                "workerd.gpu.worker",
-                [json.dumps(settings), str(theirs.fileno())],
-                [theirs.fileno()],
-                {**os.environ, **env} if env else None,
+            self.child.spawn(
+                "workerd.gpu.worker", [json.dumps(settings)], limit, {**os.environ, **env} if env else None
             )
         except OSError as exc:
-            channel.close()
             self.spawn_failed(exc)
             return
-        finally:
-            theirs.close()
-        self.pid, self.channel, self.phase, self.refused = pid, channel, "starting", None
-        self.owner.reactor.watch(channel.fileno(), self.handle_channel)
-        log.info("%s starting (pid %d)", self.what(), pid)
+        self.phase, self.refused = "starting", None
+        log.info("%s starting (pid %d)", self.what(), self.pid)
 
     def spawn_failed(self, exc: OSError) -> None:
-        self.failures += 1
         self.down = True
-        delay = min(BACKOFF_FIRST_S * 2 ** (self.failures - 1), BACKOFF_MAX_S)
+        delay = self.respawn.next(time.monotonic())
         log.error("cannot start the %s: %s; retrying in %.1f s", self.what(), exc, delay)
         self.refused = f"cannot start the {self.what()}: {exc}; retrying in {delay:.1f} s"
-        self.respawn_at = time.monotonic() + delay
         self.owner.fail_stranded()
 
     def reconfigure(self, changed: bool) -> None:
@@ -189,13 +209,13 @@ class GpuWorker:
             self.stop_process()
 
     def ensure_started(self) -> None:
-        if self.pid is None and self.respawn_at == math.inf and not self.stopping and not self.retired:
+        if self.pid is None and not self.respawn.pending and not self.stopping and not self.retired:
             self.spawn()
 
     def retire(self) -> None:
         """Stop it for good: its device is not one the daemon serves."""
         self.retired = True
-        self.respawn_at = math.inf
+        self.respawn.cancel()
         if self.pid is not None:
             self.stop_process()
 
@@ -203,123 +223,55 @@ class GpuWorker:
         """A child of the master exited: is it this worker?"""
         if pid != self.pid:
             return False
-        how = processes.describe_exit(status)
-        was = self.phase
-        self.close_channel()
-        self.pid, self.phase = None, "stopped"
-        # A death inside the kill window ends the kill too (settle answers the TIMEOUT): a
-        # kill_at left set is a deadline forever past, and the loop spun on it at full CPU.
-        self.kill_at, self.expired = math.inf, None
+        how = describe_exit(status)
+        was, killed = self.phase, self.killing
+        self.phase = "stopped"
         retry = None if self.stopping else self.owner.retry
-        if settle(
-            self.owner.ledger,
-            self.lane,
-            pid,
-            f"GPU worker {pid}",
-            how,
-            self.stack_file(pid),
-            retry,
-            self.owner.hand_back,
-        ):
+        if self.child.gone(how, retry, self.owner.hand_back):
             self.owner.counters["gpu_timeouts"] += 1
-        remove_quietly(stack_path(self.owner.stack_dir, pid))
         self.parked = []  # host memory went with the process
-        self.answer_waiting(f"{self.what()} {how}")
         if self.stopping or self.retired:
             return True
+        now = time.monotonic()
         if was == "stopping":  # replaced after a config reload: start the new one now
-            self.respawn_at = time.monotonic() if self.owner.enabled else math.inf
+            if self.owner.enabled:
+                self.respawn.now(now)
             return True
-        log.warning("%s %d %s (state %s)", self.what(), pid, how, was)
-        if was not in ("killing", "killed"):  # killed for its timeout: counted as gpu_timeouts
+        log.warning("%s %d %s (state %s)", self.what(), pid, how, "killing" if killed else was)
+        if not killed:  # killed for its timeout or a cancel: counted as that
             self.owner.counters["gpu_worker_deaths"] += 1
         if self.restoring:
             self.cached = []  # it died restoring: do not try the same thing in a loop
         self.restoring = False
         self.down = True
-        self.failures += 1
-        delay = min(BACKOFF_FIRST_S * 2 ** (self.failures - 1), BACKOFF_MAX_S)
-        self.respawn_at = time.monotonic() + (delay if was == "starting" else 0.0)
+        self.respawn.next(now)
+        if was != "starting":  # it had served: come back at once; a start that fails backs off
+            self.respawn.now(now)
         return True
-
-    def stack_file(self, pid: int) -> Callable[[], str]:
-        return lambda: read_text(stack_path(self.owner.stack_dir, pid))
-
-    def close_channel(self) -> None:
-        if self.channel is not None:
-            self.read_channel()  # what it sent before it went
-            self.owner.reactor.unwatch(self.channel.fileno())
-            self.channel.close()
-            self.channel = None
-
-    def answer_waiting(self, why: str) -> None:
-        for token, (callback, _) in list(self.waiting.items()):
-            del self.waiting[token]
-            callback({"error": why})
 
     # -- channel -------------------------------------------------------------------------------
 
-    def send(self, frames: list[Any]) -> None:
-        if self.channel is None:
-            return
-        self.channel.send(frames)
-        self.flush()
-
-    def flush(self) -> None:
-        channel = self.channel
-        if channel is None:
-            return
-        try:
-            done = channel.flush()
-        except OSError:
-            done = True  # gone: reaping it settles everything
-            channel.out.clear()
-        self.owner.reactor.want_write(channel.fileno(), None if done else self.flush)
-
-    def handle_channel(self) -> None:
-        self.read_channel()
-        self.owner.dispatch()
-
-    def read_channel(self) -> None:
-        channel = self.channel
-        if channel is None:
-            return
-        try:
-            messages = channel.receive()
-        except ChannelError as exc:
-            log.error("%s broke its channel (%s): killing it", self.what(), exc)
-            messages = None
-        if messages is None:
-            self.owner.reactor.unwatch(channel.fileno())
-            if not channel.closed and self.pid is not None:
-                processes.signal_quietly(self.pid, signal.SIGKILL)
-            return
-        now = time.monotonic()
-        for frames in messages:
-            self.message(frames, now)
-
     def message(self, frames: list[Any], now: float) -> None:
         kind = frames[0]
-        if kind == b"start":
+        if kind == messages.START:
             self.lane.started(int(frames[1]), now)
-        elif kind == b"done":
+        elif kind == messages.DONE:
             job = self.lane.done(int(frames[1]), now)
             if job is not None:
                 self.run_done(job, frames[2], frames[3], protocol.unpack(frames[4]), frames[5:])
-        elif kind == b"ready":
+        elif kind == messages.READY:
             self.ready(protocol.unpack(frames[1]))
-        elif kind == b"restored":
+        elif kind == messages.RESTORED:
             restored = protocol.unpack(frames[1])
             self.restoring = False
-            self.failures = 0
+            self.respawn.reset()
             self.take_report(restored)
             log.info("%s restored pipelines: %s", self.what(), restored)
-        elif kind in (b"memory", b"cleared"):
-            if kind == b"cleared":
-                self.take_report(protocol.unpack(frames[3]))  # a full clear dropped its pipelines
-            waiting = self.waiting.pop(bytes(frames[1]), None)
-            if waiting:
-                waiting[0](protocol.unpack(frames[2]))
+        elif kind == messages.MEMORY:
+            self.child.answered(frames[1], protocol.unpack(frames[2]))
+        elif kind == messages.CLEARED:
+            self.take_report(protocol.unpack(frames[3]))  # a full clear dropped its pipelines
+            self.child.answered(frames[1], protocol.unpack(frames[2]))
 
     def ready(self, info: dict[str, Any]) -> None:
         self.device = info["device"]
@@ -338,7 +290,7 @@ class GpuWorker:
             return
         if self.cached and not self.retired:
             self.restoring = True
-            self.send([b"restore", protocol.pack(self.cached)])
+            self.child.send([messages.RESTORE, protocol.pack(self.cached)])
 
     def take_report(self, report: dict[str, Any]) -> None:
         """Its cache's tiers, from a `done` or `restored`: what placement and a restore read."""
@@ -350,7 +302,7 @@ class GpuWorker:
         self.runs += 1
         self.take_report(extra)
         if not self.restoring:
-            self.failures = 0
+            self.respawn.reset()
         for name, key in CACHE_EVENTS.items():  # this run's cache hits, misses and evictions
             self.owner.counters[key] += int(extra.get(name, 0))
         self.owner.ledger.result(job, outcome, frame, raw)
@@ -362,77 +314,47 @@ class GpuWorker:
 
     def run(self, job: Job) -> None:
         self.lane.add(job, time.monotonic())
-        self.send([b"run", b"%d" % job.id, job.body, *job.raw])
+        self.child.send([messages.RUN, b"%d" % job.id, job.body, *job.raw])
 
     def cancel(self, job: Job, terminate: bool) -> str:
         """`cancel` for the run it holds: "running" (it may have begun it) unless terminated
-        with the worker."""
-        if not terminate or self.pid is None or self.phase in ("killing", "killed"):
+        with the worker; "unknown" past its deadline (its kill window answers TIMEOUT)."""
+        if job.expired:
+            return "unknown"
+        if not terminate or self.pid is None:
             return "running"
         job.cancelled = True
         self.owner.ledger.cancel_reply(job, terminated=True)
-        processes.signal_quietly(self.pid, signal.SIGKILL)
-        self.phase = "killed"
+        self.child.kill_now()
         return "cancelled"
 
     def next_deadline(self) -> float:
-        times = [self.respawn_at, self.kill_at, self.lane.next_deadline()]
-        times.extend(deadline for _, deadline in self.waiting.values())
-        return min(times)
+        return min(self.respawn.due, self.child.next_deadline())
 
     def tick(self, now: float) -> None:
-        if self.phase == "killing" and now >= self.kill_at:
-            self.finish_kill()
-        elif self.phase not in ("killing", "killed") and self.lane.next_deadline() <= now:
-            self.start_kill(now)
-        for token, (callback, deadline) in list(self.waiting.items()):
-            if now >= deadline:
-                del self.waiting[token]
-                callback({"error": f"the {self.what()} did not answer in time", "state": self.state})
-        if now >= self.respawn_at and not self.stopping:
-            self.spawn()
-
-    def start_kill(self, now: float) -> None:
-        """A run went past its timeout: its answer is TIMEOUT from now on; ask for the stacks."""
-        self.read_channel()  # a result on its way settles it
-        job = self.lane.running
-        if job is None or job.deadline > now or self.pid is None:
-            return
-        job.expired = True
-        self.expired = job
-        self.phase = "killing"
-        self.kill_at = now + STACK_DUMP_GRACE_S
-        processes.signal_quietly(self.pid, signal.SIGUSR1)
-
-    def finish_kill(self) -> None:
-        """Answer TIMEOUT with the stacks the worker dumped, and kill it; reaping it respawns it."""
-        self.kill_at = math.inf
-        self.phase = "killed"
-        if self.pid is None:
-            return
-        stack = read_text(stack_path(self.owner.stack_dir, self.pid))
-        processes.signal_quietly(self.pid, signal.SIGKILL)
-        job, self.expired = self.expired, None
-        if job is not None:
+        if self.child.tick(now):
             self.owner.counters["gpu_timeouts"] += 1
-            self.owner.ledger.timed_out(job, self.pid, stack, f"GPU worker {self.pid}")
+        job = self.child.overdue(now)
+        if job is not None:
+            self.child.open_kill(job, now)
+        if not self.stopping and self.respawn.ready(now):
+            self.spawn()
 
     # -- requests to the worker ------------------------------------------------------------------
 
     def ask(self, op: bytes, args: list[bytes], callback: Callback, wait: float) -> None:
-        """Send a memory or clear request; callback gets the answer, or an error dict."""
-        if self.phase != "serving" or self.restart_pending or self.channel is None:
+        """Send a memory or clear request; callback gets the answer, an error map, or None
+        when the worker is not serving."""
+        if self.phase != "serving" or self.restart_pending or self.child.channel is None:
             callback(None)
             return
-        token = next(self.tokens)
-        self.waiting[token] = (callback, time.monotonic() + wait)
-        self.send([op, token, *args])
+        self.child.ask(op, args, callback, wait)
 
     def memory(self, callback: Callback) -> None:
-        self.ask(b"memory", [], callback, ANSWER_WAIT_S)
+        self.ask(messages.MEMORY, [], callback, ANSWER_WAIT_S)
 
     def clear(self, level: str, callback: Callback) -> None:
-        self.ask(b"clear", [level.encode()], callback, CLEAR_WAIT_S)
+        self.ask(messages.CLEAR, [level.encode()], callback, CLEAR_WAIT_S)
 
     def describe(self) -> list[dict[str, Any]]:
         """Its line in memory_status's `workers`."""
@@ -445,25 +367,19 @@ class GpuWorker:
 
     def begin_stop(self) -> None:
         self.stopping = True
-        # No respawn from now on: a back-off left pending would come due and stay due (tick
-        # never spawns while stopping), and the loop spun on it for the rest of the stop.
-        self.respawn_at = math.inf
-        self.answer_waiting("workerd is stopping")
+        self.respawn.cancel()
+        self.child.drop_asks(STOPPING)
         if self.state in ("idle", "starting") and self.pid is not None:
             self.stop_process()
 
     def stop_process(self) -> None:
         if self.state == "idle":
-            self.send([b"stop"])
-        elif self.pid is not None:
-            processes.signal_quietly(self.pid, signal.SIGTERM)
+            self.child.send([messages.STOP])
+        else:
+            self.child.signal(signal.SIGTERM)
         self.phase = "stopping"
 
     def abort_running(self) -> None:
-        for job in list(self.lane.jobs):
-            self.owner.ledger.fail(
-                job, protocol.SHUTTING_DOWN, f"workerd stopped before {job.name} finished (grace period over)"
-            )
         if self.pid is not None:
-            processes.signal_quietly(self.pid, signal.SIGKILL)
+            self.child.abort()
             self.phase = "stopping"

@@ -34,7 +34,6 @@ seeing only that GPU, loads on "cuda"); results, memory and clear answers say th
 
 from __future__ import annotations
 
-import faulthandler
 import json
 import logging
 import os
@@ -50,9 +49,9 @@ from typing import Any
 from workerctl import protocol
 from workerd.config import PipelineConfig
 from workerd.core.processes import die_with_parent
+from workerd.core.stacks import open_dump
 from workerd.core.transport import Channel
 from workerd.logs import setup_logging
-from workerd.pool.worker import stack_path
 
 log = logging.getLogger("workerd.gpu")
 
@@ -143,9 +142,7 @@ class Runner(threading.Thread):
 
 
 def serve(settings: dict[str, Any], sock: socket.socket) -> None:
-    pid = os.getpid()
-    dump = open(stack_path(settings["stack_dir"], pid), "w")  # noqa: SIM115 (kept open for life)
-    faulthandler.register(signal.SIGUSR1, file=dump, all_threads=True)
+    dump = open_dump(settings["stack_dir"])  # SIGUSR1: our stacks, for a timeout's TIMEOUT reply
     channel = Channel(sock, max_frame=settings["max_message_bytes"], blocking=True)
     lock = threading.Lock()
 

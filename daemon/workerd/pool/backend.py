@@ -1,10 +1,11 @@
-"""The CPU pool, as the master sees it: zygotes, workers, the queue, and how jobs reach them.
+"""The CPU pool, as the master sees it: workers, the queue, and how jobs reach them.
 
-Everything here runs on the master's one thread and never blocks. Each worker is reached over
-its own channel (transport.py), watched by the master's reactor; jobs go through lifecycle.py,
-which owns their states, deadlines and single terminal reply.
+Runs in: the master. Everything here runs on its one thread and never blocks. The zygotes that
+fork the workers are generations.py's; each worker is a core.child.Child (its channel, lane, kill
+window and asks) plus what is its own here: its generation, its phase, its recycling. Jobs go
+through core/lifecycle.py, which owns their states, deadlines and single terminal reply.
 
-What `status` shows of a worker, derived from its phase and the jobs it holds:
+What `status` shows of a worker, derived from its phase, its kill window and the jobs it holds:
 
     starting --ready--> idle <--jobs--> busy --deadline--> killing --(stack, SIGKILL)--> gone
                           \\               \\
@@ -18,39 +19,29 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterable
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 from workerctl import protocol
-from workerd import memory
+from workerd import memory, messages
 from workerd.config import Config
-from workerd.core import processes
-from workerd.core.lifecycle import (
-    ANSWERED,
-    ASSIGNED,
-    RUNNING,
-    Job,
-    JobQueue,
-    Lane,
-    Ledger,
-    settle,
-    shown_state,
-)
+from workerd.core.backoff import RESTART_FIRST_S, RESTART_MAX_S, Backoff
+from workerd.core.child import Child, frame_limit
+from workerd.core.fanout import gather
+from workerd.core.lifecycle import ANSWERED, ASSIGNED, RUNNING, Job, JobQueue, Lane, Ledger, shown_state
+from workerd.core.processes import describe_exit
 from workerd.core.reactor import Reactor
-from workerd.core.transport import Channel, ChannelError
+from workerd.core.transport import Channel
 from workerd.metrics import Metrics
-from workerd.pool.generations import BACKOFF_FIRST_S, BACKOFF_MAX_S, Generations, max_frame
-from workerd.pool.worker import stack_path
+from workerd.pool.generations import Generations
+from workerd.pool.plan import plan_workers
 from workerd.pool.zygote import ZygoteHandle
 
 log = logging.getLogger("workerd.pool")
 
-# How long a timed-out worker gets to write its stack dump before SIGKILL.
-STACK_DUMP_GRACE_S = 0.2
 # A clear_memory fan-out waits this long for busy workers before answering without them.
 FANOUT_WAIT_S = 10.0
 MAX_WORKERS = protocol.MAX_WORKERS
@@ -58,102 +49,62 @@ MAX_WORKERS = protocol.MAX_WORKERS
 # ahead go to an idle worker. Prefetch pays for short tasks, where the master's round trip
 # between two of them is a good part of their time; well before 50 ms it is not any more.
 STEAL_AFTER_S = 0.05
-# Worker frames carry a reply of at most max_message_bytes, plus a few small frames around it.
-FRAME_SLACK = 64 * 1024
-
-
-class Planned(Protocol):
-    """What plan_workers needs to know of a worker."""
-
-    @property
-    def generation(self) -> int: ...
-    @property
-    def state(self) -> str: ...
-    @property
-    def live(self) -> bool: ...
-
-
-W = TypeVar("W", bound=Planned)
-
-
-def plan_workers(workers: Iterable[W], target: int, generation: int, pending: int) -> tuple[int, list[W]]:
-    """How many workers to fork now and which to retire, given the pool as it stands.
-
-    Outside a reload, fork what is missing and retire the excess (idle ones first). During a
-    reload (live workers of an older generation exist), replace them one by one: keep one new
-    worker starting at a time and retire one old worker for each new one that is ready, so
-    capacity stays at the target and memory holds at most one extra worker, never double.
-    """
-    live = [w for w in workers if w.live]
-    current = [w for w in live if w.generation == generation]
-    old = [w for w in live if w.generation != generation]
-    starting = pending + sum(1 for w in current if w.state == "starting")
-    if old:
-        ready = len(current) + pending - starting
-        retire = pick_retirees(old, len(old) + ready - target)
-        forks = 1 if starting == 0 and len(current) + pending < target else 0
-        return forks, retire
-    missing = target - len(current) - pending
-    return max(missing, 0), pick_retirees(current, -missing)
-
-
-def pick_retirees(workers: list[W], count: int) -> list[W]:
-    if count <= 0:
-        return []
-    order = {"starting": 0, "idle": 1, "busy": 2}
-    return sorted(workers, key=lambda w: order.get(w.state, 3))[:count]
 
 
 @dataclasses.dataclass(eq=False)
 class Worker:
     pid: int
     generation: int
-    channel: Channel
-    lane: Lane
-    phase: str = "starting"  # starting | serving | stopping | killing | killed | gone
+    child: Child
+    phase: str = "starting"  # starting | serving | stopping | gone
     tasks_done: int = 0
-    kill_at: float = math.inf
-    expired: Job | None = None  # the job it is being killed for: answered TIMEOUT at the kill
-    started_at: float = dataclasses.field(default_factory=time.monotonic)
+
+    @property
+    def lane(self) -> Lane:
+        return self.child.lane
+
+    @property
+    def killing(self) -> bool:
+        return self.child.kill is not None or self.child.killed
 
     @property
     def state(self) -> str:
-        return shown_state(self.phase, self.lane)
+        return shown_state(self.phase, self.lane, self.killing)
 
     @property
     def live(self) -> bool:
         """Counts toward the pool's size: neither on its way out nor told to leave."""
-        return self.phase in ("starting", "serving")
+        return self.phase in ("starting", "serving") and not self.killing
 
-
-@dataclasses.dataclass
-class Fanout:
-    """A clear_memory(gc) waiting for each worker's answer."""
-
-    done: Callable[[dict[str, Any]], None]
-    waiting: set[int]
-    deadline: float
-    results: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    @property
+    def serving(self) -> bool:
+        """Takes jobs."""
+        return self.phase == "serving" and not self.killing
 
 
 class Pool:
+    kind = "cpu"
+
     def __init__(
         self, config: Config, stack_dir: str, ledger: Ledger, reactor: Reactor, metrics: Metrics
     ) -> None:
-        self.config = config
         self.stack_dir = stack_dir
         self.ledger = ledger
         self.reactor = reactor
         self.counters = metrics.events
         self.target = config.pool.worker_count()
-        self.generations = Generations(self)
+        self.generations = Generations(self, config, stack_dir, reactor, metrics.events)
         self.workers: dict[int, Worker] = {}
         self.queue = JobQueue()
-        self.fanouts: list[Fanout] = []
-        self.unflushed: set[Worker] = set()
         self.stopping = False
-        self.respawn_at = 0.0  # after a failed fork or start, no fork before this; 0: none pending
-        self.early_deaths = 0
+        self.forks = Backoff(RESTART_FIRST_S, RESTART_MAX_S)  # after a fork or a start failed
+
+    @property
+    def config(self) -> Config:
+        """The serving generation's config (a reload's takes effect once its code imported)."""
+        return self.generations.config
+
+    # -- what the zygotes say (generations.Owner) ----------------------------------------------
 
     def reaped(self, pid: int, status: int) -> bool:
         """A child of the master exited (SIGCHLD): a zygote, or a worker a dead zygote left."""
@@ -164,41 +115,71 @@ class Pool:
             return True
         return False
 
-    # -- workers -------------------------------------------------------------------------------
+    def worker_forked(self, zygote: ZygoteHandle, pid: int, fd: int) -> None:
+        channel = Channel(socket.socket(fileno=fd), frame_limit(self.config.daemon.max_message_bytes), False)
+        worker: Worker
 
-    def add_worker(self, zygote: ZygoteHandle, pid: int, fd: int) -> None:
-        channel = Channel(socket.socket(fileno=fd), max_frame(self.config) + FRAME_SLACK, blocking=False)
+        def on_message(frames: list[Any], now: float) -> None:
+            self.worker_message(worker, frames, now)
+
         lane = Lane(1 + self.config.pool.prefetch)
-        worker = Worker(pid, zygote.generation, channel, lane)
+        child = Child(
+            self.reactor, self.ledger, self.stack_dir, f"worker {pid}", lane, on_message, self.dispatch
+        )
+        worker = Worker(pid, zygote.generation, child)
         self.workers[pid] = worker
-        self.reactor.watch(channel.fileno(), lambda: self.handle_worker(worker))
+        child.attach(pid, channel)
 
     def fork_failed(self, error: str) -> None:
         log.error("%s", error)
         self.counters["fork_failures"] += 1
-        self.early_deaths += 1
-        self.respawn_at = time.monotonic() + min(
-            BACKOFF_FIRST_S * 2 ** (self.early_deaths - 1), BACKOFF_MAX_S
-        )
+        self.forks.next(time.monotonic())
         if not any(w.live for w in self.workers.values()):
             self.fail_queue(protocol.INTERNAL, f"CPU pool has no worker: {error}; retrying")
+
+    def generation_serves(self, generation: int, modules: frozenset[str]) -> None:
+        """A new generation's code is ready: its config is the pool's. Queued jobs for a module
+        it no longer lists end now: no worker will ever take them, and they must not wait
+        forever (or block the queue)."""
+        self.target = self.config.pool.worker_count()
+        for key in self.queue.waiting_keys():
+            if key not in modules:
+                for job in self.queue.pop_key(key):
+                    self.refuse_removed(job, generation)
+
+    def zygote_lost(self, generation: int, how: str) -> None:
+        """A zygote died: its workers die with it, and their jobs are settled."""
+        for worker in [w for w in self.workers.values() if w.generation == generation]:
+            worker.child.kill_now()
+            self.remove_worker(worker, f"its zygote {how}")
+
+    def has_workers(self, generation: int) -> bool:
+        return any(w.generation == generation for w in self.workers.values())
+
+    def has_live_workers(self) -> bool:
+        return any(w.live for w in self.workers.values())
+
+    def changed(self) -> None:
+        self.manage_workers()
+        self.dispatch()
+
+    # -- workers -------------------------------------------------------------------------------
 
     def manage_workers(self) -> None:
         if self.stopping:
             return
         self.generations.retire_old()
         zygote = self.generations.serving()
-        if zygote is None or not zygote.ready:
+        if zygote is None:
             return
         forks, retire = plan_workers(
             self.workers.values(), self.target, zygote.generation, zygote.pending_forks
         )
         for worker in retire:
-            self.counters[
-                "recycled_reload" if worker.generation != zygote.generation else "recycled_scale"
-            ] += 1
+            reason = "recycled_reload" if worker.generation != zygote.generation else "recycled_scale"
+            self.counters[reason] += 1
             self.stop_worker(worker)
-        if forks and time.monotonic() >= self.respawn_at:
+        if forks and not self.forks.pending:
             zygote.fork(forks)
 
     def stop_worker(self, worker: Worker) -> None:
@@ -206,148 +187,98 @@ class Pool:
         if not worker.live:
             return
         if worker.phase == "starting":
-            processes.signal_quietly(worker.pid, signal.SIGTERM)  # not listening yet
+            worker.child.signal(signal.SIGTERM)  # not listening yet
         else:
             self.withdraw(worker, worker.lane.prefetched())
-            self.send(worker, [b"stop"])
+            worker.child.send([messages.STOP])
         worker.phase = "stopping"
-
-    def send(self, worker: Worker, frames: list[Any]) -> None:
-        worker.channel.send(frames)
-        self.unflushed.add(worker)
-
-    def flush(self) -> None:
-        """Write what this turn queued for each worker, in one sendmsg each."""
-        for worker in self.unflushed:
-            self.flush_worker(worker)
-        self.unflushed.clear()
-
-    def flush_worker(self, worker: Worker) -> bool:
-        try:
-            done = worker.channel.flush()
-        except OSError:
-            done = True  # it is gone; its exit settles its jobs
-            worker.channel.out.clear()
-        self.reactor.want_write(worker.channel.fileno(), None if done else lambda: self.flush_quietly(worker))
-        return done
-
-    def flush_quietly(self, worker: Worker) -> None:
-        self.flush_worker(worker)
-
-    def handle_worker(self, worker: Worker) -> None:
-        self.read_worker(worker)
-        self.dispatch()
-
-    def read_worker(self, worker: Worker) -> None:
-        """Act on everything the worker has sent."""
-        try:
-            messages = worker.channel.receive()
-        except ChannelError as exc:
-            log.error("worker %d broke its channel (%s): killing it", worker.pid, exc)
-            messages = None
-        if messages is None:
-            # It closed its end: it is exiting, and its exit (reported by the zygote) settles
-            # its jobs. A channel it broke means it is alive and not to be trusted: kill it.
-            self.reactor.unwatch(worker.channel.fileno())
-            if not worker.channel.closed:
-                processes.signal_quietly(worker.pid, signal.SIGKILL)
-            return
-        now = time.monotonic()
-        for frames in messages:
-            self.worker_message(worker, frames, now)
 
     def worker_message(self, worker: Worker, frames: list[Any], now: float) -> None:
         kind = frames[0]
-        if kind == b"done":
+        if kind == messages.DONE:
             job = worker.lane.done(int(frames[1]), now)
             if job is not None:
                 worker.tasks_done += 1
                 self.ledger.result(job, frames[2], frames[3], frames[4:])
-        elif kind == b"item":
+        elif kind == messages.ITEM:
             job = worker.lane.head
             if job is not None and job.id == int(frames[1]):
                 self.ledger.item(job, frames[2], frames[3:])
-        elif kind == b"dropped":
+        elif kind == messages.DROPPED:
             for job_id in protocol.unpack(frames[1]):
                 job = worker.lane.find(job_id)
                 if job is not None and job.state is not ANSWERED:
                     worker.lane.remove(job, now)
                     self.hand_back(job)
-        elif kind == b"ready":
-            self.early_deaths = 0
+        elif kind == messages.READY:
+            self.forks.reset()
             if worker.phase == "starting":
                 worker.phase = "serving"
                 self.manage_workers()  # a new-generation worker lets an old one retire
-        elif kind == b"gc":
-            self.fanout_answer(protocol.unpack(frames[1]))
-        elif kind == b"recycling":
-            reason = bytes(frames[1]).decode()
-            if reason == "max_memory":
-                log.info("worker %d is over max_worker_memory_mb: recycled", worker.pid)
-            self.counters[f"recycled_{reason}"] += 1
-            worker.phase = "stopping"
-            # Its last word: it started nothing after its last result, not even a job that
-            # reached it after it decided (those it did not read, so could not drop).
-            for job in list(worker.lane.jobs):
-                worker.lane.remove(job, now)
-                self.hand_back(job)
-            self.manage_workers()
+        elif kind == messages.GC:
+            worker.child.answered(frames[1], protocol.unpack(frames[2]))
+        elif kind == messages.RECYCLING:
+            self.recycling(worker, bytes(frames[1]).decode(), now)
+
+    def recycling(self, worker: Worker, reason: str, now: float) -> None:
+        """Its last word: it started nothing after its last result, not even a job that reached
+        it after it decided (those it did not read, so could not drop). A kill window it is in
+        stays open: its job is answered TIMEOUT all the same."""
+        if reason == messages.MAX_MEMORY.decode():
+            log.info("worker %d is over max_worker_memory_mb: recycled", worker.pid)
+        self.counters[f"recycled_{reason}"] += 1
+        worker.phase = "stopping"
+        for job in list(worker.lane.jobs):
+            worker.lane.remove(job, now)
+            self.hand_back(job)
+        self.manage_workers()
 
     def worker_exited(self, pid: int, status: int) -> None:
         worker = self.workers.get(pid)
         if worker is None:
             return
-        # Its last messages first: the zygote's word of its exit can overtake what the worker
-        # itself said before it left (that it was recycling, a result).
-        if worker.channel.sock.fileno() >= 0:
-            self.read_worker(worker)
-        how = processes.describe_exit(status)
-        if worker.phase != "stopping" or worker.lane.jobs:
+        worker.child.read()  # its last messages first: the zygote's word can overtake them
+        how = describe_exit(status)
+        if worker.phase != "stopping" or worker.lane.jobs or worker.child.kill is not None:
             log.warning("worker %d %s (state %s)", pid, how, worker.state)
-            if worker.phase not in ("killing", "killed"):  # not our kill for a timeout
+            if not worker.killing:  # not our kill
                 self.counters["worker_deaths"] += 1
         if worker.phase == "starting":
-            self.early_deaths += 1
-            delay = min(BACKOFF_FIRST_S * 2 ** (self.early_deaths - 1), BACKOFF_MAX_S)
-            self.respawn_at = time.monotonic() + delay
+            self.forks.next(time.monotonic())
         self.remove_worker(worker, how)
         self.manage_workers()
 
     def remove_worker(self, worker: Worker, how: str) -> None:
-        """The worker is gone: read what it sent before it went, then settle its jobs."""
+        """The worker is gone: settle its jobs (core.child.Child.gone)."""
         worker.phase = "gone"
-        if worker.channel.sock.fileno() >= 0:
-            self.read_worker(worker)
-            self.reactor.unwatch(worker.channel.fileno())
-            self.reactor.want_write(worker.channel.fileno(), None)
-            worker.channel.close()
-        self.unflushed.discard(worker)
         self.workers.pop(worker.pid, None)
-        for fanout in self.fanouts:
-            fanout.waiting.discard(worker.pid)
-        stack = lambda: read_text(stack_path(self.stack_dir, worker.pid))  # noqa: E731
         retry = None if self.stopping else self.requeue
-        if settle(
-            self.ledger, worker.lane, worker.pid, f"worker {worker.pid}", how, stack, retry, self.hand_back
-        ):
+        if worker.child.gone(how, retry, self.hand_back):
             self.counters["timeouts"] += 1
-        remove_quietly(stack_path(self.stack_dir, worker.pid))
 
     def requeue(self, job: Job) -> None:
         """A job handed back or retried: queued again, ahead of later ones, unless a reload
         removed its module since (then no worker would ever take it: it would wait for good).
         The serving generation's config says, even while its zygote restarts."""
         if job.key not in self.config.tasks.modules:
-            self.generations.refuse_removed(job, self.generations.generation)
+            self.refuse_removed(job, self.generations.generation)
         else:
             self.queue.push(job, front=True)
+
+    def refuse_removed(self, job: Job, generation: int) -> None:
+        self.ledger.fail(
+            job,
+            protocol.DENIED,
+            f"module {job.key!r} is no longer listed in [tasks] modules "
+            f"(removed by the reload to generation {generation})",
+        )
 
     def hand_back(self, job: Job) -> None:
         """A job a worker held and never started."""
         if job.cancel_requested or job.cancelled:
             self.ledger.cancel_reply(job)
         elif self.stopping:
-            self.ledger.fail(job, protocol.SHUTTING_DOWN, "workerd is stopping")
+            self.ledger.shut_out(job)
         else:
             self.requeue(job)
 
@@ -362,12 +293,12 @@ class Pool:
         "done" was on the way), the next one may have started; that one stays, and its
         "dropped" or its result says which it was. The ones surely dropped are handed back."""
         if not jobs:
-            self.read_worker(worker)  # a result on its way may settle what the caller decides
+            worker.child.read()  # a result on its way may settle what the caller decides
             return []
-        self.send(worker, [b"drop", protocol.pack([job.id for job in jobs])])
-        if not self.flush_worker(worker):
+        worker.child.send([messages.DROP, protocol.pack([job.id for job in jobs])])
+        if not worker.child.flush():
             return []  # not all written yet: the worker's "dropped" settles them
-        self.read_worker(worker)
+        worker.child.read()
         surely = [job for job in jobs if job.state is ASSIGNED and job in worker.lane.jobs]
         for job in surely:
             worker.lane.remove(job, time.monotonic())
@@ -381,34 +312,36 @@ class Pool:
         return None
 
     def cancel(self, job: Job, terminate: bool) -> str:
-        """`cancel` for one job of this pool: "cancelled" (surely: it will not run, or ran no
-        further, and is answered CANCELLED), "running" (it runs on and ends with its own result,
-        or CANCELLED if its worker turns out not to have started it) or "unknown"."""
+        """`cancel` for one job of this pool, by what will happen to it (protocol.md, cancel):
+        "cancelled" (answered CANCELLED before this returns), "running" (it runs on to its own
+        reply) or "unknown" (its reply is decided already: a result, or a TIMEOUT owed by its
+        kill window)."""
         if self.queue.remove(job):
             self.ledger.cancel_reply(job)
             return "cancelled"
         worker = self.worker_of(job)
-        if worker is None:
+        if worker is None or job.expired:
             return "unknown"
-        if job.state is ASSIGNED:
+        if job.state is ASSIGNED:  # prefetched: withdrawn if surely not started
             job.cancel_requested = True
-            if job in self.withdraw(worker, [job]):
-                return "cancelled"
-        if not terminate or job.state is not RUNNING or worker.phase == "killing":
-            return "running"
-        self.terminate(worker, job)
-        return "cancelled"
+            self.withdraw(worker, [job])
+        if job.state is ANSWERED:
+            return "cancelled" if job.cancel_requested else "unknown"
+        if terminate and not worker.killing:
+            self.terminate(worker, job)
+            return "cancelled"
+        # It may have started: it runs on, and if it turns out it had not, it runs elsewhere.
+        job.cancel_requested = False
+        return "running"
 
     def terminate(self, worker: Worker, job: Job) -> None:
-        """Kill the worker running `job`, which is answered CANCELLED at once; the jobs it held
-        ahead go back to the queue (surely not started: the drop is written before the kill)."""
-        self.withdraw(worker, worker.lane.prefetched())
-        if job is not worker.lane.running:
-            return
+        """Kill the worker holding `job`, which is answered CANCELLED at once; the jobs it held
+        ahead of it go back to the queue (surely not started: the drop is written before the
+        kill; those not surely dropped are settled by its exit, and never ran)."""
+        self.withdraw(worker, [j for j in worker.lane.prefetched() if j is not job])
         job.cancelled = True
         self.ledger.cancel_reply(job, terminated=True)
-        processes.signal_quietly(worker.pid, signal.SIGKILL)
-        worker.phase = "killed"
+        worker.child.kill_now()
         self.manage_workers()  # its replacement starts now
 
     # -- jobs ----------------------------------------------------------------------------------
@@ -431,10 +364,9 @@ class Pool:
         ahead to a worker stuck in a long job (see steal)."""
         if not self.queue:
             return
-        serving = [w for w in self.workers.values() if w.phase == "serving"]
-        capacity = 1 + self.config.pool.prefetch
+        serving = [w for w in self.workers.values() if w.serving]
         now = time.monotonic()
-        for depth in range(capacity):
+        for depth in range(1 + self.config.pool.prefetch):
             for worker in serving:
                 if len(worker.lane) != depth or (depth and self.slow(worker, now)):
                     continue
@@ -445,7 +377,7 @@ class Pool:
                 if job is None:
                     continue
                 worker.lane.add(job, now)
-                self.send(worker, [b"run", b"%d" % job.id, job.body, *job.raw])
+                worker.child.send([messages.RUN, b"%d" % job.id, job.body, *job.raw])
                 if not self.queue:
                     return
 
@@ -455,101 +387,81 @@ class Pool:
         job = worker.lane.running
         return job is not None and now - job.started_at >= STEAL_AFTER_S
 
+    def idle_worker(self) -> bool:
+        return any(w.serving and not w.lane.jobs for w in self.workers.values())
+
     def steal(self, now: float) -> None:
         """Jobs held ahead by a worker stuck in a long job go back to the queue, for the idle
         workers. Prefetch is a bet that the running job ends soon: this settles a lost bet.
         (withdraw() hands back only jobs surely not started, so none runs twice.)"""
-        if not any(w.phase == "serving" and not w.lane.jobs for w in self.workers.values()):
+        if not self.idle_worker():
             return
         for worker in list(self.workers.values()):
-            if worker.phase == "serving" and self.slow(worker, now) and worker.lane.prefetched():
+            if worker.serving and self.slow(worker, now) and worker.lane.prefetched():
                 self.counters["prefetch_taken_back"] += len(self.withdraw(worker, worker.lane.prefetched()))
 
     def steal_deadline(self) -> float:
         """When a worker holding jobs ahead turns slow, if an idle worker could take them."""
-        if not any(w.phase == "serving" and not w.lane.jobs for w in self.workers.values()):
+        if not self.idle_worker():
             return math.inf
         times = [
             w.lane.jobs[0].started_at + STEAL_AFTER_S
             for w in self.workers.values()
-            if w.phase == "serving" and len(w.lane) > 1 and w.lane.running is not None
+            if w.serving and len(w.lane) > 1 and w.lane.running is not None
         ]
         return min(times, default=math.inf)
 
-    def waiting(self) -> int:
+    def depth(self) -> int:
         """Jobs accepted and not started: queued here, or prefetched by a worker."""
         return len(self.queue) + sum(len(w.lane.prefetched()) for w in self.workers.values())
 
     def full(self, limit: int) -> bool:
-        """Do `limit` jobs wait already? (`waiting` costs a walk of the workers: most of the
+        """Do `limit` jobs wait already? (`depth` costs a walk of the workers: most of the
         time the queue alone says no.)"""
         held = len(self.workers) * self.config.pool.prefetch
-        return len(self.queue) + held >= limit and self.waiting() >= limit
+        return len(self.queue) + held >= limit and self.depth() >= limit
 
     def fail_queue(self, code: str, message: str) -> None:
         for job in self.queue.drain():
             self.ledger.fail(job, code, message)
 
-    def running(self) -> list[Job]:
-        return [job for w in self.workers.values() for job in w.lane.jobs]
+    @property
+    def busy(self) -> bool:
+        """Does a job still run (or wait in a kill window)?"""
+        return any(w.lane.jobs or w.child.kill is not None for w in self.workers.values())
+
+    @property
+    def exited(self) -> bool:
+        return not self.workers
 
     # -- time ----------------------------------------------------------------------------------
 
     def next_deadline(self) -> float:
-        times = [self.generations.restart_at, self.steal_deadline()]
-        for worker in self.workers.values():
-            times.append(worker.kill_at if worker.phase == "killing" else worker.lane.next_deadline())
-        times.extend(f.deadline for f in self.fanouts)
-        if self.respawn_at:  # a back-off is pending: wake when it ends, even if that is now
-            times.append(self.respawn_at)
+        times = [self.generations.restarts.due, self.steal_deadline(), self.forks.due]
+        times.extend(worker.child.next_deadline() for worker in self.workers.values())
         return min(times)
 
     def tick(self) -> None:
         now = time.monotonic()
         for worker in list(self.workers.values()):
-            if worker.phase == "killing":
-                if now >= worker.kill_at:
-                    self.finish_kill(worker)
-            elif worker.phase != "killed" and worker.lane.next_deadline() <= now:
-                self.start_kill(worker, now)
-        for fanout in [f for f in self.fanouts if now >= f.deadline]:
-            self.answer_fanout(fanout)
+            if worker.child.tick(now):
+                self.counters["timeouts"] += 1
+            job = worker.child.overdue(now)
+            if job is not None:
+                self.start_kill(worker, job, now)
         self.steal(now)
-        if self.respawn_at and now >= self.respawn_at:
-            # The back-off is over: manage_workers below forks what is missing. Cleared here,
-            # where it is due: next_deadline used to drop a back-off the moment it passed, and
-            # if no tick had run by then, nothing forked again, ever (a pool left empty).
-            self.respawn_at = 0.0
+        self.forks.ready(now)  # the back-off is over: manage_workers below forks what is missing
         self.generations.tick(now)
         self.manage_workers()
         self.dispatch()
 
-    def start_kill(self, worker: Worker, now: float) -> None:
-        """A task ran past its timeout: hand back what waits behind it, ask for a stack dump,
-        kill a moment later. From now on its answer is TIMEOUT, whatever else happens."""
+    def start_kill(self, worker: Worker, job: Job, now: float) -> None:
+        """A task ran past its timeout: hand back what waits behind it, and open its kill
+        window (core/kill.py): from now on its answer is TIMEOUT, whatever else happens."""
         self.withdraw(worker, worker.lane.prefetched())
-        job = worker.lane.running
-        if job is None or job.deadline > now:
-            return  # it finished just in time (its result was on the way)
-        job.expired = True
-        worker.expired = job
-        worker.phase = "killing"
-        worker.kill_at = now + STACK_DUMP_GRACE_S
-        processes.signal_quietly(worker.pid, signal.SIGUSR1)
-        self.manage_workers()  # start its replacement now
-
-    def finish_kill(self, worker: Worker) -> None:
-        """Answer TIMEOUT with the stack it dumped, and kill it. The job stays in its lane until
-        the worker is gone: only then is it known which job after it may have started."""
-        processes.signal_quietly(worker.pid, signal.SIGKILL)
-        worker.kill_at = math.inf
-        worker.phase = "killed"
-        job, worker.expired = worker.expired, None
-        if job is None:
-            return
-        self.counters["timeouts"] += 1
-        stack = read_text(stack_path(self.stack_dir, worker.pid))
-        self.ledger.timed_out(job, worker.pid, stack, f"worker {worker.pid}")
+        if job.state is RUNNING:  # not answered by what withdraw read
+            worker.child.open_kill(job, now)
+            self.manage_workers()  # start its replacement now
 
     # -- control -------------------------------------------------------------------------------
 
@@ -559,31 +471,24 @@ class Pool:
         self.manage_workers()
 
     def collect_garbage(self, done: Callable[[dict[str, Any]], None]) -> None:
-        """gc.collect() in every worker; busy ones answer after their task (or are skipped).
+        """gc.collect() in every worker; busy ones answer after their task, or are skipped once
+        FANOUT_WAIT_S has passed; one that leaves meanwhile is skipped at once.
 
         `done` gets {"workers": [per-worker results], "freed_bytes": private memory freed}."""
-        targets = [w for w in self.workers.values() if w.phase == "serving"]
-        fanout = Fanout(done, {w.pid for w in targets}, time.monotonic() + FANOUT_WAIT_S)
-        self.fanouts.append(fanout)
-        for worker in targets:
-            self.send(worker, [b"gc"])
-        if not fanout.waiting:
-            self.answer_fanout(fanout)
+        targets = sorted((w for w in self.workers.values() if w.serving), key=lambda w: w.pid)
 
-    def fanout_answer(self, result: dict[str, Any]) -> None:
-        for fanout in self.fanouts:
-            if result.get("pid") in fanout.waiting:
-                fanout.waiting.discard(result["pid"])
-                fanout.results.append(result)
-                if not fanout.waiting:
-                    self.answer_fanout(fanout)
-                return
+        def ask(worker: Worker) -> Callable[[Callable[[Any], None]], None]:
+            return lambda put: worker.child.ask(messages.GC, [], put, FANOUT_WAIT_S)
 
-    def answer_fanout(self, fanout: Fanout) -> None:
-        self.fanouts.remove(fanout)
-        workers = fanout.results + [{"pid": pid, "skipped": "busy"} for pid in sorted(fanout.waiting)]
-        freed = sum(max(r["uss_before"] - r["uss_after"], 0) for r in fanout.results)
-        fanout.done({"workers": workers, "freed_bytes": freed})
+        def answer(results: list[Any]) -> None:
+            entries: list[dict[str, Any]] = [
+                result if "error" not in result else {"pid": worker.pid, "skipped": skipped(result)}
+                for worker, result in zip(targets, results, strict=True)
+            ]
+            freed = sum(max(r["uss_before"] - r["uss_after"], 0) for r in entries if "skipped" not in r)
+            done({"workers": entries, "freed_bytes": freed})
+
+        gather([ask(worker) for worker in targets], answer)
 
     def snapshot(self) -> list[dict[str, Any]]:
         return [
@@ -607,38 +512,25 @@ class Pool:
         """No new work: queued jobs are answered SHUTTING_DOWN, prefetched ones handed back (and
         answered so), workers stop once their running job is done."""
         self.stopping = True
-        self.fail_queue(protocol.SHUTTING_DOWN, "workerd is stopping")
+        self.forks.cancel()
+        self.generations.restarts.cancel()
+        for job in self.queue.drain():
+            self.ledger.shut_out(job)
         for worker in list(self.workers.values()):
             self.stop_worker(worker)
 
     def abort_running(self) -> None:
         """The grace period is over: kill what still runs and answer its callers."""
         for worker in list(self.workers.values()):
-            for job in list(worker.lane.jobs):
-                self.ledger.fail(
-                    job,
-                    protocol.SHUTTING_DOWN,
-                    f"workerd stopped before {job.name} finished (grace period over)",
-                )
-            processes.signal_quietly(worker.pid, signal.SIGKILL)
+            worker.child.abort()
             worker.phase = "stopping"
 
     def close(self) -> None:
         self.generations.close()
         for worker in self.workers.values():
-            worker.channel.close()
+            worker.child.close()
 
 
-def remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return handle.read()
-    except OSError:
-        return ""
+def skipped(answer: dict[str, Any]) -> str:
+    """Why a worker's gc answer is missing: still busy at the deadline, or gone."""
+    return "busy" if answer.get("reason") == "late" else "gone"

@@ -1,10 +1,13 @@
 """The zygotes, as the pool sees them: one generation of task code each, started, served, lost.
 
+Runs in: the master.
+
 A generation is one import of the task code (`[pool] preload`, `[tasks] modules`) in a zygote
 (zygote.py): the first at boot, one more per reload, and the same generation again when its
 zygote dies (its standby takes over, or, without one, the code is imported again after a
-back-off). The pool (pool.py) owns the workers and their jobs; this module owns the zygotes and
-which generation serves, and hands the pool what concerns workers: forks, exits, losses.
+back-off). This module owns the zygotes, which generation serves and its config; what concerns
+workers and jobs it tells its owner, the pool (pool/backend.py), through the Owner interface,
+never by writing the pool's fields.
 
 Generation numbers only grow, and a restart keeps its generation's number: a reload started
 before a crash restart still has the newest number, so the restart never retires it.
@@ -12,45 +15,59 @@ before a crash restart still has the newest number, so the restart never retires
 
 from __future__ import annotations
 
+import collections
 import logging
-import math
 import os
-import signal
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from workerctl import protocol
-from workerd import memory
+from workerd import memory, messages
 from workerd.config import Config
-from workerd.core import processes
-from workerd.core.lifecycle import Job
+from workerd.core.backoff import RESTART_FIRST_S, RESTART_MAX_S, Backoff
+from workerd.core.processes import describe_exit
+from workerd.core.reactor import Reactor
 from workerd.pool.zygote import ZygoteHandle
-
-if TYPE_CHECKING:
-    from workerd.pool.backend import Pool
 
 log = logging.getLogger("workerd.pool")
 
-# Restart back-off after a zygote dies without a standby, so broken code never becomes a loop.
-BACKOFF_FIRST_S = 0.1
-BACKOFF_MAX_S = 30.0
 
+class Owner(Protocol):
+    """What the zygotes' events mean to the pool that owns the workers and the queue."""
 
-def max_frame(config: Config) -> int:
-    """The largest frame a worker may send or be sent: the message size limit."""
-    return int(config.daemon.max_message_mb * 1024 * 1024)
+    @property
+    def stopping(self) -> bool: ...
+    def worker_forked(self, zygote: ZygoteHandle, pid: int, fd: int) -> None: ...
+    def worker_exited(self, pid: int, status: int) -> None: ...
+    def fork_failed(self, error: str) -> None: ...
+    def generation_serves(self, generation: int, modules: frozenset[str]) -> None: ...
+    def zygote_lost(self, generation: int, how: str) -> None: ...
+    def fail_queue(self, code: str, message: str) -> None: ...
+    def has_workers(self, generation: int) -> bool: ...
+    def has_live_workers(self) -> bool: ...
+    def changed(self) -> None: ...
 
 
 class Generations:
-    def __init__(self, pool: Pool) -> None:
-        self.pool = pool
+    def __init__(
+        self,
+        owner: Owner,
+        config: Config,
+        stack_dir: str,
+        reactor: Reactor,
+        counters: collections.Counter[str],
+    ) -> None:
+        self.owner = owner
+        self.config = config  # the serving generation's: a reload's applies once its code imported
+        self.stack_dir = stack_dir
+        self.reactor = reactor
+        self.counters = counters
         self.zygotes: dict[int, ZygoteHandle] = {}
         self.generation = 0  # the generation serving now; numbers are never reused
         self.last_generation = 0
         self.failure: str | None = None  # why there is no usable zygote, if there is none
-        self.restart_at = math.inf
-        self.failures = 0
+        self.restarts = Backoff(RESTART_FIRST_S, RESTART_MAX_S)
         # Called with (generation, ok, message) when a zygote is ready or failed to import.
         self.on_generation: Callable[[int, bool, str], None] = lambda generation, ok, message: None
 
@@ -60,7 +77,7 @@ class Generations:
         return zygote if zygote is not None and zygote.ready else None
 
     def tick(self, now: float) -> None:
-        if now >= self.restart_at:
+        if self.restarts.ready(now):
             log.info("restarting the zygote")
             self.restart()
 
@@ -74,8 +91,8 @@ class Generations:
             "preload": list(pool.preload),
             "task_modules": list(config.tasks.modules),
             "gc_freeze": pool.gc_freeze,
-            "stack_dir": self.pool.stack_dir,
-            "max_message_bytes": max_frame(config),
+            "stack_dir": self.stack_dir,
+            "max_message_bytes": config.daemon.max_message_bytes,
             "max_tasks_per_worker": pool.max_tasks_per_worker,
             "max_worker_memory_mb": pool.max_worker_memory_mb,
         }
@@ -96,64 +113,46 @@ class Generations:
 
     def add(self, zygote: ZygoteHandle) -> None:
         self.zygotes[zygote.generation] = zygote
-        self.pool.reactor.watch(zygote.fileno(), lambda: self.handle(zygote))
+        self.reactor.watch(zygote.fileno(), lambda: self.handle(zygote))
 
     def handle(self, zygote: ZygoteHandle) -> None:
         events = zygote.read_events()
         if events is None:
             # Its end closed: it is exiting. Reaping it (SIGCHLD) says how; stop listening.
-            self.pool.reactor.unwatch(zygote.fileno())
+            self.reactor.unwatch(zygote.fileno())
             return
         for event, fd in events:
             self.event(zygote, event, fd)
-        self.pool.manage_workers()
-        self.pool.dispatch()
+        self.owner.changed()
 
     def event(self, zygote: ZygoteHandle, event: dict[str, Any], fd: int | None) -> None:
         kind = event.get("event")
-        if kind == "forked" and fd is not None:
-            self.pool.add_worker(zygote, event["pid"], fd)
-        elif kind == "exited":
-            self.pool.worker_exited(event["pid"], event["status"])
-        elif kind == "fork_failed":
-            self.pool.fork_failed(event["error"])
-        elif kind == "ready":
+        if kind == messages.ZYGOTE_FORKED and fd is not None:
+            self.owner.worker_forked(zygote, event["pid"], fd)
+        elif kind == messages.ZYGOTE_EXITED:
+            self.owner.worker_exited(event["pid"], event["status"])
+        elif kind == messages.ZYGOTE_FORK_FAILED:
+            self.owner.fork_failed(event["error"])
+        elif kind == messages.ZYGOTE_READY:
             zygote.adopt_standby(fd, event.get("standby_pid", 0))
             self.ready(zygote, event)
-        elif kind == "standby":
+        elif kind == messages.ZYGOTE_STANDBY:
             zygote.adopt_standby(fd, event["pid"])
-        elif kind == "failed":
+        elif kind == messages.ZYGOTE_FAILED:
             self.failed(zygote, f"task code failed to import: {event['error']}", event["traceback"])
         elif fd is not None:
             os.close(fd)
 
     def ready(self, zygote: ZygoteHandle, event: dict[str, Any]) -> None:
         zygote.ready = True
-        self.failures = 0
+        self.restarts.reset()
         log.info("zygote generation %d ready: imports took %.3f s", zygote.generation, event["import_s"])
         self.failure = None
         if zygote.generation > self.generation:  # a new generation, not a restart of this one
             self.generation = zygote.generation
-            self.pool.config = zygote.config
-            self.pool.target = zygote.config.pool.worker_count()
-            self.refuse_removed_modules(zygote)
+            self.config = zygote.config
+            self.owner.generation_serves(zygote.generation, zygote.modules)
             self.on_generation(zygote.generation, True, f"generation {zygote.generation} ready")
-
-    def refuse_removed_modules(self, zygote: ZygoteHandle) -> None:
-        """Queued jobs for a module the new generation no longer lists end now: no worker will
-        ever take them, and they must not wait forever (or block the queue)."""
-        for key in self.pool.queue.waiting_keys():
-            if key not in zygote.modules:
-                for job in self.pool.queue.pop_key(key):
-                    self.refuse_removed(job, zygote.generation)
-
-    def refuse_removed(self, job: Job, generation: int) -> None:
-        self.pool.ledger.fail(
-            job,
-            protocol.DENIED,
-            f"module {job.key!r} is no longer listed in [tasks] modules "
-            f"(removed by the reload to generation {generation})",
-        )
 
     def failed(self, zygote: ZygoteHandle, message: str, details: str = "") -> None:
         log.error("zygote generation %d: %s\n%s", zygote.generation, message, details)
@@ -163,14 +162,14 @@ class Generations:
             # Nothing to fall back on: stay up (ping, status, reload work) but refuse CPU tasks
             # until a reload brings good code. Never retried on our own: that is a fork loop.
             self.failure = message
-            self.pool.fail_queue(protocol.INTERNAL, f"CPU pool unavailable: {message}")
+            self.owner.fail_queue(protocol.INTERNAL, f"CPU pool unavailable: {message}")
         self.on_generation(zygote.generation, False, message)
 
     def drop(self, zygote: ZygoteHandle) -> None:
         if self.zygotes.get(zygote.generation) is zygote:
             del self.zygotes[zygote.generation]
         if zygote.sock.fileno() >= 0:
-            self.pool.reactor.unwatch(zygote.fileno())
+            self.reactor.unwatch(zygote.fileno())
         zygote.retire()
 
     def reaped(self, pid: int, status: int) -> bool:
@@ -178,7 +177,7 @@ class Generations:
         zygote = next((z for z in self.zygotes.values() if z.pid == pid), None)
         if zygote is None:
             return False
-        how = processes.describe_exit(status)
+        how = describe_exit(status)
         if zygote.retiring:
             self.drop(zygote)
         elif zygote.taking_over and not zygote.ready:
@@ -187,26 +186,23 @@ class Generations:
             self.failed(zygote, f"the zygote died while importing task code ({how})")
         else:
             self.lose(zygote, how)
-        self.pool.manage_workers()
-        self.pool.dispatch()
+        self.owner.changed()
         return True
 
     def lose(self, zygote: ZygoteHandle, how: str) -> None:
         """The zygote died (its workers die with it): settle their jobs, let the standby serve."""
         log.error("zygote generation %d (pid %d) %s", zygote.generation, zygote.pid, how)
         standby, zygote.standby = zygote.standby, None
-        for worker in [w for w in self.pool.workers.values() if w.generation == zygote.generation]:
-            processes.signal_quietly(worker.pid, signal.SIGKILL)
-            self.pool.remove_worker(worker, f"its zygote {how}")
+        self.owner.zygote_lost(zygote.generation, how)
         self.drop(zygote)
-        if self.pool.stopping or zygote.generation != self.generation:
+        if self.owner.stopping or zygote.generation != self.generation:
             if standby is not None:
                 standby.close()
             return
-        self.pool.counters["zygote_restarts"] += 1
+        self.counters["zygote_restarts"] += 1
         if standby is not None:
             log.info("the standby zygote (pid %d) takes over generation %d", standby.pid, zygote.generation)
-            standby.send({"cmd": "serve"})
+            standby.send({"cmd": messages.ZYGOTE_SERVE})
             standby.taking_over = True
             self.add(standby)
             return
@@ -214,37 +210,33 @@ class Generations:
         log.warning(
             "no standby zygote: generation %d restarts by importing its code again", zygote.generation
         )
-        self.failures += 1
-        delay = min(BACKOFF_FIRST_S * 2**self.failures, BACKOFF_MAX_S)
-        self.restart_at = time.monotonic() + delay
+        self.restarts.next(time.monotonic())
 
     def restart(self) -> None:
-        self.restart_at = math.inf
         if self.generation in self.zygotes:
             # A reload's zygote came ready during the back-off and serves this generation: a
             # restart now would start a second one beside it (never retired, never reaped).
             return
         try:
-            self.start(self.pool.config, self.generation)
+            self.start(self.config, self.generation)
         except OSError as exc:
             self.spawn_failed(exc)
 
     def spawn_failed(self, exc: OSError) -> None:
         message = f"cannot start a zygote: {exc}"
         log.error("%s", message)
-        self.failures += 1
-        if not any(w.live for w in self.pool.workers.values()):
-            self.pool.fail_queue(protocol.INTERNAL, f"CPU pool unavailable: {message}; retrying")
-        self.restart_at = time.monotonic() + min(BACKOFF_FIRST_S * 2**self.failures, BACKOFF_MAX_S)
+        if not self.owner.has_live_workers():
+            self.owner.fail_queue(protocol.INTERNAL, f"CPU pool unavailable: {message}; retrying")
+        self.restarts.next(time.monotonic())
 
     def retire_old(self) -> None:
         """Close the channel of each older zygote left without workers; it exits."""
         for generation, zygote in list(self.zygotes.items()):
             if generation >= self.generation or zygote.retiring:
                 continue
-            if not any(w.generation == generation for w in self.pool.workers.values()):
+            if not self.owner.has_workers(generation):
                 log.info("zygote generation %d retired", generation)
-                self.pool.reactor.unwatch(zygote.fileno())
+                self.reactor.unwatch(zygote.fileno())
                 zygote.retire()
 
     def memory(self) -> list[dict[str, Any]]:

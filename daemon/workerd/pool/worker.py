@@ -1,18 +1,20 @@
 """A CPU worker: forked from the zygote, runs the jobs the master sends, in the order sent.
 
-Messages on its channel (transport.py), the first frame naming the kind:
+Runs in: the CPU worker (a child of its zygote).
 
-    master -> worker   [b"run", job id, request body, *raw]     body as the client sent it
-                       [b"drop", msgpack([job ids])]          do not start these
-                       [b"gc"]                                 gc.collect() before the next job
-                       [b"stop"]                               exit; jobs not started are dropped
-    worker -> master   [b"ready", msgpack({"pid", "generation"})]
-                       [b"item", job id, reply frame, *raw]           a generator's item
-                       [b"done", job id, b"ok"|b"error", reply frame, *raw]
-                       [b"dropped", msgpack([job ids])]       the ones it had and did not start
-                       [b"recycling", reason]                 it leaves (max_tasks | max_memory)
-                                                              and starts nothing more
-                       [b"gc", msgpack({"pid", "freed_objects", "uss_before", "uss_after"})]
+Messages on its channel (core/transport.py), the first frame naming the kind (messages.py):
+
+    master -> worker   [RUN, job id, request body, *raw]     body as the client sent it
+                       [DROP, msgpack([job ids])]           do not start these
+                       [GC, token]                          gc.collect() before the next job
+                       [STOP]                               exit; jobs not started are dropped
+    worker -> master   [READY, msgpack({"pid", "generation"})]
+                       [ITEM, job id, reply frame, *raw]           a generator's item
+                       [DONE, job id, OK | ERROR, reply frame, *raw]
+                       [DROPPED, msgpack([job ids])]        the ones it had and did not start
+                       [RECYCLING, reason]                  it leaves (MAX_TASKS | MAX_MEMORY)
+                                                            and starts nothing more
+                       [GC, token, msgpack({"pid", "freed_objects", "uss_before", "uss_after"})]
 
 The master may send several jobs ahead (`[pool] prefetch`); the worker keeps them in arrival
 order, and before it starts each one it reads everything that has arrived. The master relies on
@@ -30,18 +32,18 @@ them without decoding: the master's per-task cost stays flat whatever the result
 from __future__ import annotations
 
 import collections
-import faulthandler
 import gc
 import math
 import os
 import random
-import signal
 import socket
 from typing import Any
 
 from workerctl import protocol
 from workerd import memory, tasks
+from workerd.core.stacks import open_dump
 from workerd.core.transport import Channel, Message
+from workerd.messages import DONE, DROP, DROPPED, GC, ITEM, MAX_MEMORY, MAX_TASKS, READY, RECYCLING, RUN, STOP
 
 
 class WorkerSettings:
@@ -63,19 +65,12 @@ class WorkerSettings:
         return self.max_tasks + random.randint(0, max(1, self.max_tasks // 10))
 
 
-def stack_path(stack_dir: str, pid: int) -> str:
-    return os.path.join(stack_dir, f"stack-{pid}.txt")
-
-
 def serve(settings: WorkerSettings, sock: socket.socket) -> None:
     """The worker's whole life: announce, run jobs until told to stop or the master goes."""
     pid = os.getpid()
-    # SIGUSR1 dumps every thread's stack from C, even while Python is stuck in a long call: the
-    # master reads it when a task times out, just before it kills us.
-    dump = open(stack_path(settings.stack_dir, pid), "w")  # noqa: SIM115 (kept open for life)
-    faulthandler.register(signal.SIGUSR1, file=dump, all_threads=True)
+    dump = open_dump(settings.stack_dir)  # SIGUSR1: our stacks, for a timeout's TIMEOUT reply
     channel = Channel(sock, max_frame=settings.max_message_bytes, blocking=True)
-    channel.send([b"ready", protocol.pack({"pid": pid, "generation": settings.generation})])
+    channel.send([READY, protocol.pack({"pid": pid, "generation": settings.generation})])
     jobs: collections.deque[Message] = collections.deque()
     limit, done = settings.task_limit(), 0
     try:
@@ -92,7 +87,7 @@ def serve(settings: WorkerSettings, sock: socket.socket) -> None:
             reason = recycle_reason(settings, done, limit, pid)
             if reason:
                 drop(channel, jobs, {job[1] for job in jobs})
-                channel.send([b"recycling", reason])
+                channel.send([RECYCLING, reason])
                 return
     finally:
         channel.close()
@@ -104,13 +99,13 @@ def take(channel: Channel, messages: list[Message], jobs: collections.deque[Mess
     """Act on what the master sent; False once told to stop."""
     for frames in messages:
         op = frames[0]
-        if op == b"run":
+        if op == RUN:
             jobs.append(frames)
-        elif op == b"drop":
+        elif op == DROP:
             drop(channel, jobs, {b"%d" % n for n in protocol.unpack(bytes(frames[1]))})
-        elif op == b"gc":
-            channel.send([b"gc", protocol.pack(collect_garbage(os.getpid()))])
-        elif op == b"stop":
+        elif op == GC:
+            channel.send([GC, frames[1], protocol.pack(collect_garbage(os.getpid()))])
+        elif op == STOP:
             drop(channel, jobs, {job[1] for job in jobs})
             return False
     return True
@@ -121,14 +116,14 @@ def drop(channel: Channel, jobs: collections.deque[Message], ids: set[Any]) -> N
     if dropped:
         for job in dropped:
             jobs.remove(job)
-        channel.send([b"dropped", protocol.pack([int(job[1]) for job in dropped])])
+        channel.send([DROPPED, protocol.pack([int(job[1]) for job in dropped])])
 
 
 def recycle_reason(settings: WorkerSettings, done: int, limit: float, pid: int) -> bytes:
     if done >= limit:
-        return b"max_tasks"
+        return MAX_TASKS
     if settings.max_uss and memory.uss_bytes(pid) > settings.max_uss:
-        return b"max_memory"
+        return MAX_MEMORY
     return b""
 
 
@@ -136,13 +131,13 @@ def run_job(channel: Channel, settings: WorkerSettings, frames: Message) -> None
     job, body, raw = frames[1], frames[2], frames[3:]
     request, error = tasks.decode(body, raw)  # type: ignore[arg-type]
     if request is None:
-        channel.send([b"done", job, tasks.ERROR, error])
+        channel.send([DONE, job, tasks.ERROR, error])
         return
     for kind, reply in tasks.run(request, settings.allowed, settings.max_message_bytes):
         if kind is tasks.ITEM:
-            channel.send([b"item", job, *reply])
+            channel.send([ITEM, job, *reply])
         else:
-            channel.send([b"done", job, kind, *reply])
+            channel.send([DONE, job, kind, *reply])
 
 
 def collect_garbage(pid: int) -> dict[str, Any]:

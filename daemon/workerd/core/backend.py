@@ -1,0 +1,53 @@
+"""What the master asks of every backend: the CPU pool, the GPU workers, the Ray bridge.
+
+Runs in: the master, which holds its backends in a list and goes through them alike each turn
+of its loop (master.py): when each is due next, tick, dispatch, a reaped child, the stop. A
+backend is what differs between them: what its child process is, and how a job is sent to it
+and answered; the mechanics around that are the shared layer beside this module (child.py,
+kill.py, backoff.py, fanout.py, lifecycle.py).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from workerd.core.lifecycle import Job
+
+# What `cancel` reports of one job (protocol.md, cancel): answered CANCELLED before the cancel's
+# reply, runs on to its own reply, or not in flight (its reply is decided already).
+CANCELLED, RUNNING, UNKNOWN = "cancelled", "running", "unknown"
+
+
+class Backend(Protocol):
+    @property
+    def kind(self) -> str:
+        """Job.pool of its jobs: "cpu" | "gpu" | "cluster"."""
+        ...
+
+    @property
+    def busy(self) -> bool:
+        """Does a job of it still run (a stop waits for these)?"""
+        ...
+
+    @property
+    def exited(self) -> bool:
+        """Is every child process of it gone?"""
+        ...
+
+    def submit(self, job: Job) -> None: ...
+    def cancel(self, job: Job, terminate: bool) -> str: ...
+    def dispatch(self) -> None: ...
+    def next_deadline(self) -> float: ...
+    def tick(self) -> None: ...
+    def reaped(self, pid: int, status: int) -> bool:
+        """A child of the master exited: was it one of ours? (Then it is settled.)"""
+        ...
+
+    def begin_stop(self) -> None:
+        """No new work: what waits is answered SHUTTING_DOWN, retries are cancelled, what runs
+        goes on until the grace period ends."""
+        ...
+
+    def abort_running(self) -> None:
+        """The grace period is over: what still runs is answered and killed."""
+        ...
