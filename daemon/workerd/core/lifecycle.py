@@ -91,6 +91,7 @@ class Job:
     expired: bool = False  # ran past its deadline: answered TIMEOUT, whatever comes later
     cancelled: bool = False  # terminated by `cancel`: answered CANCELLED, its worker killed
     cancel_requested: bool = False  # `cancel` asked while it was prefetched: CANCELLED if handed back
+    outcome: str = ""  # once answered: "ok", "error" or an error code in lower case ("cancelled")
 
     def start(self, now: float) -> None:
         self.state = RUNNING
@@ -129,6 +130,7 @@ class Ledger:
         if job.state is ANSWERED:
             return False
         job.state = ANSWERED
+        job.outcome = outcome
         key = (job.client, job.request_id)
         jobs = self.in_flight.get(key)
         if jobs is not None:

@@ -325,24 +325,27 @@ class Pool:
         if job.state is ASSIGNED:  # prefetched: withdrawn if surely not started
             job.cancel_requested = True
             self.withdraw(worker, [job])
-        if job.state is ANSWERED:
-            return "cancelled" if job.cancel_requested else "unknown"
+        if job.state is ANSWERED:  # what withdraw read answered it: handed back, or finished
+            return "cancelled" if job.outcome == "cancelled" else "unknown"
         if terminate and not worker.killing:
-            self.terminate(worker, job)
-            return "cancelled"
+            return self.terminate(worker, job)
         # It may have started: it runs on, and if it turns out it had not, it runs elsewhere.
         job.cancel_requested = False
         return "running"
 
-    def terminate(self, worker: Worker, job: Job) -> None:
+    def terminate(self, worker: Worker, job: Job) -> str:
         """Kill the worker holding `job`, which is answered CANCELLED at once; the jobs it held
         ahead of it go back to the queue (surely not started: the drop is written before the
-        kill; those not surely dropped are settled by its exit, and never ran)."""
+        kill; those not surely dropped are settled by its exit, and never ran). What the drop's
+        read brings may end `job` first: then it is not in flight any more ("unknown")."""
         self.withdraw(worker, [j for j in worker.lane.prefetched() if j is not job])
+        if job.state is ANSWERED:
+            return "cancelled" if job.outcome == "cancelled" else "unknown"
         job.cancelled = True
         self.ledger.cancel_reply(job, terminated=True)
         worker.child.kill_now()
         self.manage_workers()  # its replacement starts now
+        return "cancelled"
 
     # -- jobs ----------------------------------------------------------------------------------
 
