@@ -21,8 +21,8 @@ from tests.conftest import Daemon, wait_until
 from tests.reliability.harness import Counter, report, request, workers_of
 from tests.reliability.test_seams import (
     code,
-    execute,
     exactly_once,
+    execute,
     idle_cpu,
     pipeline_config,
     seams_config,
@@ -100,7 +100,7 @@ def test_stop_while_the_bridge_backs_off(start_daemon: Callable[..., Daemon], tm
     config = seams_config(["moda"]) + '[cluster]\nengine = "ray"\naddress = "local"\nmode = "overflow"\n'
     daemon = start_seams(start_daemon, tmp_path, config, env={"WORKERD_FAULTS": "spawn=EAGAIN:1000@1"})
     hold = tmp_path / "hold"
-    with Counter(daemon.socket) as counter, daemon.client() as client:
+    with Counter(daemon.socket) as counter:
         wait_until(lambda: "cannot start the Ray bridge" in daemon.output())
         counter.send(execute("held", "moda:hold", str(hold)))
         wait_until(lambda: Path(str(hold) + ".started").exists())
