@@ -18,6 +18,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -136,6 +137,31 @@ def test_decode_request_of_random_bytes(data: bytes) -> None:
 @given(mutated())
 def test_decode_request_of_mutated_messages(data: bytes) -> None:
     check_request(data)
+
+
+# Maps whose keys may be anything msgpack can pack: the keys docs/protocol.md §3 refuses.
+hostile_keys = st.text(max_size=4) | st.binary(max_size=4) | st.integers(-3, 3) | st.none() | st.booleans() | st.floats()
+hostile_values = st.recursive(
+    scalars, lambda children: st.lists(children, max_size=3) | st.dictionaries(hostile_keys, children, max_size=3)
+)
+hostile_requests = st.dictionaries(fields | hostile_keys, hostile_values, max_size=6).map(
+    lambda body: {"v": 1, "id": 1, "cmd": "ping", **body}
+)
+
+
+@FUZZ
+@given(mutated() | hostile_requests.map(pack))
+def test_decode_request_refuses_what_a_strict_full_decode_refuses(data: bytes) -> None:
+    """§3 for the whole body: whatever msgpack's strict decoder refuses (non-str keys, bad UTF-8,
+    anywhere) is a BAD_REQUEST with id null, args, kwargs and calls included."""
+    try:
+        msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception:
+        with pytest.raises(protocol.ProtocolError) as info:
+            protocol.decode_request(data)
+        assert (info.value.code, info.value.request_id) == (protocol.BAD_REQUEST, None)
+    else:
+        check_request(data)
 
 
 @FUZZ
