@@ -87,7 +87,9 @@ def timed(decode: Callable[[bytes], Any], data: bytes, repeats: int, number: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--number", type=int, default=2000)
     options = parser.parse_args()
@@ -97,7 +99,10 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, body in BODIES.items():
         data = protocol.pack(body)
-        cells = [timed(f, data, options.repeats, options.number) for f in (protocol.decode_request, full, walked_envelope)]
+        cells = [
+            timed(f, data, options.repeats, options.number)
+            for f in (protocol.decode_request, full, walked_envelope)
+        ]
         print(f"| {name} | {len(data)} | {' | '.join(cells)} |")
 
 
