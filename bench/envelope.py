@@ -4,10 +4,11 @@ every message, for a small execute and for chunks of 100 calls.
     .venv/bin/python bench/envelope.py [--repeats 9] [--number 2000]
 
 Prints, per body, the median and the spread (min-max) over --repeats runs of --number decodes, in
-µs per decode. Two references beside it, on the same bytes: `msgpack.unpackb` of the whole body
-(msgpack's C decoder building every value) and a Python walk of args/kwargs/calls that checks map
-keys and UTF-8 without building the values (msgpack.Unpacker's read_*_header, skip and unpack,
-one call per item): the alternative that docs/protocol.md §3 weighs. To compare two versions of
+µs per decode. Two references beside it, on the same bytes, for the two ways the master could
+also check an execute's args/kwargs/calls against §3 (it leaves them to the worker):
+`msgpack.unpackb` of the whole body (msgpack's C decoder building every value) and a Python walk
+that checks map keys and UTF-8 without building the values (msgpack.Unpacker's read_*_header,
+skip and unpack, one call per item). To compare two versions of
 protocol.py, run this script once with each on PYTHONPATH (e.g. a `git archive` of the older
 commit's client/). No daemon is started; nothing asserts a timing.
 """

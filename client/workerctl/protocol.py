@@ -386,7 +386,7 @@ def check_bulky(data: bytes, body: dict[str, Any]) -> None:
 
     For every command but execute, whose worker decodes them and answers a violation with the
     request's id. Checking them in the master costs what decoding them does: msgpack's C decoder
-    is the cheapest check there is (a walk in Python that builds no values measured 6 to 8 times
+    is the cheapest check there is (a walk in Python that builds no values measured 6 to 10 times
     slower, bench/envelope.py), and a chunk's calls are what the master must not decode."""
     for key in BULKY_FIELDS.intersection(body):
         at, end = body[key].span
