@@ -654,3 +654,74 @@ def test_messages_over_the_limit_are_dropped_and_the_daemon_goes_on(
     check_serving(daemon)
     report("over the size limit", messages=count, replies=replies)
     assert replies == 0
+
+
+# -- §3 for the whole body (issue 18, 3i) --------------------------------------------------------------
+
+NOT_UTF8 = b"\xa2\xff\xfe"  # a str of two bytes that are not UTF-8
+
+
+def with_entry(body: dict[str, Any], key: bytes, value: bytes) -> bytes:
+    """`body` packed with one more entry, key and value given as msgpack bytes (fixmap only)."""
+    data = pack(body)
+    return bytes([data[0] + 1]) + data[1:] + key + value
+
+
+def strictness_violations() -> Iterator[tuple[Any, str, bytes]]:
+    """(id, cmd, body): bodies a strict full decode refuses while their map is sound msgpack."""
+    for n, key in enumerate((7, -1, None, 1.5, True)):
+        yield f"k{n}", "ping", with_entry({"v": 1, "id": f"k{n}", "cmd": "ping"}, pack(key), pack(0))
+    contents = [
+        ("kwargs", pack({1: "a"})),
+        ("args", pack([[{None: 1}]])),
+        ("calls", pack([[[], {False: 1}]])),
+        ("args", b"\x91" + NOT_UTF8),
+        ("kwargs", b"\x81" + NOT_UTF8 + b"\x01"),
+        ("calls", b"\x91\x92\x91" + NOT_UTF8 + b"\x80"),
+    ]
+    bases = [
+        {"cmd": "ping"},
+        {"cmd": "status"},
+        {"cmd": "scale", "workers": 2},
+        {"cmd": "execute", "name": ECHO},
+    ]
+    for n, (base, (field, value)) in enumerate((b, c) for b in bases for c in contents):
+        yield n, base["cmd"], with_entry({"v": 1, "id": n, **base}, pack(field), value)
+
+
+def test_bad_keys_and_utf8_anywhere_are_refused_with_the_id(start_daemon: Callable[..., Daemon]) -> None:
+    """Envelope keys that are not strings, and keys or UTF-8 that break §3 inside args, kwargs
+    or calls: one BAD_REQUEST each, with the request's id. The master refuses all but an
+    execute's before any handler (nothing is counted or done: scale's `workers` is 2 anyway);
+    an execute's args, kwargs and calls are its worker's to decode, on the fast path."""
+    daemon = start_daemon(config=CONFIG)
+    with daemon.client() as client:
+        before = collections.Counter(client.status()["counters"])
+    cases = list(strictness_violations())
+    for _, _, data in cases:  # the oracle: msgpack's own strict decoder refuses each one
+        with pytest.raises(ValueError):
+            msgpack.unpackb(data, raw=False, strict_map_key=True)
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(f"ipc://{daemon.socket}")
+    replies = []
+    try:
+        for _, _, data in cases:
+            dealer.send_multipart([b"", data])
+            assert dealer.poll(10_000), f"no reply to {data!r}"
+            replies.append(protocol.decode_reply(dealer.recv_multipart()[1]))
+        assert not dealer.poll(300), "more than one reply"
+    finally:
+        dealer.close()
+    got = [(reply["id"], reply.get("error", {}).get("code")) for reply in replies]
+    assert got == [(request_id, protocol.BAD_REQUEST) for request_id, _, _ in cases]
+    assert all(reply["error"]["message"].startswith("body is not valid msgpack: ") for reply in replies)
+    with daemon.client() as client:
+        counted = collections.Counter(client.status()["counters"]) - before
+    executes = sum(cmd == "execute" for _, cmd, _ in cases)
+    assert counted["bad_requests"] == len(cases) - executes
+    assert {name: n for name, n in counted.items() if name.startswith("requests_")} == {
+        "requests_execute": executes,
+        "requests_status": 1,  # the status just asked
+    }
+    check_serving(daemon)

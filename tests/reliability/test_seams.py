@@ -811,3 +811,35 @@ def test_cancel_queued_prefetched_and_running(start_daemon: Callable[..., Daemon
         assert runs["R"] == [worker] and len(runs["S"]) == 1 and runs["S"][0] != worker
         assert counter.tally.results["S"] == runs["S"][0]
         wait_until(lambda: replaced(client, {worker}, 1))
+
+
+# -- scale x stop (issue 18, 3j) --------------------------------------------------------------------
+
+
+def test_scale_during_a_stop_is_refused_and_changes_nothing(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """While a stop waits for a running task, `scale` is SHUTTING_DOWN (an ok would tell the
+    caller a target that nothing will reach: the pool is draining), its fields still checked
+    first; status is still served and shows the target unchanged; the running task ends normally."""
+    daemon = start_seams(start_daemon, tmp_path, seams_config(["moda"]))
+    release = tmp_path / "release"
+    with Counter(daemon.socket) as counter, daemon.client() as client:
+        counter.send(execute("held", "moda:hold", str(release)))
+        wait_until(lambda: (tmp_path / "release.started").exists())
+        daemon.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: client.status()["state"] == "stopping")
+        counter.send(request("bigger", "scale", workers=3))
+        counter.send(request("zero", "scale", workers=0))
+        assert wait_for(counter, "bigger") == {
+            "code": "SHUTTING_DOWN",
+            "message": "workerd is stopping",
+            "details": {},
+        }
+        assert wait_for(counter, "zero")["code"] == "BAD_REQUEST"
+        pool = client.status()["pool"]
+        assert pool["target"] == 1 and len(pool["workers"]) <= 1, pool
+        release.touch()
+        assert wait_for(counter, "held") == "released"
+        exactly_once(counter, {"held", "bigger", "zero"})
+    assert daemon.proc.wait(20) == 0

@@ -18,6 +18,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -136,6 +137,59 @@ def test_decode_request_of_random_bytes(data: bytes) -> None:
 @given(mutated())
 def test_decode_request_of_mutated_messages(data: bytes) -> None:
     check_request(data)
+
+
+# Maps whose keys may be anything msgpack can pack: the keys docs/protocol.md §3 refuses.
+hostile_keys = (
+    st.text(max_size=4) | st.binary(max_size=4) | st.integers(-3, 3) | st.none() | st.booleans() | st.floats()
+)
+hostile_values = st.recursive(
+    scalars,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(hostile_keys, children, max_size=3),
+)
+hostile_requests = st.dictionaries(fields | hostile_keys, hostile_values, max_size=6).map(
+    lambda body: {**body, "v": 1, "id": 1, "cmd": "ping"}
+)
+
+
+def strictly_valid(data: bytes) -> bool:
+    try:
+        msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception:
+        return False
+    return True
+
+
+@FUZZ
+@given(mutated() | hostile_requests.map(pack))
+def test_what_a_strict_full_decode_refuses_is_a_bad_request_from_master_or_worker(data: bytes) -> None:
+    """§3 for the whole body: whatever msgpack's strict decoder refuses (a key that is not a
+    string, bad UTF-8, anywhere) is a BAD_REQUEST: from the master, or, inside an execute's
+    args, kwargs or calls, from its worker, with the request's id."""
+    if strictly_valid(data):
+        check_request(data)
+        return
+    try:
+        body = protocol.decode_request(data)
+    except protocol.ProtocolError as exc:
+        assert exc.code == protocol.BAD_REQUEST
+        assert exc.request_id is None or protocol.is_valid_id(exc.request_id)
+        return
+    assert body["cmd"] == "execute"
+    request, error = tasks.decode(data, [])
+    reply = protocol.decode_reply(error)
+    assert request is None and reply["error"]["code"] == protocol.BAD_REQUEST and reply["id"] == body["id"]
+
+
+@FUZZ
+@given(hostile_requests)
+def test_a_sound_map_that_breaks_section_3_is_refused_with_its_id(body: dict[Any, Any]) -> None:
+    data = pack(body)
+    if strictly_valid(data):
+        return
+    with pytest.raises(protocol.ProtocolError) as info:
+        protocol.decode_request(data)
+    assert (info.value.code, info.value.request_id) == (protocol.BAD_REQUEST, 1)
 
 
 @FUZZ

@@ -164,3 +164,88 @@ def test_a_broken_bulky_field_is_a_bad_request_though_it_is_not_decoded() -> Non
     with pytest.raises(protocol.ProtocolError) as info:
         protocol.decode_request(data[:-1])  # the args array ends early
     assert info.value.code == protocol.BAD_REQUEST
+
+
+# -- §3 holds for the whole body: keys and UTF-8 (issue 18, 3i) -------------------------------------
+
+NOT_UTF8 = b"\xa2\xff\xfe"  # a str of two bytes that are not UTF-8
+
+
+def with_entry(body: dict[str, object], key: bytes, value: bytes) -> bytes:
+    """`body` packed with one more entry, key and value given as msgpack bytes (fixmap only)."""
+    data = msgpack.packb(body, use_bin_type=True)
+    assert 0x80 <= data[0] < 0x8F
+    return bytes([data[0] + 1]) + data[1:] + key + value
+
+
+@pytest.mark.parametrize("key", [1, -1, None, 1.5, True, False], ids=repr)
+def test_an_envelope_key_that_is_not_a_string_is_refused_with_the_id(key: object) -> None:
+    data = with_entry({"v": 1, "id": 5, "cmd": "ping"}, msgpack.packb(key), msgpack.packb(0))
+    with pytest.raises(
+        protocol.ProtocolError, match=r"^body is not valid msgpack: .* is not allowed for map key"
+    ) as info:
+        protocol.decode_request(data)
+    assert (info.value.code, info.value.request_id) == (protocol.BAD_REQUEST, 5)
+
+
+BAD_CONTENTS = {
+    "int key in kwargs": ("kwargs", msgpack.packb({1: "a"})),
+    "nil key deep in args": ("args", msgpack.packb([[{None: 1}]])),
+    "bool key in a call's kwargs": ("calls", msgpack.packb([[[], {True: 1}]])),
+    "str in args not UTF-8": ("args", b"\x91" + NOT_UTF8),
+    "kwargs key not UTF-8": ("kwargs", b"\x81" + NOT_UTF8 + b"\x01"),
+    "str in calls not UTF-8": ("calls", b"\x91\x92\x91" + NOT_UTF8 + b"\x80"),
+}
+
+
+def bad_body(cmd: str, field: str) -> bytes:
+    key, value = BAD_CONTENTS[field]
+    body = {"v": 1, "id": 5, "cmd": cmd, "name": "workerd.examples.tasks:echo", "workers": 2}
+    return with_entry(body, msgpack.packb(key), value)
+
+
+@pytest.mark.parametrize("cmd", ["ping", "status", "scale", "reload?"])
+@pytest.mark.parametrize("field", list(BAD_CONTENTS))
+def test_bad_keys_or_utf8_in_args_kwargs_calls_are_refused_with_the_id(cmd: str, field: str) -> None:
+    with pytest.raises(protocol.ProtocolError, match=r"^body is not valid msgpack: ") as info:
+        protocol.decode_request(bad_body(cmd, field))
+    assert (info.value.code, info.value.request_id) == (protocol.BAD_REQUEST, 5)
+
+
+@pytest.mark.parametrize("field", list(BAD_CONTENTS))
+def test_an_executes_args_kwargs_calls_are_left_to_its_worker(field: str) -> None:
+    """The fast path: the master does not decode them (its worker answers, with the id)."""
+    body = protocol.decode_request(bad_body("execute", field))
+    assert isinstance(body[BAD_CONTENTS[field][0]], protocol.Bulk)
+
+
+def test_an_envelope_value_that_is_not_utf8_is_refused_with_the_id() -> None:
+    data = with_entry({"v": 1, "id": "x", "cmd": "execute"}, msgpack.packb("name"), NOT_UTF8)
+    with pytest.raises(protocol.ProtocolError, match=r"^body is not valid msgpack: 'utf-8'") as info:
+        protocol.decode_request(data)
+    assert (info.value.code, info.value.request_id) == (protocol.BAD_REQUEST, "x")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        msgpack.packb({"v": 1, "id": 5, "cmd": "ping", "args": [1, 2]})[:-1],  # ends early
+        msgpack.packb({"v": 1, "id": 5, "cmd": "ping"}) + b"\x00",  # trailing bytes
+        with_entry({"v": 1, "id": 5, "cmd": "ping"}, msgpack.packb("args"), b"\x91" * 2000 + b"\xc0"),
+        with_entry({"v": 1, "cmd": "ping", 1: 2}, msgpack.packb("id"), NOT_UTF8),  # the id itself
+        with_entry({"v": 1, "id": True, "cmd": "ping"}, msgpack.packb(1), b"\x00"),  # no valid id
+    ],
+    ids=["truncated", "trailing", "too deep", "id not UTF-8", "id a bool"],
+)
+def test_a_body_whose_id_cannot_be_read_is_refused_with_id_null(data: bytes) -> None:
+    with pytest.raises(protocol.ProtocolError) as info:
+        protocol.decode_request(data)
+    assert (info.value.code, info.value.request_id) == (protocol.BAD_REQUEST, None)
+
+
+def test_bulky_fields_come_back_counted_and_bin_keys_pass() -> None:
+    body = {"v": 1, "id": 5, "cmd": "ping", "args": [1, "é"], "kwargs": {b"k": 1}, "calls": 3}
+    decoded = protocol.decode_request(msgpack.packb(body, use_bin_type=True))
+    assert repr(decoded["args"]) == "Bulk('array', 2)"
+    assert repr(decoded["kwargs"]) == "Bulk('map', 1)"  # §3 admits bin keys; kwargs' are the worker's
+    assert repr(decoded["calls"]) == "Bulk('other', 0)"
