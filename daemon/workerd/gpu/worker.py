@@ -49,7 +49,7 @@ from typing import Any
 
 from workerctl import protocol
 from workerd.config import PipelineConfig
-from workerd.core.processes import die_with_parent
+from workerd.core.processes import kill_own_group, take_group_down_with_parent
 from workerd.core.transport import Channel
 from workerd.logs import setup_logging
 from workerd.pool.worker import stack_path
@@ -142,7 +142,8 @@ class Runner(threading.Thread):
         }
 
 
-def serve(settings: dict[str, Any], sock: socket.socket) -> None:
+def serve(settings: dict[str, Any], sock: socket.socket) -> bool:
+    """Run until told to stop (True) or until the master goes (False: EOF on the channel)."""
     pid = os.getpid()
     dump = open(stack_path(settings["stack_dir"], pid), "w")  # noqa: SIM115 (kept open for life)
     faulthandler.register(signal.SIGUSR1, file=dump, all_threads=True)
@@ -163,9 +164,10 @@ def serve(settings: dict[str, Any], sock: socket.socket) -> None:
                 if frames[0] == b"memory":
                     send([b"memory", frames[1], protocol.pack(runner.snapshot())])
                 elif frames[0] == b"stop":
-                    return
+                    return True
                 else:
                     runner.inbox.put(frames)
+        return False
     finally:
         runner.inbox.put(None)
         runner.join(timeout=5)
@@ -176,10 +178,13 @@ def serve(settings: dict[str, Any], sock: socket.socket) -> None:
 
 def main() -> None:
     settings = json.loads(sys.argv[1])
-    die_with_parent(settings["master_pid"])
+    take_group_down_with_parent(settings["master_pid"])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master decides what Ctrl-C means
     setup_logging(logging.getLevelName(settings.get("log_level", logging.INFO)))
-    serve(settings, socket.socket(fileno=int(sys.argv[2])))
+    if not serve(settings, socket.socket(fileno=int(sys.argv[2]))):
+        # The master closed our channel without a stop: it is gone (its death signal may come
+        # only after we exit), or it gave up on us. What a pipeline started goes with us.
+        kill_own_group()
 
 
 if __name__ == "__main__":
