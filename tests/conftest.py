@@ -50,6 +50,16 @@ def clean_environment() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if key not in systemd}
 
 
+def daemon_environment(env: dict[str, str]) -> dict[str, str]:
+    """Ours with `env` over it; a PYTHONPATH in `env` goes ahead of ours, not instead: a run
+    with PYTHONPATH naming a checkout's daemon/ (a worktree) must test that checkout's daemon,
+    not the one the virtualenv's editable install points at."""
+    merged = {**os.environ, **env}
+    if "PYTHONPATH" in env and os.environ.get("PYTHONPATH"):
+        merged["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], os.environ["PYTHONPATH"]])
+    return merged
+
+
 class Daemon:
     """A workerd process under test."""
 
@@ -71,7 +81,7 @@ class Daemon:
             command += ["--config", str(self.config_path)]
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            command, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **env}
+            command, stdout=self.log, stderr=subprocess.STDOUT, env=daemon_environment(env)
         )
 
     def client(self, timeout: float = 30.0) -> Client:

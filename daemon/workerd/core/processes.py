@@ -80,6 +80,17 @@ def kill_own_group(signum: int = 0, frame: object = None) -> None:
     os.killpg(0, signal.SIGKILL)
 
 
+def kill_group(leader: int) -> None:
+    """SIGKILL what is left of the process group of `leader`, a GPU worker or bridge that has
+    exited (and been reaped): what it started dies with it, whether the master lives on or not
+    (the group's leader is gone, so its death signal no longer serves it). Not for a zygote:
+    its standby, in its group, takes over."""
+    try:
+        os.killpg(leader, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # nothing left
+
+
 def become_subreaper() -> None:
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
 

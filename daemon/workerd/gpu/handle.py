@@ -203,6 +203,7 @@ class GpuWorker:
         """A child of the master exited: is it this worker?"""
         if pid != self.pid:
             return False
+        processes.kill_group(pid)  # what a pipeline started
         how = processes.describe_exit(status)
         was = self.phase
         self.close_channel()
