@@ -44,6 +44,7 @@ import pytest
 from tests.conftest import Daemon, wait_until
 from tests.integration.test_cluster import cluster_config, environment
 from tests.reliability.harness import report, workers_of
+from tests.reliability.test_orphans import assert_nothing_outlives_the_master, tree
 from tests.reliability.test_seams import kill_gpu_worker, pipeline_config, replaced, start_seams, zygote
 from workerctl import Client
 
@@ -255,7 +256,8 @@ def test_the_bridge_and_its_successor_hold_only_their_own(
     start_daemon: Callable[..., Daemon], tmp_path: Path
 ) -> None:
     """With a private Ray head: the bridge, every CPU worker and zygote hold only their own,
-    at boot, after a reload, and after the bridge is SIGKILLed and started again."""
+    at boot, after a reload, and after the bridge is SIGKILLed and started again. Then the
+    master is SIGKILLed: the private head's processes go with it (item 3k)."""
     pytest.importorskip("ray")
     daemon = start_daemon(config=cluster_config(mode="overflow"), env=environment(), wait=False)
     daemon.wait_ready(timeout=120)
@@ -269,6 +271,9 @@ def test_the_bridge_and_its_successor_hold_only_their_own(
         os.kill(bridge, signal.SIGKILL)
         wait_until(lambda: ready_bridge(client, bridge), timeout=120)
         assert_own_descriptors(daemon, client, stack_dir, "a bridge restart")
+        before = tree(daemon.proc.pid)
+    assert any("raylet" in command for command in before.values()), before
+    assert_nothing_outlives_the_master(daemon, before)  # item 3k: Ray's processes included
 
 
 def ready_bridge(client: Client, old: int) -> Any:
