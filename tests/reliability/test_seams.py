@@ -146,9 +146,7 @@ def start_seams(
     for name, source in modules.items():
         (directory / f"{name}.py").write_text(source)
     (directory / "pipe.py").write_text(PIPELINE)
-    # Ahead of ours, not instead: a PYTHONPATH naming a checkout's daemon/ must reach the daemon.
-    path = os.pathsep.join(filter(None, [str(directory), os.environ.get("PYTHONPATH")]))
-    return start_daemon(config=config, env={"PYTHONPATH": path, **(env or {})}, wait=wait)
+    return start_daemon(config=config, env={"PYTHONPATH": str(directory), **(env or {})}, wait=wait)
 
 
 def execute(request_id: Any, name: str, *args: Any, **fields: Any) -> list[bytes]:
