@@ -253,6 +253,7 @@ class Cluster:
         """A child of the master exited: is it the bridge?"""
         if pid != self.pid:
             return False
+        processes.kill_group(pid)  # Ray processes of a private head that outlive the bridge
         how = processes.describe_exit(status)
         was = self.phase
         self.close_channel()

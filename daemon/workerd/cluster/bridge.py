@@ -60,7 +60,7 @@ from typing import Any
 
 from workerctl import protocol
 from workerd.config import PipelineConfig
-from workerd.core.processes import die_with_parent
+from workerd.core.processes import take_group_down_with_parent
 from workerd.core.transport import Channel
 from workerd.logs import setup_logging
 from workerd.pipelines.placement import WorkerView, place
@@ -581,7 +581,7 @@ async def serve(bridge: Bridge) -> None:
 def main() -> None:
     started = time.monotonic()
     settings = json.loads(sys.argv[1])
-    die_with_parent(settings["master_pid"])
+    take_group_down_with_parent(settings["master_pid"])  # Ray's private head is in our group
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master decides what Ctrl-C means
     setup_logging(logging.getLevelName(settings.get("log_level", logging.INFO)))
     for key, value in RAY_ENVIRONMENT.items():

@@ -177,6 +177,8 @@ class Child:
         answer a job in its kill window TIMEOUT, settle the rest, answer what was asked of it.
         Returns True if it died in a kill window (its TIMEOUT answered here)."""
         pid = self.pid
+        if pid is not None:
+            processes.kill_group(pid)  # what it started (a spawned child leads its own group)
         self.close()
         self.pid = None
         timed_out = self.close_kill(alive=False)

@@ -48,7 +48,7 @@ from typing import Any
 
 from workerctl import protocol
 from workerd.config import PipelineConfig
-from workerd.core.processes import die_with_parent
+from workerd.core.processes import kill_own_group, take_group_down_with_parent
 from workerd.core.stacks import open_dump
 from workerd.core.transport import Channel
 from workerd.logs import setup_logging
@@ -141,7 +141,8 @@ class Runner(threading.Thread):
         }
 
 
-def serve(settings: dict[str, Any], sock: socket.socket) -> None:
+def serve(settings: dict[str, Any], sock: socket.socket) -> bool:
+    """Run until told to stop (True) or until the master goes (False: EOF on the channel)."""
     dump = open_dump(settings["stack_dir"])  # SIGUSR1: our stacks, for a timeout's TIMEOUT reply
     channel = Channel(sock, max_frame=settings["max_message_bytes"], blocking=True)
     lock = threading.Lock()
@@ -160,9 +161,10 @@ def serve(settings: dict[str, Any], sock: socket.socket) -> None:
                 if frames[0] == b"memory":
                     send([b"memory", frames[1], protocol.pack(runner.snapshot())])
                 elif frames[0] == b"stop":
-                    return
+                    return True
                 else:
                     runner.inbox.put(frames)
+        return False
     finally:
         runner.inbox.put(None)
         runner.join(timeout=5)
@@ -173,10 +175,13 @@ def serve(settings: dict[str, Any], sock: socket.socket) -> None:
 
 def main() -> None:
     settings = json.loads(sys.argv[1])
-    die_with_parent(settings["master_pid"])
+    take_group_down_with_parent(settings["master_pid"])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master decides what Ctrl-C means
     setup_logging(logging.getLevelName(settings.get("log_level", logging.INFO)))
-    serve(settings, socket.socket(fileno=int(sys.argv[2])))
+    if not serve(settings, socket.socket(fileno=int(sys.argv[2]))):
+        # The master closed our channel without a stop: it is gone (its death signal may come
+        # only after we exit), or it gave up on us. What a pipeline started goes with us.
+        kill_own_group()
 
 
 if __name__ == "__main__":

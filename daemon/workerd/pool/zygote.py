@@ -27,6 +27,15 @@ its heap is the zygote's, shared copy-on-write.
 The zygote exits when the master closes its end, and dies with the master (PR_SET_PDEATHSIG);
 workers die with their zygote the same way. The master reaps the zygote by SIGCHLD (it is the
 master's child, and the master is a subreaper, so the standby becomes its child too).
+
+The zygote leads a process group (processes.spawn) that its standby, its workers and whatever
+they start share; when the zygote ends, retired or bereft of the master, it SIGKILLs that group,
+so a preload's helper or a task's child process does not outlive its generation.
+
+Descriptors: fds arrive close-on-exec (MSG_CMSG_CLOEXEC), or every process the master spawned
+later would hold them; a fork copies every descriptor whatever its flag, so the zygote holds
+nothing but its channel and wake pipe when it forks (a worker's or standby's channel end only
+between its fork and its send), and each child closes those first.
 """
 
 from __future__ import annotations
@@ -83,8 +92,12 @@ def receive(sock: socket.socket) -> list[Event] | None:
 
 
 def receive_packet(sock: socket.socket) -> tuple[bytes, list[int]]:
-    """One packet and its fds, without waiting (socket.recv_fds drops its flags on 3.11)."""
-    data, ancillary, _, _ = sock.recvmsg(MAX_PACKET, socket.CMSG_LEN(4), socket.MSG_DONTWAIT)
+    """One packet and its fds, without waiting (socket.recv_fds drops its flags on 3.11).
+
+    The only place fds are received. MSG_CMSG_CLOEXEC: an fd received without it is
+    inheritable, and spawn passes inheritable fds on (spawn closes strays as well)."""
+    flags = socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
+    data, ancillary, _, _ = sock.recvmsg(MAX_PACKET, socket.CMSG_LEN(4), flags)
     fds = array.array("i")
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -209,8 +222,9 @@ class Zygote:
             self.loop(import_s)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the master is gone: so are we (and our workers, by their death signal)
-        if self.standby_pid:
-            processes.signal_quietly(self.standby_pid, signal.SIGKILL)
+        # Retired (no workers left) or bereft of the master: the standby, and anything a preload
+        # or a task started, go with us. Us included: there is nothing left to do.
+        processes.kill_own_group()
 
     def loop(self, import_s: float) -> None:
         signal.set_wakeup_fd(self.wake_write)
@@ -291,6 +305,7 @@ class Zygote:
         """In a child: drop the zygote's channel and signal plumbing."""
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(processes.MASTER_GONE, signal.SIG_DFL)  # only a serving zygote kills the group
         for fd in self.closed_in_children():
             os.close(fd)
 
@@ -322,7 +337,7 @@ class Zygote:
                     break  # the master or our zygote retired us
                 if json.loads(data).get("cmd") == "serve":
                     # Our zygote is dead and we are the master's child now (it is a subreaper).
-                    processes.die_with_parent(self.master)
+                    processes.take_group_down_with_parent(self.master)
                     Zygote(sock, self.settings, self.generation, self.master).serve(0.0)
                     break
         except BaseException:
@@ -333,9 +348,10 @@ class Zygote:
 
 
 def main(fd: int, master: int) -> None:
-    processes.die_with_parent(master)
-    # Ctrl-C on a foreground daemon reaches the whole process group; the master decides what
-    # it means (a graceful stop), so the zygote and its workers must not die of it mid-task.
+    processes.take_group_down_with_parent(master)
+    # The master decides what Ctrl-C means (a graceful stop): the zygote and its workers must
+    # not die of it mid-task. A terminal's Ctrl-C reaches only the master's process group, not
+    # ours; this covers a SIGINT sent to our group on purpose (workers inherit it).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
     data = sock.recv(MAX_PACKET)
