@@ -224,9 +224,9 @@ import os
 def cycle(n):
     # Off from here on in this worker, so that only clear_memory's gc.collect() finds the cycle.
     gc.disable()
-    nodes = [{} for _ in range(n)]
+    nodes = [[] for _ in range(n)]
     for node, after in zip(nodes, nodes[1:] + nodes[:1]):
-        node["next"] = after
+        node.append(after)
     return os.getpid()
 """
 CYCLE = 10_000
