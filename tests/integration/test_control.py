@@ -356,7 +356,11 @@ def test_daemons_starting_together_on_one_path_leave_exactly_one(tmp_path: Path)
     try:
         wait_until(lambda: sum(p.poll() is not None for p in procs) == 2, timeout=30)
         survivor = next(p for p in procs if p.poll() is None)
-        assert all(p.returncode == 69 for p in procs if p is not survivor)
+        losers = [p for p in procs if p is not survivor]
+        assert [p.returncode for p in losers] == [69, 69]
+        for loser in losers:
+            _, stderr = loser.communicate(timeout=10)
+            assert f"another workerd is already serving {path}; refusing to start" in stderr.decode()
         with Client(path) as client:
             assert client.ping()["pid"] == survivor.pid
     finally:

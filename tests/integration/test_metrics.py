@@ -171,7 +171,10 @@ def test_pipeline_cache_and_gpu_memory(start_daemon: Callable[..., Daemon], tmp_
         dict(labels)["device"] for name, labels in samples if name == "workerd_gpu_allocated_bytes"
     )
     assert sample(samples, "workerd_gpu_allocated_bytes", device=device) >= 30 * 1024 * 1024
-    assert sample(samples, "workerd_gpu_reserved_bytes", device=device) >= 0
+    # The caching allocator reserves at least what is allocated; on the CPU the figure is the
+    # GPU worker's private memory, which holds the pipeline's tensors.
+    reserved = sample(samples, "workerd_gpu_reserved_bytes", device=device)
+    assert reserved >= sample(samples, "workerd_gpu_allocated_bytes", device=device)
     assert sample(samples, "workerd_workers", kind="gpu", state="idle") == 1
 
 

@@ -217,8 +217,29 @@ def test_scale_up_and_down(daemon: Daemon) -> None:
     wait_until(pool_full(daemon, 3))
 
 
-def test_memory_status_and_clear_gc(daemon: Daemon) -> None:
+GARBAGE = """
+import gc
+import os
+
+def cycle(n):
+    # Off from here on in this worker, so that only clear_memory's gc.collect() finds the cycle.
+    gc.disable()
+    nodes = [[] for _ in range(n)]
+    for node, after in zip(nodes, nodes[1:] + nodes[:1]):
+        node.append(after)
+    return os.getpid()
+"""
+CYCLE = 10_000
+
+
+def test_memory_status_and_clear_gc(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "garbage.py").write_text(GARBAGE)
+    path = os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")]))
+    daemon = start_daemon(config=config(modules=(TASKS, "garbage")), env={"PYTHONPATH": path})
     with daemon.client() as client:
+        littered = client.execute("garbage:cycle", CYCLE)
         memory = client.memory_status()
         assert memory["daemon"]["pid"] == daemon.proc.pid and memory["daemon"]["rss_bytes"] > 0
         assert len(memory["workers"]) == 2
@@ -229,7 +250,10 @@ def test_memory_status_and_clear_gc(daemon: Daemon) -> None:
         cleared = client.clear_memory("gc")
     assert cleared["level"] == "gc"
     assert sorted(w["pid"] for w in cleared["workers"]) == sorted(w["pid"] for w in memory["workers"])
-    assert all(w["freed_objects"] >= 0 and w["uss_after"] > 0 for w in cleared["workers"])
+    assert all(w["uss_after"] > 0 for w in cleared["workers"])
+    freed = {w["pid"]: w["freed_objects"] for w in cleared["workers"]}
+    assert freed[littered] >= CYCLE  # the cycle the task left, in the worker that ran it
+    assert all(n < CYCLE for pid, n in freed.items() if pid != littered), freed
 
 
 def write_module(directory: Path, version: int) -> None:
@@ -275,7 +299,7 @@ def test_reload_with_broken_code_keeps_the_old_code(
     daemon = start_daemon(config=config(workers=1, modules=("reloadable",)), env={"PYTHONPATH": str(code)})
     (code / "reloadable.py").write_text("raise RuntimeError('broken on purpose')\n")
     (code / "added.py").write_text("def hello():\n    return 'hi'\n")
-    assert daemon.config_path is not None
+    assert daemon.config_path.read_text() == config(workers=1, modules=("reloadable",))  # what it reloads
     daemon.config_path.write_text(config(workers=1, modules=("reloadable", "added")))
     with daemon.client() as client:
         with pytest.raises(errors.InternalError, match="broken on purpose"):

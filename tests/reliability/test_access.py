@@ -242,7 +242,7 @@ def test_client_library_as_another_user(guarded: Daemon, users: Users) -> None:
 
 def test_reload_applies_new_access_rules_at_once(guarded: Daemon, users: Users) -> None:
     assert workerctl_as(users.plain, guarded.socket, "run", ECHO).returncode == errors.EXIT_DENIED
-    assert guarded.config_path is not None
+    assert guarded.config_path.read_text() == config(users)  # the file the SIGHUP rereads
     guarded.config_path.write_text(config(users, execute="[]"))  # open to all who can connect
     guarded.proc.send_signal(signal.SIGHUP)
     with guarded.client() as client:
