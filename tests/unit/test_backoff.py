@@ -1,8 +1,10 @@
-"""The one back-off (core/backoff.py): doubling from first to max, reset, cancel, due once."""
+"""The one back-off (core/backoff.py): doubling from first to max, reset, cancel, due once; and
+the one fan-out (core/fanout.py)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from workerd.core.backoff import Backoff
 
@@ -39,3 +41,18 @@ def test_now_owes_a_retry_without_counting_a_failure() -> None:
     backoff.now(5.0)
     assert backoff.ready(5.0)
     assert backoff.next(0.0) == 1.0
+
+
+def test_a_fan_out_answers_once_every_slot_is_filled() -> None:
+    from workerd.core.fanout import gather
+
+    got: list[list[object]] = []
+    puts: list[Callable[[object], None]] = []
+    gather([puts.append, puts.append], got.append)
+    puts[1]("second")
+    assert got == []
+    puts[0]("first")
+    puts[0]("late")  # a second answer in a slot is dropped
+    assert got == [["first", "second"]]
+    gather([], got.append)  # nobody to ask: answered at once
+    assert got[-1] == []

@@ -103,10 +103,6 @@ def ok(job: Job, result: Any = "done") -> bytes:
     return protocol.encode_result(job.request_id, result)
 
 
-def never_a_stack() -> str:
-    raise AssertionError("a stack was read for a worker that did not time out")
-
-
 def refuse_retry(job: Job) -> None:
     raise AssertionError(f"job {job.id} was retried")
 
@@ -425,7 +421,7 @@ def test_settle_after_previous_loses_the_running_job_and_hands_back_the_rest(
     lane = Lane(3, AFTER_PREVIOUS)
     head, second, third = held(lane, ledger, make_job(1), make_job(2), make_job(3))
     handed: list[Job] = []
-    assert settle(ledger, lane, 5, "worker 5", "died", never_a_stack, None, handed.append) is False
+    settle(ledger, lane, 5, "worker 5", "died", None, handed.append)
     assert sent.codes() == ["WORKER_LOST"] and sent.bodies[0]["id"] == head.request_id
     assert handed == [second, third]
     assert (second.state, third.state) == (ASSIGNED, ASSIGNED)  # untouched: the hand-back requeues
@@ -437,7 +433,7 @@ def test_settle_retries_the_running_job_when_told_to(ledger: Ledger, sent: Sent)
     head, second = held(lane, ledger, make_job(1, retries=1), make_job(2))
     retried: list[Job] = []
     handed: list[Job] = []
-    assert settle(ledger, lane, 5, "worker 5", "died", never_a_stack, retried.append, handed.append) is False
+    settle(ledger, lane, 5, "worker 5", "died", retried.append, handed.append)
     assert retried == [head] and handed == [second]
     assert len(sent) == 0
     assert second.attempts == 0  # never ran: a hand-back is not a retry
@@ -447,9 +443,7 @@ def test_settle_when_told_hands_back_a_head_that_never_said_it_started(ledger: L
     lane = Lane(2, WHEN_TOLD)
     jobs = held(lane, ledger, make_job(1), make_job(2))
     handed: list[Job] = []
-    assert (
-        settle(ledger, lane, 5, "the GPU worker", "died", never_a_stack, refuse_retry, handed.append) is False
-    )
+    settle(ledger, lane, 5, "the GPU worker", "died", refuse_retry, handed.append)
     assert handed == jobs
     assert len(sent) == 0
 
@@ -459,7 +453,7 @@ def test_settle_when_told_loses_a_head_that_started(ledger: Ledger, sent: Sent) 
     head, second = held(lane, ledger, make_job(1), make_job(2))
     assert lane.started(head.id, 1.0) is head
     handed: list[Job] = []
-    assert settle(ledger, lane, 5, "the GPU worker", "died", never_a_stack, None, handed.append) is False
+    settle(ledger, lane, 5, "the GPU worker", "died", None, handed.append)
     assert sent.codes() == ["WORKER_LOST"]
     assert sent.error()["message"] == "the GPU worker died while running m:task"
     assert handed == [second]
@@ -468,28 +462,22 @@ def test_settle_when_told_loses_a_head_that_started(ledger: Ledger, sent: Sent) 
 def test_settle_when_assigned_loses_every_job_and_hands_back_none(ledger: Ledger, sent: Sent) -> None:
     lane = Lane(3, WHEN_ASSIGNED)
     jobs = held(lane, ledger, make_job(1), make_job(2), make_job(3))
-    assert settle(ledger, lane, 0, "the Ray bridge", "died", never_a_stack, None, refuse_hand_back) is False
+    settle(ledger, lane, 0, "the Ray bridge", "died", None, refuse_hand_back)
     assert sent.codes() == ["WORKER_LOST"] * 3
     assert [body["id"] for body in sent.bodies] == [job.request_id for job in jobs]
 
 
-def test_settle_answers_an_expired_head_timeout_and_says_so(
+def test_settle_leaves_an_expired_head_to_its_kill_window(
     ledger: Ledger, sent: Sent, metrics: Metrics
 ) -> None:
+    """Past its deadline, the head is owed a TIMEOUT by its kill window (core/kill.py), which
+    answers it with the stack: settle neither retries it nor calls it lost."""
     lane = Lane(2, AFTER_PREVIOUS)
     head, second = held(lane, ledger, make_job(1, timeout_s=0.5, retries=2), make_job(2))
     head.expired = True  # past its deadline; the worker died inside its kill window
     handed: list[Job] = []
-    stacks: list[str] = []
-
-    def stack() -> str:
-        stacks.append("read")
-        return "Traceback: sleep"
-
-    assert settle(ledger, lane, 5, "worker 5", "was killed", stack, refuse_retry, handed.append) is True
-    assert sent.codes() == ["TIMEOUT"]
-    assert sent.error()["details"] == {"timeout_s": 0.5, "pid": 5, "traceback": "Traceback: sleep"}
-    assert stacks == ["read"]
+    settle(ledger, lane, 5, "worker 5", "was killed", refuse_retry, handed.append)
+    assert len(sent) == 0 and head.state is not ANSWERED
     assert handed == [second]
     assert head.retries == 2 and metrics.events["retries"] == 0  # a timeout is never retried
 
@@ -499,7 +487,7 @@ def test_settle_sends_nothing_for_a_head_already_answered(ledger: Ledger, sent: 
     head, second = held(lane, ledger, make_job(1, retries=1), make_job(2))
     ledger.finish(head, ok(head), "ok")  # its result is in; its "done" never came
     handed: list[Job] = []
-    assert settle(ledger, lane, 5, "worker 5", "died", never_a_stack, refuse_retry, handed.append) is False
+    settle(ledger, lane, 5, "worker 5", "died", refuse_retry, handed.append)
     assert sent.codes() == ["ok"]
     assert handed == [second]
 
@@ -509,28 +497,22 @@ def test_settle_sends_nothing_for_an_expired_head_already_answered(ledger: Ledge
     (head,) = held(lane, ledger, make_job(1))
     head.expired = True
     ledger.timed_out(head, 5, "", "worker 5")
-    assert (
-        settle(ledger, lane, 5, "worker 5", "was killed", never_a_stack, refuse_retry, refuse_hand_back)
-        is False
-    )
+    settle(ledger, lane, 5, "worker 5", "was killed", refuse_retry, refuse_hand_back)
     assert sent.codes() == ["TIMEOUT"]
 
 
-def test_settle_when_assigned_times_out_the_expired_and_loses_the_others(ledger: Ledger, sent: Sent) -> None:
+def test_settle_when_assigned_loses_all_but_the_expired(ledger: Ledger, sent: Sent) -> None:
     lane = Lane(3, WHEN_ASSIGNED)
     fast, slow = held(lane, ledger, make_job(1), make_job(2))
     slow.expired = True
-    assert settle(ledger, lane, 0, "the Ray bridge", "died", lambda: "", None, refuse_hand_back) is True
-    assert sent.codes() == ["WORKER_LOST", "TIMEOUT"]
-    assert [body["id"] for body in sent.bodies] == [fast.request_id, slow.request_id]
+    settle(ledger, lane, 0, "the Ray bridge", "died", None, refuse_hand_back)
+    assert sent.codes() == ["WORKER_LOST"]
+    assert [body["id"] for body in sent.bodies] == [fast.request_id]
 
 
 def test_settle_of_an_empty_lane_does_nothing(ledger: Ledger, sent: Sent) -> None:
     for starts in (AFTER_PREVIOUS, WHEN_TOLD, WHEN_ASSIGNED):
-        assert (
-            settle(ledger, Lane(1, starts), 5, "w", "died", never_a_stack, refuse_retry, refuse_hand_back)
-            is False
-        )
+        settle(ledger, Lane(1, starts), 5, "w", "died", refuse_retry, refuse_hand_back)
     assert len(sent) == 0
 
 
@@ -542,7 +524,8 @@ def test_shown_state_derives_idle_and_busy_from_the_lane() -> None:
     assert shown_state("serving", lane) == "idle"
     lane.add(make_job(1), 0.0)
     assert shown_state("serving", lane) == "busy"
-    assert shown_state("killed", lane) == "killing"
+    assert shown_state("serving", lane, killing=True) == "killing"
+    assert shown_state("stopping", lane, killing=True) == "killing"  # a window a stop cannot close
     assert shown_state("stopping", lane) == "stopping"
     assert shown_state("starting", Lane(1)) == "starting"
 
