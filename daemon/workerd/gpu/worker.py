@@ -1,25 +1,28 @@
 """The GPU worker process: a fresh interpreter (never forked: CUDA does not survive a fork).
 
+Runs in: the GPU worker (spawned by the master; gpu/handle.py is the master's side).
+
 Two threads. The runner thread owns the pipeline cache and does the slow work one step at a
 time (load, run, restore, clear). The main thread reads the channel and answers `memory` at
-once, even while a run takes minutes. Both write to the channel (transport.py), one whole
+once, even while a run takes minutes. Both write to the channel (core/transport.py), one whole
 message at a time under a lock; only the main thread reads it.
 
-Messages (GPU worker <-> master, on the socketpair the master spawned us with):
+Messages (GPU worker <-> master, on the socketpair the master spawned us with; kinds named in
+messages.py):
 
-    master -> gpu   [b"run", job id, request body, *raw]
-                    [b"restore", msgpack([names])]          load these, in the background
-                    [b"clear", token, level]                 after the run in progress
-                    [b"memory", token]                       answered at once
-                    [b"stop"]
-    gpu -> master   [b"ready", msgpack({"pid", "device", "import_s", "device_count",
+    master -> gpu   [RUN, job id, request body, *raw]
+                    [RESTORE, msgpack([names])]          load these, in the background
+                    [CLEAR, token, level]                 after the run in progress
+                    [MEMORY, token]                       answered at once
+                    [STOP]
+    gpu -> master   [READY, msgpack({"pid", "device", "import_s", "device_count",
                                             "cached", "parked", "free_bytes"})]
-                    [b"start", job id]                       the run begins now (its timeout too)
-                    [b"done", job id, b"ok"|b"error", reply frame, msgpack(state)]
-                    [b"restored", msgpack({"loaded": [names], "failed": [names], "cached",
+                    [START, job id]                       the run begins now (its timeout too)
+                    [DONE, job id, OK | ERROR, reply frame, msgpack(state)]
+                    [RESTORED, msgpack({"loaded": [names], "failed": [names], "cached",
                                            "parked", "free_bytes"})]
-                    [b"cleared", token, msgpack(result), msgpack(placement state)]
-                    [b"memory", token, msgpack(snapshot)]
+                    [CLEARED, token, msgpack(result), msgpack(placement state)]
+                    [MEMORY, token, msgpack(snapshot)]
 
     state = {"cached": [names on the device, least recently used first: what to restore],
              "parked": [names in host memory], "free_bytes": device budget left,
@@ -52,6 +55,7 @@ from workerd.core.processes import kill_own_group, take_group_down_with_parent
 from workerd.core.stacks import open_dump
 from workerd.core.transport import Channel
 from workerd.logs import setup_logging
+from workerd.messages import CLEAR, CLEARED, DONE, MEMORY, READY, RESTORE, RESTORED, RUN, START, STOP
 
 log = logging.getLogger("workerd.gpu")
 
@@ -83,26 +87,26 @@ class Runner(threading.Thread):
             if frames is None:
                 return
             op = frames[0]
-            if op == b"run":
-                self.send([b"start", frames[1]])
+            if op == RUN:
+                self.send([START, frames[1]])
                 self.send(self.run_pipeline(frames[1], frames[2], frames[3:]))
                 self.cache.settle()  # the leak watch, once the reply is on its way
-            elif op == b"restore":
-                self.send([b"restored", protocol.pack(self.restore(protocol.unpack(frames[1])))])
-            elif op == b"clear":
+            elif op == RESTORE:
+                self.send([RESTORED, protocol.pack(self.restore(protocol.unpack(frames[1])))])
+            elif op == CLEAR:
                 result = self.cache.clear(bytes(frames[2]).decode())
                 cleared = protocol.pack(result | {"device": self.name})
-                self.send([b"cleared", frames[1], cleared, protocol.pack(self.cache.placement_state())])
+                self.send([CLEARED, frames[1], cleared, protocol.pack(self.cache.placement_state())])
 
     def run_pipeline(self, job: bytes, body: bytes, raw: list[bytes]) -> list[Any]:
-        """One pipeline run: [b"done", job, kind, reply body, extra, *raw frames of the reply]."""
+        """One pipeline run: [DONE, job, kind, reply body, extra, *raw frames of the reply]."""
         from workerd.pipelines.cache import run_request
 
         frames = run_request(self.cache, body, raw, self.max_message_bytes, {"device": self.name})
         return self.done(job, *frames)
 
     def done(self, job: bytes, kind: bytes, frames: list[Any]) -> list[Any]:
-        return [b"done", job, kind, frames[0], protocol.pack(self.state()), *frames[1:]]
+        return [DONE, job, kind, frames[0], protocol.pack(self.state()), *frames[1:]]
 
     def state(self) -> dict[str, Any]:
         """The cache's tiers ride along, so the master knows what to restore after a crash (and,
@@ -154,13 +158,13 @@ def serve(settings: dict[str, Any], sock: socket.socket) -> bool:
     started = time.monotonic()
     runner = Runner(settings, send)
     runner.start()
-    send([b"ready", protocol.pack(runner.ready(time.monotonic() - started))])
+    send([READY, protocol.pack(runner.ready(time.monotonic() - started))])
     try:
         while (messages := channel.receive(block=True)) is not None:
             for frames in messages:
-                if frames[0] == b"memory":
-                    send([b"memory", frames[1], protocol.pack(runner.snapshot())])
-                elif frames[0] == b"stop":
+                if frames[0] == MEMORY:
+                    send([MEMORY, frames[1], protocol.pack(runner.snapshot())])
+                elif frames[0] == STOP:
                     return True
                 else:
                     runner.inbox.put(frames)

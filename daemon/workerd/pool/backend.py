@@ -16,9 +16,7 @@ What `status` shows of a worker, derived from its phase, its kill window and the
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import signal
 import socket
 import time
@@ -30,56 +28,19 @@ from workerd import memory, messages
 from workerd.config import Config
 from workerd.core.backoff import RESTART_FIRST_S, RESTART_MAX_S, Backoff
 from workerd.core.child import Child, frame_limit
-from workerd.core.fanout import gather
-from workerd.core.lifecycle import ANSWERED, ASSIGNED, RUNNING, Job, JobQueue, Lane, Ledger, shown_state
+from workerd.core.lifecycle import ANSWERED, ASSIGNED, RUNNING, Job, JobQueue, Lane, Ledger
 from workerd.core.processes import describe_exit
 from workerd.core.reactor import Reactor
 from workerd.core.transport import Channel
 from workerd.metrics import Metrics
 from workerd.pool.generations import Generations
 from workerd.pool.plan import plan_workers
-from workerd.pool.zygote import ZygoteHandle
+from workerd.pool.workers import Worker, collect_garbage, holder, idle_worker, slow, steal_deadline
+from workerd.pool.zygotes import ZygoteHandle
 
 log = logging.getLogger("workerd.pool")
 
-# A clear_memory fan-out waits this long for busy workers before answering without them.
-FANOUT_WAIT_S = 10.0
 MAX_WORKERS = protocol.MAX_WORKERS
-# A worker whose running job has run this long is sent no job ahead, and the jobs it holds
-# ahead go to an idle worker. Prefetch pays for short tasks, where the master's round trip
-# between two of them is a good part of their time; well before 50 ms it is not any more.
-STEAL_AFTER_S = 0.05
-
-
-@dataclasses.dataclass(eq=False)
-class Worker:
-    pid: int
-    generation: int
-    child: Child
-    phase: str = "starting"  # starting | serving | stopping | gone
-    tasks_done: int = 0
-
-    @property
-    def lane(self) -> Lane:
-        return self.child.lane
-
-    @property
-    def killing(self) -> bool:
-        return self.child.kill is not None or self.child.killed
-
-    @property
-    def state(self) -> str:
-        return shown_state(self.phase, self.lane, self.killing)
-
-    @property
-    def live(self) -> bool:
-        """Counts toward the pool's size: neither on its way out nor told to leave."""
-        return self.phase in ("starting", "serving") and not self.killing
-
-    @property
-    def serving(self) -> bool:
-        """Takes jobs."""
-        return self.phase == "serving" and not self.killing
 
 
 class Pool:
@@ -305,12 +266,6 @@ class Pool:
             self.hand_back(job)
         return surely
 
-    def worker_of(self, job: Job) -> Worker | None:
-        for worker in self.workers.values():
-            if job in worker.lane.jobs:
-                return worker
-        return None
-
     def cancel(self, job: Job, terminate: bool) -> str:
         """`cancel` for one job of this pool, by what will happen to it (protocol.md, cancel):
         "cancelled" (answered CANCELLED before this returns), "running" (it runs on to its own
@@ -319,7 +274,7 @@ class Pool:
         if self.queue.remove(job):
             self.ledger.cancel_reply(job)
             return "cancelled"
-        worker = self.worker_of(job)
+        worker = holder(self.workers.values(), job)
         if worker is None or job.expired:
             return "unknown"
         if job.state is ASSIGNED:  # prefetched: withdrawn if surely not started
@@ -371,7 +326,7 @@ class Pool:
         now = time.monotonic()
         for depth in range(1 + self.config.pool.prefetch):
             for worker in serving:
-                if len(worker.lane) != depth or (depth and self.slow(worker, now)):
+                if len(worker.lane) != depth or (depth and slow(worker, now)):
                     continue
                 zygote = self.generations.zygotes.get(worker.generation)
                 if zygote is None:
@@ -384,35 +339,18 @@ class Pool:
                 if not self.queue:
                     return
 
-    @staticmethod
-    def slow(worker: Worker, now: float) -> bool:
-        """Has its running job run long enough that jobs sent ahead would wait behind it?"""
-        job = worker.lane.running
-        return job is not None and now - job.started_at >= STEAL_AFTER_S
-
-    def idle_worker(self) -> bool:
-        return any(w.serving and not w.lane.jobs for w in self.workers.values())
-
     def steal(self, now: float) -> None:
         """Jobs held ahead by a worker stuck in a long job go back to the queue, for the idle
         workers. Prefetch is a bet that the running job ends soon: this settles a lost bet.
         (withdraw() hands back only jobs surely not started, so none runs twice.)"""
-        if not self.idle_worker():
+        if not idle_worker(self.workers.values()):
             return
         for worker in list(self.workers.values()):
-            if worker.serving and self.slow(worker, now) and worker.lane.prefetched():
+            if worker.serving and slow(worker, now) and worker.lane.prefetched():
                 self.counters["prefetch_taken_back"] += len(self.withdraw(worker, worker.lane.prefetched()))
 
     def steal_deadline(self) -> float:
-        """When a worker holding jobs ahead turns slow, if an idle worker could take them."""
-        if not self.idle_worker():
-            return math.inf
-        times = [
-            w.lane.jobs[0].started_at + STEAL_AFTER_S
-            for w in self.workers.values()
-            if w.serving and len(w.lane) > 1 and w.lane.running is not None
-        ]
-        return min(times, default=math.inf)
+        return steal_deadline(self.workers.values())
 
     def depth(self) -> int:
         """Jobs accepted and not started: queued here, or prefetched by a worker."""
@@ -478,20 +416,7 @@ class Pool:
         FANOUT_WAIT_S has passed; one that leaves meanwhile is skipped at once.
 
         `done` gets {"workers": [per-worker results], "freed_bytes": private memory freed}."""
-        targets = sorted((w for w in self.workers.values() if w.serving), key=lambda w: w.pid)
-
-        def ask(worker: Worker) -> Callable[[Callable[[Any], None]], None]:
-            return lambda put: worker.child.ask(messages.GC, [], put, FANOUT_WAIT_S)
-
-        def answer(results: list[Any]) -> None:
-            entries: list[dict[str, Any]] = [
-                result if "error" not in result else {"pid": worker.pid, "skipped": skipped(result)}
-                for worker, result in zip(targets, results, strict=True)
-            ]
-            freed = sum(max(r["uss_before"] - r["uss_after"], 0) for r in entries if "skipped" not in r)
-            done({"workers": entries, "freed_bytes": freed})
-
-        gather([ask(worker) for worker in targets], answer)
+        collect_garbage(sorted((w for w in self.workers.values() if w.serving), key=lambda w: w.pid), done)
 
     def snapshot(self) -> list[dict[str, Any]]:
         return [
@@ -532,8 +457,3 @@ class Pool:
         self.generations.close()
         for worker in self.workers.values():
             worker.child.close()
-
-
-def skipped(answer: dict[str, Any]) -> str:
-    """Why a worker's gc answer is missing: still busy at the deadline, or gone."""
-    return "busy" if answer.get("reason") == "late" else "gone"

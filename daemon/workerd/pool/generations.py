@@ -28,7 +28,7 @@ from workerd.config import Config
 from workerd.core.backoff import RESTART_FIRST_S, RESTART_MAX_S, Backoff
 from workerd.core.processes import describe_exit
 from workerd.core.reactor import Reactor
-from workerd.pool.zygote import ZygoteHandle
+from workerd.pool.zygotes import ZygoteHandle
 
 log = logging.getLogger("workerd.pool")
 

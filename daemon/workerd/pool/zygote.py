@@ -1,5 +1,8 @@
 """The zygote: imports the task code once, freezes that heap, and forks CPU workers from it.
 
+Runs in: the zygote (spawned by the master), and in its standby and workers until they leave
+it. Its master-side handle is pool/zygotes.py; its packets, pool/packets.py.
+
 Why a separate process: the master holds a ZeroMQ context, whose I/O threads do not survive a
 fork, and the master must never import task code (a module that crashes on import must not take
 the control socket down). The zygote is a fresh interpreter with no threads and no ZeroMQ, so a
@@ -40,7 +43,6 @@ between its fork and its send), and each child closes those first.
 
 from __future__ import annotations
 
-import array
 import gc
 import importlib
 import json
@@ -51,139 +53,21 @@ import socket
 import sys
 import time
 import traceback
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from workerd import faults
 from workerd.core import processes
-
-if TYPE_CHECKING:
-    from workerd.config import Config
-
-MAX_PACKET = 1 << 20
-
-Event = tuple[dict[str, Any], int | None]
-
-
-def send(sock: socket.socket, message: dict[str, Any], fd: int | None = None) -> None:
-    data = json.dumps(message).encode()
-    if fd is None:
-        sock.send(data)
-    else:
-        socket.send_fds(sock, [data], [fd])
-
-
-def receive(sock: socket.socket) -> list[Event] | None:
-    """The packets waiting now, each with its fd; None at EOF.
-
-    Sends block (packets are small and both sides read promptly); reads never do."""
-    events: list[Event] = []
-    while True:
-        try:
-            data, fds = receive_packet(sock)
-        except BlockingIOError:
-            return events
-        except ConnectionResetError:
-            data, fds = b"", []
-        if not data:
-            for fd in fds:
-                os.close(fd)
-            return events or None
-        events.append((json.loads(data), fds[0] if fds else None))
-
-
-def receive_packet(sock: socket.socket) -> tuple[bytes, list[int]]:
-    """One packet and its fds, without waiting (socket.recv_fds drops its flags on 3.11).
-
-    The only place fds are received. MSG_CMSG_CLOEXEC: an fd received without it is
-    inheritable, and spawn passes inheritable fds on (spawn closes strays as well)."""
-    flags = socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
-    data, ancillary, _, _ = sock.recvmsg(MAX_PACKET, socket.CMSG_LEN(4), flags)
-    fds = array.array("i")
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    return data, list(fds)
-
-
-# -- master side ------------------------------------------------------------------------------
-
-
-class ZygoteHandle:
-    """The master's view of one zygote (or standby): its channel, pid and what it serves."""
-
-    def __init__(
-        self, sock: socket.socket, pid: int, generation: int, config: Config, modules: frozenset[str]
-    ) -> None:
-        self.sock = sock
-        self.pid = pid
-        self.generation = generation
-        self.config = config  # takes effect in the pool once this zygote is ready
-        self.modules = modules
-        self.ready = False
-        self.retiring = False
-        self.taking_over = False  # a standby told to serve, not ready yet
-        self.pending_forks = 0
-        self.standby: ZygoteHandle | None = None
-
-    @classmethod
-    def start(cls, settings: dict[str, Any], generation: int, config: Config) -> ZygoteHandle:
-        """Spawn a fresh zygote and send it what to import. Raises OSError if it cannot start."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            pid = processes.spawn(
-                "workerd.pool.zygote", [str(theirs.fileno()), str(os.getpid())], [theirs.fileno()]
-            )
-        except OSError:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        handle = cls(ours, pid, generation, config, frozenset(settings["task_modules"]))
-        handle.send({"settings": settings, "generation": generation})
-        return handle
-
-    def adopt_standby(self, fd: int | None, pid: int) -> None:
-        """Keep the channel of this zygote's standby (replacing an earlier one)."""
-        if self.standby is not None:
-            self.standby.close()
-            self.standby = None
-        if fd is not None:
-            sock = socket.socket(fileno=fd)
-            self.standby = ZygoteHandle(sock, pid, self.generation, self.config, self.modules)
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def send(self, message: dict[str, Any]) -> None:
-        try:
-            send(self.sock, message)
-        except OSError:
-            pass  # the zygote died; reaping it reports that
-
-    def fork(self, count: int = 1) -> None:
-        self.pending_forks += count
-        self.send({"cmd": "fork", "count": count})
-
-    def read_events(self) -> list[Event] | None:
-        events = receive(self.sock)
-        if events is not None:
-            self.pending_forks -= sum(1 for e, _ in events if e.get("event") in ("forked", "fork_failed"))
-        return events
-
-    def retire(self) -> None:
-        """Close the channel: the zygote exits once it has read everything (its standby too)."""
-        self.retiring = True
-        self.close()
-
-    def close(self) -> None:
-        if self.standby is not None:
-            self.standby.close()
-            self.standby = None
-        if self.sock.fileno() >= 0:
-            self.sock.close()
-
-
-# -- zygote side ------------------------------------------------------------------------------
+from workerd.messages import (
+    ZYGOTE_EXITED,
+    ZYGOTE_FAILED,
+    ZYGOTE_FORK,
+    ZYGOTE_FORK_FAILED,
+    ZYGOTE_FORKED,
+    ZYGOTE_READY,
+    ZYGOTE_SERVE,
+    ZYGOTE_STANDBY,
+)
+from workerd.pool.packets import MAX_PACKET, receive, send
 
 
 def import_modules(names: list[str]) -> None:
@@ -231,7 +115,12 @@ class Zygote:
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         freeze(self.settings["gc_freeze"])
         standby = self.fork_standby()
-        ready = {"event": "ready", "pid": os.getpid(), "import_s": import_s, "standby_pid": self.standby_pid}
+        ready = {
+            "event": ZYGOTE_READY,
+            "pid": os.getpid(),
+            "import_s": import_s,
+            "standby_pid": self.standby_pid,
+        }
         send(self.sock, ready, standby)
         if standby is not None:
             os.close(standby)
@@ -245,7 +134,7 @@ class Zygote:
                 if commands is None:
                     break  # the master closed the channel: retire
                 for command, _ in commands:
-                    if command.get("cmd") == "fork":
+                    if command.get("cmd") == ZYGOTE_FORK:
                         self.fork_workers(command["count"])
 
     def reap(self) -> None:
@@ -254,10 +143,10 @@ class Zygote:
                 self.standby_pid = 0
                 fd = self.fork_standby()  # a zygote always has a standby
                 if fd is not None:
-                    send(self.sock, {"event": "standby", "pid": self.standby_pid}, fd)
+                    send(self.sock, {"event": ZYGOTE_STANDBY, "pid": self.standby_pid}, fd)
                     os.close(fd)
             else:
-                send(self.sock, {"event": "exited", "pid": pid, "status": status})
+                send(self.sock, {"event": ZYGOTE_EXITED, "pid": pid, "status": status})
 
     def fork_workers(self, count: int) -> None:
         freeze(self.settings["gc_freeze"])
@@ -265,9 +154,9 @@ class Zygote:
             try:
                 pid, fd = self.fork_worker()
             except OSError as exc:
-                send(self.sock, {"event": "fork_failed", "error": f"cannot fork a worker: {exc}"})
+                send(self.sock, {"event": ZYGOTE_FORK_FAILED, "error": f"cannot fork a worker: {exc}"})
                 continue
-            send(self.sock, {"event": "forked", "pid": pid}, fd)
+            send(self.sock, {"event": ZYGOTE_FORKED, "pid": pid}, fd)
             os.close(fd)
 
     def fork_worker(self) -> tuple[int, int]:
@@ -335,7 +224,7 @@ class Zygote:
                 data = sock.recv(MAX_PACKET)
                 if not data:
                     break  # the master or our zygote retired us
-                if json.loads(data).get("cmd") == "serve":
+                if json.loads(data).get("cmd") == ZYGOTE_SERVE:
                     # Our zygote is dead and we are the master's child now (it is a subreaper).
                     processes.take_group_down_with_parent(self.master)
                     Zygote(sock, self.settings, self.generation, self.master).serve(0.0)
@@ -365,7 +254,11 @@ def main(fd: int, master: int) -> None:
     except BaseException as exc:
         send(
             sock,
-            {"event": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()},
+            {
+                "event": ZYGOTE_FAILED,
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(),
+            },
         )
         sys.exit(1)
     Zygote(sock, settings, generation, master).serve(time.monotonic() - started)
