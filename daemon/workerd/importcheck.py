@@ -103,7 +103,7 @@ def problem_of(entry: dict[str, Any]) -> str | None:
         if "module" in entry:
             importlib.import_module(entry["module"])
             return None
-        from workerd.pipelines.cache import PipelineError, import_pipeline  # imports torch where installed
+        from workerd.pipelines.loading import PipelineError, import_pipeline
 
         config = PipelineConfig(**entry["pipeline"])
         try:

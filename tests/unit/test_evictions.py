@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from workerd.pipelines.cache import HOST, Entry, plan_evictions, plan_parking
+from workerd.pipelines.evictions import HOST, Entry, plan_evictions, plan_parking
 
 MB = 1024 * 1024
 

@@ -23,7 +23,8 @@ from tests import tier_pipelines
 from tests.tier_pipelines import MB, events, moves
 from workerd import memory
 from workerd.config import PipelineConfig
-from workerd.pipelines.cache import PipelineCache, PipelineError
+from workerd.pipelines.cache import PipelineCache
+from workerd.pipelines.loading import PipelineError
 
 torch = pytest.importorskip("torch")
 

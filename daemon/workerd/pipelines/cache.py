@@ -22,22 +22,19 @@ This module runs only inside the GPU worker process; it is the only one that imp
 
 from __future__ import annotations
 
-import dataclasses
 import gc
-import importlib
-import importlib.util
 import logging
-import sys
 import time
-from collections.abc import Callable, Iterable
-from types import ModuleType
+from collections.abc import Callable
 from typing import Any
 
 from workerctl import protocol
 from workerd import tasks
 from workerd.config import PipelineConfig
 from workerd.pipelines import tiers
+from workerd.pipelines.evictions import DEVICE, HOST, Entry, plan_evictions, plan_parking
 from workerd.pipelines.gpumemory import Memory, pick_device
+from workerd.pipelines.loading import PipelineError, import_pipeline, missing_module
 from workerd.pipelines.sources import SourceError, Sources
 
 log = logging.getLogger("workerd.gpu")
@@ -52,148 +49,7 @@ if torch is not None:
     OOM_ERRORS += (torch.cuda.OutOfMemoryError,)
 
 MB = 1024 * 1024
-DEVICE, HOST = "device", "host"  # the tiers
 WARM, WOKEN, COLD = "warm", "woken", "cold"  # how a run started
-
-
-class PipelineError(Exception):
-    """A pipeline that cannot be loaded or run; `code` is the protocol error code."""
-
-    def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.details = details or {}
-
-
-@dataclasses.dataclass(eq=False)
-class Entry:
-    name: str
-    sha256: str
-    module: ModuleType
-    obj: Any
-    bytes: int  # its footprint: what its load added
-    load_s: float
-    peak_bytes: int = 0  # what the last run needed beyond `bytes`
-    runs: int = 0
-    last_used: float = dataclasses.field(default_factory=time.time)
-    tier: str = DEVICE
-    parkable: bool = False  # tiers.can_move said yes at load
-    retained_bytes: int = 0  # what its runs left allocated since the load
-    residue_bytes: int = 0  # parked: device memory it still held after the move (CUDA only)
-    warned: bool = False  # the retained warning is logged once per load
-    wakes: int = 0
-    wake_s: float = 0.0  # the last wake's seconds (the move back alone)
-    park_s: float = 0.0  # the last park's seconds
-
-    @property
-    def device_bytes(self) -> int:
-        return self.bytes + self.retained_bytes if self.tier == DEVICE else self.residue_bytes
-
-    @property
-    def host_bytes(self) -> int:
-        return self.bytes if self.tier == HOST else 0
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "sha256": self.sha256,
-            "tier": self.tier,
-            "bytes": self.bytes,
-            "device_bytes": self.device_bytes,
-            "host_bytes": self.host_bytes,
-            "retained_bytes": self.retained_bytes,
-            "peak_bytes": self.peak_bytes,
-            "parkable": self.parkable,
-            "runs": self.runs,
-            "wakes": self.wakes,
-            "last_used": self.last_used,
-            "load_s": self.load_s,
-            "wake_s": self.wake_s,
-            "park_s": self.park_s,
-        }
-
-
-# -- pure decisions: what leaves the device, and where it goes ---------------------------------
-
-
-def plan_evictions(entries: Iterable[Entry], in_use: int, needed: int, budget: int, keep: str) -> list[str]:
-    """The least recently used pipelines on the device (other than `keep`) that must leave it so
-    `needed` more fits.
-
-    Returns as few as possible, oldest first; if even all of them are not enough it returns all
-    of them, and the caller tries anyway (the allocator may still find room).
-    """
-    victims: list[str] = []
-    for entry in sorted(entries, key=lambda e: e.last_used):
-        if in_use + needed <= budget:
-            break
-        if entry.name == keep or entry.tier != DEVICE:
-            continue
-        victims.append(entry.name)
-        in_use -= entry.device_bytes
-    return victims
-
-
-# -- the pipeline's code ---------------------------------------------------------------------
-
-# What a missing module is installed with, where workerd itself brings it (the gpu extra).
-EXTRAS = {"torch": "pip install 'workerd[gpu]'"}
-
-
-def import_pipeline(config: PipelineConfig, path: str) -> ModuleType:
-    """A fresh copy of the pipeline's code (re-executed, so edits take effect), checked for
-    its load() and run(). `path` is its source file (for a module, where it was found)."""
-    if config.module:
-        module = sys.modules.get(config.module)
-        module = importlib.reload(module) if module else importlib.import_module(config.module)
-    else:
-        spec = importlib.util.spec_from_file_location(f"workerd_pipeline_{config.name}", path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    for function in ("load", "run"):
-        if not callable(getattr(module, function, None)):
-            raise PipelineError(
-                protocol.UNKNOWN_TASK, f"pipeline {config.name!r} has no {function}() function"
-            )
-    return module
-
-
-def missing_module(name: str, module: str) -> PipelineError:
-    """One line for a pipeline that needs a module this environment lacks: a traceback would
-    only repeat it, and the fix is an install, not a change of code."""
-    fix = EXTRAS.get(module, f"install {module!r} into workerd's environment")
-    message = f"pipeline {name!r} needs {module!r}, which is not installed: {fix}"
-    return PipelineError(protocol.TASK_ERROR, message, {"type": "ModuleNotFoundError", "message": message})
-
-
-def plan_parking(
-    victims: Iterable[Entry], parked: Iterable[Entry], host_budget: int
-) -> list[tuple[str, str]]:
-    """How pipelines leaving the device go, in order: ("park", name) or ("drop", name).
-
-    The host tier is least recently used first as well. To make room for a victim, parked
-    pipelines used less recently than it are dropped; a victim that would need more recent ones
-    dropped, that cannot be moved, or that is bigger than the whole host budget is dropped itself.
-    The most recent victims go first, so none is parked only to be dropped for a newer one.
-    """
-    steps: list[tuple[str, str]] = []
-    host = sorted(parked, key=lambda e: e.last_used)
-    used = sum(e.bytes for e in host)
-    for victim in sorted(victims, key=lambda e: e.last_used, reverse=True):
-        older = sum(e.bytes for e in host if e.last_used < victim.last_used)
-        if not victim.parkable or used - older + victim.bytes > host_budget:
-            steps.append(("drop", victim.name))
-            continue
-        while used + victim.bytes > host_budget:
-            oldest = host.pop(0)
-            steps.append(("drop", oldest.name))
-            used -= oldest.bytes
-        steps.append(("park", victim.name))
-        host = sorted([*host, victim], key=lambda e: e.last_used)
-        used += victim.bytes
-    return steps
 
 
 # -- the cache -------------------------------------------------------------------------------
