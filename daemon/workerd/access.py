@@ -25,7 +25,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from workerd.config import ACCESS_COMMANDS, AccessConfig, Principals
+from workerd.config import ACCESS_COMMANDS, AccessConfig
+from workerd.configvalues import Principals
 
 PEER_PROPERTY = "Peer-Address"
 GROUPS_TTL_S = 60.0
