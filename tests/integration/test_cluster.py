@@ -8,6 +8,7 @@ overflow test starts a daemon of its own. The last test stops the shared daemon.
 from __future__ import annotations
 
 import ipaddress
+import os
 import signal
 import subprocess
 import sys
@@ -25,6 +26,9 @@ from tests.conftest import Daemon, wait_until
 from workerctl import errors
 
 REPO = Path(__file__).resolve().parents[2]
+# This checkout's code, in the daemon and in the Ray workers it starts, whichever checkout the
+# environment's own install points at.
+PYTHONPATH = os.pathsep.join([str(REPO / "daemon"), str(REPO / "client"), str(REPO)])
 TASKS = '["workerd.examples.tasks", "tests.cluster_tasks"]'
 PIPELINE = """
 VERSION = {version}
@@ -70,7 +74,7 @@ def cluster_config(
 
 def environment() -> dict[str, str]:
     # The Ray workers a private head starts inherit this: they import tests.cluster_tasks.
-    return {"PYTHONPATH": str(REPO), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    return {"PYTHONPATH": PYTHONPATH, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def ray_processes(bridge_pid: int) -> list[psutil.Process]:
@@ -156,6 +160,20 @@ def test_the_same_client_code_runs_on_the_cluster(cluster_daemon: Daemon) -> Non
     assert ran["pid"] not in local
     assert psutil.Process(ran["parent"]).name() == "raylet"
     assert cluster_requests(cluster_daemon)["ok"] == before + 3
+
+
+def test_pipeline_hosts_leave_every_cpu_to_the_tasks(cluster_daemon: Daemon) -> None:
+    """A pipeline host holds no CPU (an actor naming any resource, num_gpus=0 included, would
+    hold Ray's default of one for its life): as many tasks as the head has CPUs run at once."""
+    status = cluster_status(cluster_daemon)
+    assert status["hosts"] >= 1
+    with cluster_daemon.client() as client:
+        sent = [
+            client.send("execute", name="tests.cluster_tasks:span", args=[3.0])
+            for _ in range(int(status["cpus"]))
+        ]
+        spans = [client.wait_result(r, timeout=60) for r in sent]
+    assert max(s["start"] for s in spans) < min(s["end"] for s in spans), "every task ran at once"
 
 
 def test_a_generator_streams_its_items(cluster_daemon: Daemon) -> None:
