@@ -462,7 +462,7 @@ class Master:
             self.gpu.abort_running()
             self.cluster.abort_running()
             self.exit_deadline = now + EXIT_WAIT_S
-        gone = not self.pool.workers and self.gpu.exited and self.cluster.pid is None
+        gone = not self.pool.workers and self.gpu.exited and self.cluster.exited
         if gone or now >= self.exit_deadline:
             self.state = "stopped"
 

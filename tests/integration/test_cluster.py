@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from tests.conftest import Daemon, wait_until
+from tests.reliability.harness import Counter, request
 from workerctl import errors
 
 REPO = Path(__file__).resolve().parents[2]
@@ -332,6 +333,45 @@ def test_overflow_spills_only_past_spill_queue(start_daemon: Callable[..., Daemo
         placed = run(6)
     assert placed[0] and placed.count(True) == 3
     assert cluster_requests(daemon) == {"ok": 3}
+
+
+def test_a_reload_serves_new_work_on_a_new_bridge_while_the_old_one_drains(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """A reload retires the bridge and starts a new one at once: a request sent after it is
+    answered by the new bridge's head while the old bridge still runs the jobs it holds (as a
+    new zygote's workers serve while an old generation's finish). Each request: one reply."""
+    daemon = start_daemon(config=cluster_config(), env=environment())
+    old = cluster_status(daemon)
+    old_head = ray_processes(old["pid"])
+    count = old["capacity"]  # every job held by the old bridge, none left waiting in the daemon
+    seconds = [0.1, 0.3, 0.5, 0.5, 0.5]
+    with Counter(daemon.socket) as counter:
+        for n in range(count):
+            args = [seconds[n % len(seconds)]]
+            counter.send(request(n, "execute", name="tests.cluster_tasks:where", args=args))
+        wait_until(lambda: cluster_status(daemon)["running"] == count, 30, 0.1)
+        with daemon.client() as client:
+            client.reload()
+            during = client.status()["cluster"]
+        counter.send(request("new", "execute", name="tests.cluster_tasks:where"))
+        order: list[Any] = []
+        deadline = time.monotonic() + 120
+        while len(order) < count + 1 and time.monotonic() < deadline:
+            order += counter.receive(0.2)
+        counter.settle(1.0)
+        tally = counter.tally
+    assert tally.replies == count + 1 and not tally.duplicates() and tally.codes == {"OK": count + 1}
+    after_new = len(order) - 1 - order.index("new")
+    assert after_new >= count // 4, f"only {after_new} of {count} old jobs were answered after the new one"
+    assert during["pid"] != old["pid"] and during["retiring"][0]["pid"] == old["pid"]
+    assert during["retiring"][0]["running"] > 0
+    old_raylets = {tally.results[n]["parent"] for n in range(count)}
+    assert tally.results["new"]["parent"] not in old_raylets, "the new request ran on the new head"
+    # Drained, the old bridge stops (and is reaped), and its private head with it.
+    wait_until(lambda: cluster_status(daemon)["retiring"] == [], 30, 0.2)
+    wait_until(lambda: not [p for p in old_head if alive(p)], 30, 0.2)
+    assert f"retired Ray bridge (pid {old['pid']}) exited with status 0" in daemon.log_path.read_text()
 
 
 def test_engine_ray_config_checks(tmp_path: Path) -> None:
