@@ -67,7 +67,6 @@ class BridgeProcess:
         self.reactor = reactor
         self.phase = STARTING
         self.lane = Lane(MIN_IN_FLIGHT, starts=WHEN_ASSIGNED)
-        self.started_at = time.monotonic()
         self.jobs_done = 0
         self.tokens = (b"%d" % n for n in itertools.count(1))
         self.asks: dict[bytes, tuple[Callback, float]] = {}  # token -> (its answer's callback, deadline)
