@@ -375,6 +375,36 @@ def test_a_reload_serves_new_work_on_a_new_bridge_while_the_old_one_drains(
     assert f"retired Ray bridge (pid {old['pid']}) exited with status 0" in daemon.log_path.read_text()
 
 
+def test_a_retiring_bridge_that_dies_has_its_jobs_retried_on_the_new_one(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """The death of a retiring bridge is its own: its jobs are settled (every one may have run;
+    these asked for a retry, which the new bridge runs) and the serving bridge serves on, the
+    cluster neither down nor restarted."""
+    daemon = start_daemon(config=cluster_config(), env=environment())
+    old = cluster_status(daemon)
+    count = old["capacity"]
+    with Counter(daemon.socket) as counter:
+        for n in range(count):
+            counter.send(request(n, "execute", name="tests.cluster_tasks:where", args=[0.5], retries=1))
+        wait_until(lambda: cluster_status(daemon)["running"] == count, 30, 0.1)
+        with daemon.client() as client:
+            client.reload()
+        wait_until(lambda: cluster_status(daemon)["state"] == "ready", 60, 0.2)  # the new one connected
+        new = cluster_status(daemon)
+        assert new["retiring"][0]["pid"] == old["pid"] and new["retiring"][0]["running"] > 0
+        os.kill(old["pid"], signal.SIGKILL)
+        assert counter.wait_replies(count, timeout_s=120)
+        counter.settle(1.0)
+        tally = counter.tally
+    assert tally.replies == count and not tally.duplicates() and tally.codes == {"OK": count}
+    after = cluster_status(daemon)
+    assert after["pid"] == new["pid"] and after["retiring"] == [] and after["error"] is None
+    with daemon.client() as client:
+        counters = client.status()["counters"]
+    assert counters.get("retries", 0) >= 1 and counters.get("bridge_restarts", 0) == 0
+
+
 def test_engine_ray_config_checks(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text('[cluster]\nengine = "ray"\nmode = "sometimes"\n')
