@@ -31,3 +31,10 @@ def crash_once(marker: str) -> str:
 
 def _private() -> str:
     return "never runs"
+
+
+def span(seconds: float) -> dict[str, float]:
+    """Sleep, and say when it started and ended (CLOCK_MONOTONIC: one clock for the machine)."""
+    start = time.monotonic()
+    time.sleep(seconds)
+    return {"start": start, "end": time.monotonic()}

@@ -23,7 +23,7 @@ from workerd.admission import MAX_CANCEL_IDS, RequestRejected, check_execute, ch
 from workerd.cluster.backend import Cluster
 from workerd.config import Config
 from workerd.core.backend import Backend
-from workerd.core.lifecycle import STOPPING, Job, Ledger
+from workerd.core.lifecycle import STOP_MESSAGE, Job, Ledger
 from workerd.gpu.backend import GpuWorkers
 from workerd.metrics import Metrics
 from workerd.pool.backend import Pool
@@ -213,7 +213,7 @@ class Commands:
     def execute(self, msg: Incoming) -> object:
         master = self.master
         if master.state == "stopping":
-            raise RequestRejected(protocol.SHUTTING_DOWN, STOPPING)
+            raise RequestRejected(protocol.SHUTTING_DOWN, STOP_MESSAGE)
         name, timeout_s, retries = check_execute(msg.request, master.config.pool.task_timeout_s)
         check_raw_frames(msg.raw, master.max_message_bytes)
         is_pipeline = ":" not in name
@@ -302,7 +302,7 @@ class Commands:
                 protocol.BAD_REQUEST, f"'workers' must be an integer from 1 to {protocol.MAX_WORKERS}"
             )
         if self.master.state == "stopping":
-            raise RequestRejected(protocol.SHUTTING_DOWN, STOPPING)
+            raise RequestRejected(protocol.SHUTTING_DOWN, STOP_MESSAGE)
         self.master.pool.scale(workers)
         return {"workers": workers}
 

@@ -33,7 +33,7 @@ from workerd.admission import RequestRejected
 from workerd.cluster.backend import Cluster
 from workerd.core import processes
 from workerd.core.backend import Backend
-from workerd.core.lifecycle import STOPPING, Ledger
+from workerd.core.lifecycle import STOP_MESSAGE, Ledger
 from workerd.core.reactor import Reactor
 from workerd.gpu.backend import GpuWorkers
 from workerd.handlers import DEFERRED, Commands, Incoming
@@ -326,7 +326,7 @@ class Master:
         if requester is not None:
             self.pending_reloads.append(requester)
         if self.state == "stopping":
-            self.finish_reloads(protocol.SHUTTING_DOWN, STOPPING)
+            self.finish_reloads(protocol.SHUTTING_DOWN, STOP_MESSAGE)
             return
         if self.state in ("starting", "reloading"):
             self.reload_queued = self.state == "starting"  # the first boot finishes first
@@ -445,7 +445,7 @@ class Master:
         log.info("stopping: finishing tasks in flight (grace %g s)", self.config.daemon.stop_timeout_s)
         self.state = "stopping"
         self.notifier.stopping()
-        self.finish_reloads(protocol.SHUTTING_DOWN, STOPPING)
+        self.finish_reloads(protocol.SHUTTING_DOWN, STOP_MESSAGE)
         self.stop_deadline = time.monotonic() + self.config.daemon.stop_timeout_s
         for backend in self.backends:
             backend.begin_stop()

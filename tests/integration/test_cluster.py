@@ -8,6 +8,7 @@ overflow test starts a daemon of its own. The last test stops the shared daemon.
 from __future__ import annotations
 
 import ipaddress
+import os
 import signal
 import subprocess
 import sys
@@ -22,9 +23,13 @@ import psutil
 import pytest
 
 from tests.conftest import Daemon, wait_until
+from tests.reliability.harness import Counter, request
 from workerctl import errors
 
 REPO = Path(__file__).resolve().parents[2]
+# This checkout's code, in the daemon and in the Ray workers it starts, whichever checkout the
+# environment's own install points at.
+PYTHONPATH = os.pathsep.join([str(REPO / "daemon"), str(REPO / "client"), str(REPO)])
 TASKS = '["workerd.examples.tasks", "tests.cluster_tasks"]'
 PIPELINE = """
 VERSION = {version}
@@ -70,7 +75,7 @@ def cluster_config(
 
 def environment() -> dict[str, str]:
     # The Ray workers a private head starts inherit this: they import tests.cluster_tasks.
-    return {"PYTHONPATH": str(REPO), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    return {"PYTHONPATH": PYTHONPATH, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def ray_processes(bridge_pid: int) -> list[psutil.Process]:
@@ -156,6 +161,20 @@ def test_the_same_client_code_runs_on_the_cluster(cluster_daemon: Daemon) -> Non
     assert ran["pid"] not in local
     assert psutil.Process(ran["parent"]).name() == "raylet"
     assert cluster_requests(cluster_daemon)["ok"] == before + 3
+
+
+def test_pipeline_hosts_leave_every_cpu_to_the_tasks(cluster_daemon: Daemon) -> None:
+    """A pipeline host holds no CPU (an actor naming any resource, num_gpus=0 included, would
+    hold Ray's default of one for its life): as many tasks as the head has CPUs run at once."""
+    status = cluster_status(cluster_daemon)
+    assert status["hosts"] >= 1
+    with cluster_daemon.client() as client:
+        sent = [
+            client.send("execute", name="tests.cluster_tasks:span", args=[3.0])
+            for _ in range(int(status["cpus"]))
+        ]
+        spans = [client.wait_result(r, timeout=60) for r in sent]
+    assert max(s["start"] for s in spans) < min(s["end"] for s in spans), "every task ran at once"
 
 
 def test_a_generator_streams_its_items(cluster_daemon: Daemon) -> None:
@@ -314,6 +333,76 @@ def test_overflow_spills_only_past_spill_queue(start_daemon: Callable[..., Daemo
         placed = run(6)
     assert placed[0] and placed.count(True) == 3
     assert cluster_requests(daemon) == {"ok": 3}
+
+
+def test_a_reload_serves_new_work_on_a_new_bridge_while_the_old_one_drains(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """A reload retires the bridge and starts a new one at once: a request sent after it is
+    answered by the new bridge's head while the old bridge still runs the jobs it holds (as a
+    new zygote's workers serve while an old generation's finish). Each request: one reply."""
+    daemon = start_daemon(config=cluster_config(), env=environment())
+    old = cluster_status(daemon)
+    old_head = ray_processes(old["pid"])
+    count = old["capacity"]  # every job held by the old bridge, none left waiting in the daemon
+    seconds = [0.1, 0.5, 0.5, 0.5, 0.5]
+    with Counter(daemon.socket) as counter:
+        for n in range(count):
+            args = [seconds[n % len(seconds)]]
+            counter.send(request(n, "execute", name="tests.cluster_tasks:where", args=args))
+        wait_until(lambda: cluster_status(daemon)["running"] == count, 30, 0.1)
+        with daemon.client() as client:
+            client.reload()
+            during = client.status()["cluster"]
+        counter.send(request("new", "execute", name="tests.cluster_tasks:where"))
+        order: list[Any] = []
+        deadline = time.monotonic() + 120
+        while len(order) < count + 1 and time.monotonic() < deadline:
+            order += counter.receive(0.2)
+        counter.settle(1.0)
+        tally = counter.tally
+    assert tally.replies == count + 1 and not tally.duplicates() and tally.codes == {"OK": count + 1}
+    after_new = len(order) - 1 - order.index("new")
+    # Before: 0 (the new request waited for every old job). Measured on 2 shared cores: 46 of 64.
+    assert after_new >= count // 8, f"only {after_new} of {count} old jobs were answered after the new one"
+    assert during["pid"] != old["pid"] and during["retiring"][0]["pid"] == old["pid"]
+    assert during["retiring"][0]["running"] > 0
+    old_raylets = {tally.results[n]["parent"] for n in range(count)}
+    assert tally.results["new"]["parent"] not in old_raylets, "the new request ran on the new head"
+    # Drained, the old bridge stops (and is reaped), and its private head with it.
+    wait_until(lambda: cluster_status(daemon)["retiring"] == [], 30, 0.2)
+    wait_until(lambda: not [p for p in old_head if alive(p)], 30, 0.2)
+    assert f"retired Ray bridge (pid {old['pid']}) exited with status 0" in daemon.log_path.read_text()
+
+
+def test_a_retiring_bridge_that_dies_has_its_jobs_retried_on_the_new_one(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """The death of a retiring bridge is its own: its jobs are settled (every one may have run;
+    these asked for a retry, which the new bridge runs) and the serving bridge serves on, the
+    cluster neither down nor restarted."""
+    daemon = start_daemon(config=cluster_config(), env=environment())
+    old = cluster_status(daemon)
+    count = old["capacity"]
+    with Counter(daemon.socket) as counter:
+        for n in range(count):
+            counter.send(request(n, "execute", name="tests.cluster_tasks:where", args=[0.5], retries=1))
+        wait_until(lambda: cluster_status(daemon)["running"] == count, 30, 0.1)
+        with daemon.client() as client:
+            client.reload()
+        wait_until(lambda: cluster_status(daemon)["state"] == "ready", 60, 0.2)  # the new one connected
+        new = cluster_status(daemon)
+        assert new["retiring"][0]["pid"] == old["pid"] and new["retiring"][0]["running"] > 0
+        os.kill(old["pid"], signal.SIGKILL)
+        assert counter.wait_replies(count, timeout_s=120)
+        counter.settle(1.0)
+        tally = counter.tally
+    assert tally.replies == count and not tally.duplicates() and tally.codes == {"OK": count}
+    after = cluster_status(daemon)
+    assert after["pid"] == new["pid"] and after["retiring"] == [] and after["error"] is None
+    with daemon.client() as client:
+        counters = client.status()["counters"]
+    assert counters.get("retries", 0) >= 1 and counters.get("bridge_restarts", 0) == 0
 
 
 def test_engine_ray_config_checks(tmp_path: Path) -> None:

@@ -25,11 +25,10 @@ import psutil
 import pytest
 
 from tests.conftest import Daemon, wait_until
-from tests.integration.test_cluster import cluster_config
+from tests.integration.test_cluster import PYTHONPATH, cluster_config
 from tests.reliability.harness import Counter, request
 from workerctl import errors
 
-REPO = Path(__file__).resolve().parents[2]
 HEAD_ONLY = """
 import os
 
@@ -44,7 +43,7 @@ def ray_cluster() -> Iterator[Any]:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        patch.setenv("PYTHONPATH", str(REPO))  # the nodes' workers import tests.cluster_tasks
+        patch.setenv("PYTHONPATH", PYTHONPATH)  # the nodes' workers import tests.cluster_tasks
         loopback = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
         cluster = Cluster(initialize_head=True, head_node_args={**loopback, "include_dashboard": False})
         try:
@@ -76,7 +75,7 @@ def start(directory: Path, config: str, pythonpath: str) -> Daemon:
 @pytest.fixture(scope="module")
 def nodes_daemon(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     config = nodes_config(ray_cluster.address, '["tests.cluster_tasks"]')
-    daemon = start(tmp_path_factory.mktemp("nodes"), config, str(REPO))
+    daemon = start(tmp_path_factory.mktemp("nodes"), config, PYTHONPATH)
     yield daemon
     daemon.stop(timeout=20)
 
@@ -136,7 +135,7 @@ def test_a_module_only_on_the_heads_side_is_shipped(ray_cluster: Any, tmp_path: 
     modules = tmp_path / "headonly"
     modules.mkdir()
     (modules / "headonly_tasks.py").write_text(HEAD_ONLY)
-    path = f"{REPO}:{modules}"
+    path = f"{PYTHONPATH}:{modules}"
     shipping = start(tmp_path / "ship", nodes_config(ray_cluster.address, '["headonly_tasks"]', True), path)
     try:
         with shipping.client() as client:
@@ -186,7 +185,7 @@ def ray_start(port: int, temp_dir: str) -> None:
     ray = str(Path(sys.executable).parent / "ray")
     command = [ray, "start", "--head", f"--port={port}", "--num-cpus=1", "--node-ip-address=127.0.0.1"]
     command += ["--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONPATH": PYTHONPATH}
     subprocess.run(command, check=True, capture_output=True, timeout=120, env=env)
 
 
@@ -206,7 +205,7 @@ def test_a_head_that_is_down_is_one_line_and_reconnects(tmp_path: Path) -> None:
     config = nodes_config(f"127.0.0.1:{port}", '["tests.cluster_tasks"]').replace(
         'mode = "all"', 'mode = "overflow"'
     )
-    daemon = start(tmp_path / "down", config.replace("workers = 1", "workers = 1\nprefetch = 0"), str(REPO))
+    daemon = start(tmp_path / "down", config.replace("workers = 1", "workers = 1\nprefetch = 0"), PYTHONPATH)
     try:
         status = cluster_of(daemon)
         assert status["state"] == "down"

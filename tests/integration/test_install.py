@@ -26,13 +26,12 @@ COMMANDS = ("workerd", "workerctl")
 def run(
     *command: str | Path, timeout: float = 300, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
+    # The interpreter of this suite makes the venv: a known Python >= 3.11. Without our
+    # PYTHONPATH (a checkout's daemon/ on it would be what the installed venv imports).
+    environment = clean_env(PYTHON=sys.executable, **(env or {}))
+    environment.pop("PYTHONPATH", None)
     return subprocess.run(
-        [str(part) for part in command],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        # The interpreter of this suite makes the venv: a known Python >= 3.11.
-        env=clean_env(PYTHON=sys.executable, **(env or {})),
+        [str(part) for part in command], capture_output=True, text=True, timeout=timeout, env=environment
     )
 
 

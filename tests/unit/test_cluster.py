@@ -130,7 +130,7 @@ def test_the_embedded_default_keeps_the_cluster_off() -> None:
 def test_what_ships_is_each_modules_top_level_package_or_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from workerd.cluster.bridge import py_modules
+    from workerd.cluster.driver import py_modules
 
     (tmp_path / "single.py").write_text("")
     (tmp_path / "pkg" / "sub").mkdir(parents=True)
@@ -146,7 +146,7 @@ def test_what_ships_is_each_modules_top_level_package_or_file(
 def test_a_ray_failure_is_lost_when_what_ran_it_died_and_failed_otherwise() -> None:
     from ray import exceptions
 
-    from workerd.cluster.bridge import classify
+    from workerd.cluster.driver import classify
 
     assert classify(exceptions.WorkerCrashedError())[0] == b"lost"
     assert classify(exceptions.NodeDiedError("node gone"))[0] == b"lost"

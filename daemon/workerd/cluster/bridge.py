@@ -1,30 +1,34 @@
 """The Ray bridge: a fresh interpreter, spawned by the master when `[cluster] engine = "ray"`.
 
+Runs in: the bridge (cluster/process.py and backend.py are the master's side; driver.py is how
+it connects to Ray; remote.py is what runs in Ray's own processes).
+
 It is the one Ray driver of the daemon (the master never imports ray, as it never imports
 torch): it connects to the head (or, with `address = "local"`, starts a private one on
 127.0.0.1, whose processes live and die with this one), submits the jobs the master sends as
 Ray tasks and actor calls (cluster/remote.py), and reports each job's messages back. It runs
 every job it holds at once; the master's Lane for it starts each job when assigned.
 
-Messages (bridge <-> master, on the socketpair the master spawned us with):
+Messages (bridge <-> master, on the socketpair the master spawned us with; kinds named in
+messages.py):
 
-    master -> bridge  [b"run", job id, name, request body, *raw]    a CPU task or a pipeline run
-                      [b"cancel", job id]        stop it: ray.cancel(force=True) for a task, the
+    master -> bridge  [RUN, job id, name, request body, *raw]    a CPU task or a pipeline run
+                      [CANCEL, job id]        stop it: ray.cancel(force=True) for a task, the
                                                  host actor killed and replaced for a pipeline
                                                  run; nothing more is said of that job
-                      [b"memory", token]         nodes, their Ray processes, the pipeline hosts
-                      [b"clear", token, level]   clear_memory in every pipeline host
-                      [b"stop"]                  ray.shutdown() and exit (sent once idle)
-    bridge -> master  [b"ready", msgpack({"pid", "address", "connect_s", **state})]
-                      [b"down", msgpack({"error"})]       the head is out of reach; we exit
-                      [b"state", msgpack(state)]          the nodes changed
-                      [b"item", job id, reply frame, *raw]
-                      [b"done", job id, b"ok"|b"error", reply frame, *raw]
-                      [b"lost", job id, msgpack({"what", "how"})]   the Ray worker, node or
+                      [MEMORY, token]         nodes, their Ray processes, the pipeline hosts
+                      [CLEAR, token, level]   clear_memory in every pipeline host
+                      [STOP]                  ray.shutdown() and exit (sent once idle)
+    bridge -> master  [READY, msgpack({"pid", "address", "connect_s", **state})]
+                      [DOWN, msgpack({"error"})]       the head is out of reach; we exit
+                      [STATE, msgpack(state)]          the nodes changed
+                      [ITEM, job id, reply frame, *raw]
+                      [DONE, job id, OK | ERROR, reply frame, *raw]
+                      [LOST, job id, msgpack({"what", "how"})]   the Ray worker, node or
                                                  actor running it died: it may have run
-                      [b"failed", job id, msgpack({"code", "message"})]  Ray could not run it
-                      [b"memory", token, msgpack(snapshot)]
-                      [b"cleared", token, msgpack(result)]
+                      [FAILED, job id, msgpack({"code", "message"})]  Ray could not run it
+                      [MEMORY, token, msgpack(snapshot)]
+                      [CLEARED, token, msgpack(result)]
 
     state = {"nodes": [{"node_id", "address", "alive", "cpus", "gpus"}], "cpus", "gpus",
              "hosts": pipeline host actors}
@@ -46,7 +50,6 @@ import asyncio
 import collections
 import dataclasses
 import functools
-import importlib.util
 import json
 import logging
 import os
@@ -59,86 +62,39 @@ from collections.abc import Callable
 from typing import Any
 
 from workerctl import protocol
+from workerd.cluster.driver import RAY_ENVIRONMENT, classify, cluster_state, connect, gather, one_line
 from workerd.config import PipelineConfig
 from workerd.core.processes import take_group_down_with_parent
 from workerd.core.transport import Channel
 from workerd.logs import setup_logging
+from workerd.messages import (
+    CANCEL,
+    CLEAR,
+    CLEARED,
+    DONE,
+    DOWN,
+    FAILED,
+    ITEM,
+    LOST,
+    MEMORY,
+    READY,
+    RUN,
+    STATE,
+    STOP,
+)
 from workerd.pipelines.placement import WorkerView, place
 from workerd.pipelines.sources import SourceError, Sources
 
 log = logging.getLogger("workerd.cluster.bridge")
 
 EXIT_DOWN = 3
-# A head that accepts the TCP connection but never answers would keep ray.init waiting for
-# many minutes (measured: 820 s); past this the bridge reports it down and exits.
-CONNECT_TIMEOUT_S = 60.0
-PROBE_TIMEOUT_S = 2.0
+# CPUs a pipeline host holds: none. Its runs wait on the device (or sleep between calls); a
+# CPU held for its life would be one no task can use, and the master's in-flight cap and
+# overflow's room (both per cluster CPU) would count it as free.
+HOST_CPUS = 0
 STATE_POLL_S = 2.0
 ANSWER_WAIT_S = 5.0
 CLEAR_WAIT_S = 120.0
-RAY_ENVIRONMENT = {
-    "RAY_gcs_rpc_server_reconnect_timeout_s": "5",  # a lost head ends this driver in seconds
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
-LOST_ERRORS = (
-    "WorkerCrashedError",
-    "NodeDiedError",
-    "ObjectLostError",
-    "ObjectFetchTimedOutError",
-    "OwnerDiedError",
-    "LocalRayletDiedError",
-    "RayActorError",
-    "ActorDiedError",
-    "ActorUnavailableError",
-    "OutOfMemoryError",
-)
-
-
-def one_line(exc: BaseException, limit: int = 400) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def loopback(address: str) -> bool:
-    return address == "local" or address.rpartition(":")[0] in ("127.0.0.1", "localhost", "::1", "[::1]")
-
-
-def py_modules(task_modules: list[str]) -> list[str]:
-    """What ships in the runtime_env: each task module's top-level package (its directory) or
-    single file, found here without importing it. workerd's own packages are not shipped: every
-    node has them installed (its Ray workers import cluster/remote.py)."""
-    paths: list[str] = []
-    for name in task_modules:
-        top = name.partition(".")[0]
-        if top in ("workerd", "workerctl"):
-            continue
-        spec = importlib.util.find_spec(top)
-        if spec is None:
-            log.error("[cluster] ship_modules: module %r is not importable here; not shipped", top)
-            continue
-        locations = list(spec.submodule_search_locations or [])
-        path = locations[0] if locations else spec.origin
-        if path and path not in paths:
-            paths.append(path)
-    return paths
-
-
-def classify(exc: BaseException) -> tuple[bytes, dict[str, Any]]:
-    """How a job's Ray failure is reported: b"lost" (what ran it died; it may have run) or
-    b"failed" (Ray could not run it)."""
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    if names & set(LOST_ERRORS):
-        return b"lost", {"what": "the Ray worker running it", "how": f"was lost ({one_line(exc)})"}
-    if "RuntimeEnvSetupError" in names:
-        return b"failed", {
-            "code": protocol.INTERNAL,
-            "message": f"Ray could not set up the runtime_env: {one_line(exc)}",
-        }
-    cause = getattr(exc, "cause", None)
-    message = f"the Ray task failed: {one_line(cause if isinstance(cause, BaseException) else exc)}"
-    return b"failed", {"code": protocol.INTERNAL, "message": message}
 
 
 @dataclasses.dataclass(eq=False)
@@ -219,19 +175,19 @@ class Bridge:
 
     def message(self, frames: list[Any]) -> None:
         op = frames[0]
-        if op == b"run":
+        if op == RUN:
             job_id, name = int(frames[1]), bytes(frames[2]).decode()
             if ":" in name:
                 self.run_task(job_id, name, frames[3], frames[4:])
             else:
                 self.run_pipeline(job_id, name, frames[3], frames[4:])
-        elif op == b"cancel":
+        elif op == CANCEL:
             self.cancel(int(frames[1]))
-        elif op == b"memory":
-            self.loop.create_task(self.answer(b"memory", frames[1], self.memory()))
-        elif op == b"clear":
-            self.loop.create_task(self.answer(b"cleared", frames[1], self.clear(bytes(frames[2]).decode())))
-        elif op == b"stop":
+        elif op == MEMORY:
+            self.loop.create_task(self.answer(MEMORY, frames[1], self.memory()))
+        elif op == CLEAR:
+            self.loop.create_task(self.answer(CLEARED, frames[1], self.clear(bytes(frames[2]).decode())))
+        elif op == STOP:
             self.stopped.set()
 
     def on_loop(self, handler: Callable[..., None], *args: Any) -> Callable[[Any], None]:
@@ -297,14 +253,14 @@ class Bridge:
 
     def send_message(self, job_id: int, kind: bytes, frames: list[Any]) -> None:
         frames = [f if isinstance(f, bytes) else memoryview(f) for f in frames]
-        if kind == b"item":
-            self.send([b"item", b"%d" % job_id, *frames])
+        if kind == ITEM:
+            self.send([ITEM, b"%d" % job_id, *frames])
         else:
-            self.send([b"done", b"%d" % job_id, kind, *frames])
+            self.send([DONE, b"%d" % job_id, kind, *frames])
 
     def report_failure(self, job_id: int, exc: BaseException) -> None:
         kind, details = classify(exc)
-        if kind == b"failed":
+        if kind == FAILED:
             log.warning("job %d: %s", job_id, details["message"])
         self.send([kind, b"%d" % job_id, protocol.pack(details)])
 
@@ -339,8 +295,12 @@ class Bridge:
         }
 
     def new_actor(self) -> Any:
+        """A pipeline host asking Ray for `num_gpus` GPUs and HOST_CPUS CPUs. Named explicitly:
+        an actor whose options name any resource (num_gpus=0 included) holds Ray's default of
+        1 CPU for its whole life, which took a CPU from the tasks on every node with a host
+        (measured on a 2-CPU private head: 10 x 0.5 s took 5.05 s instead of 2.53 s)."""
         return self.remote.PipelineHost.options(
-            num_gpus=self.settings["num_gpus"], scheduling_strategy="SPREAD"
+            num_cpus=HOST_CPUS, num_gpus=self.settings["num_gpus"], scheduling_strategy="SPREAD"
         ).remote(self.host_settings())
 
     def ensure_hosts(self) -> None:
@@ -362,7 +322,7 @@ class Bridge:
         if index is None:
             self.send(
                 [
-                    b"failed",
+                    FAILED,
                     b"%d" % job_id,
                     protocol.pack(
                         {"code": protocol.UNKNOWN_TASK, "message": f"no pipeline host for {name!r}"}
@@ -385,7 +345,7 @@ class Bridge:
                 message = exc.message if isinstance(exc, SourceError) else f"no pipeline named {name!r}"
                 self.send(
                     [
-                        b"failed",
+                        FAILED,
                         b"%d" % job_id,
                         protocol.pack({"code": protocol.UNKNOWN_TASK, "message": message}),
                     ]
@@ -403,7 +363,7 @@ class Bridge:
         host.running = host.call = None
         if isinstance(value, BaseException):
             self.report_failure(job_id, value)
-            if classify(value)[0] == b"lost":
+            if classify(value)[0] == LOST:
                 self.replace_host(host, one_line(value))
         else:
             kind, frames, state = value
@@ -429,23 +389,7 @@ class Bridge:
     # -- state, memory, clear --------------------------------------------------------------------
 
     def read_state(self) -> dict[str, Any]:
-        nodes = [
-            {
-                "node_id": node["NodeID"],
-                "address": node["NodeManagerAddress"],
-                "alive": bool(node["Alive"]),
-                "cpus": node.get("Resources", {}).get("CPU", 0),
-                "gpus": node.get("Resources", {}).get("GPU", 0),
-            }
-            for node in self.ray.nodes()
-        ]
-        alive = [node for node in nodes if node["alive"]]
-        return {
-            "nodes": nodes,
-            "cpus": sum(node["cpus"] for node in alive),
-            "gpus": sum(node["gpus"] for node in alive),
-            "hosts": len(self.hosts),
-        }
+        return {**cluster_state(self.ray), "hosts": len(self.hosts)}
 
     async def watch_state(self) -> None:
         while True:
@@ -455,7 +399,7 @@ class Bridge:
                 self.state = state
                 self.ensure_hosts()
                 state["hosts"] = len(self.hosts)
-                self.send([b"state", protocol.pack(state)])
+                self.send([STATE, protocol.pack(state)])
 
     async def answer(self, kind: bytes, token: bytes, work: Any) -> None:
         try:
@@ -463,17 +407,6 @@ class Bridge:
         except Exception as exc:
             result = {"error": one_line(exc)}
         self.send([kind, token, protocol.pack(result)])
-
-    async def gather(self, refs: list[Any], wait: float) -> list[Any]:
-        """Each ref's value, or {"error": …} for one that failed or did not answer in time."""
-
-        async def one(ref: Any) -> Any:
-            try:
-                return await asyncio.wait_for(ref, wait)
-            except Exception as exc:
-                return {"error": one_line(exc) if str(exc) else f"no answer within {wait:g} s"}
-
-        return list(await asyncio.gather(*(one(ref) for ref in refs)))
 
     async def memory(self) -> dict[str, Any]:
         state = await self.loop.run_in_executor(None, self.read_state)
@@ -484,83 +417,18 @@ class Bridge:
             self.remote.node_memory.options(scheduling_strategy=affinity(node_id, soft=False)).remote()
             for node_id in node_ids
         ]
-        found = dict(zip(node_ids, await self.gather(probes, ANSWER_WAIT_S), strict=True))
+        found = dict(zip(node_ids, await gather(probes, ANSWER_WAIT_S), strict=True))
         for node in state["nodes"]:
             node["processes"] = found.get(node["node_id"], {}).get("processes", [])
-        hosts = await self.gather([host.actor.memory.remote() for host in self.hosts], ANSWER_WAIT_S)
+        hosts = await gather([host.actor.memory.remote() for host in self.hosts], ANSWER_WAIT_S)
         for host, entry in zip(self.hosts, hosts, strict=True):
             entry["index"] = host.index
             entry["busy"] = host.running is not None
         return {**state, "address": self.settings["address_info"], "hosts": hosts}
 
     async def clear(self, level: str) -> dict[str, Any]:
-        hosts = await self.gather([host.actor.clear.remote(level) for host in self.hosts], CLEAR_WAIT_S)
+        hosts = await gather([host.actor.clear.remote(level) for host in self.hosts], CLEAR_WAIT_S)
         return {"hosts": hosts}
-
-
-# -- start -------------------------------------------------------------------------------------
-
-
-def probe(address: str) -> str | None:
-    """Why the head at host:port cannot be reached over TCP (None: it accepts connections)."""
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S).close()
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    return None
-
-
-def connect(settings: dict[str, Any], give_up: Callable[[str], None]) -> tuple[Any, str]:
-    """ray.init for [cluster] address; returns (the ray module, the GCS address). Raises
-    ConnectionError with one line when the head cannot be reached.
-
-    On this thread, the main one, never on a helper thread: Ray starts a private head's
-    processes with PR_SET_PDEATHSIG, which fires when the *thread* that started them ends
-    (measured: a head started from a pool thread died with it, 5 s after connecting). A head
-    that never answers is given up on by a timer thread, which says so and ends the process."""
-    address = settings["address"]
-    if address != "local":
-        why = probe(address)
-        if why is not None:
-            raise ConnectionError(f"Ray head at {address} is unreachable ({why})")
-    import ray
-
-    options: dict[str, Any] = {
-        "include_dashboard": False,
-        "log_to_driver": False,
-        "logging_level": logging.WARNING,
-        "namespace": "workerd",
-    }
-    if loopback(address):
-        options["_node_ip_address"] = "127.0.0.1"
-    if address == "local":
-        options["_temp_dir"] = settings["temp_dir"]
-    else:
-        options["address"] = address
-    from workerd.cluster.remote import MAX_MESSAGE_BYTES, TASK_MODULES
-
-    # What every Ray worker of this job needs to know (cluster/remote.py reads it once).
-    variables = {
-        TASK_MODULES: json.dumps(settings["task_modules"]),
-        MAX_MESSAGE_BYTES: str(settings["max_message_bytes"]),
-    }
-    options["runtime_env"] = {"env_vars": variables}
-    if settings["ship_modules"]:
-        options["runtime_env"]["py_modules"] = py_modules(settings["task_modules"])
-    where = "a private Ray head" if address == "local" else f"Ray head at {address}"
-    timer = threading.Timer(
-        CONNECT_TIMEOUT_S, give_up, [f"{where} did not answer within {CONNECT_TIMEOUT_S:g} s"]
-    )
-    timer.daemon = True
-    timer.start()
-    try:
-        context = ray.init(**options)
-    except Exception as exc:
-        raise ConnectionError(f"cannot connect to {where}: {one_line(exc)}") from None
-    finally:
-        timer.cancel()
-    return ray, context.address_info.get("gcs_address", address)
 
 
 async def serve(bridge: Bridge) -> None:
@@ -570,7 +438,7 @@ async def serve(bridge: Bridge) -> None:
     bridge.ensure_hosts()
     bridge.state["hosts"] = len(bridge.hosts)
     info = {"pid": os.getpid(), "address": bridge.settings["address_info"], **bridge.state}
-    bridge.send([b"ready", protocol.pack(info | {"connect_s": bridge.settings["connect_s"]})])
+    bridge.send([READY, protocol.pack(info | {"connect_s": bridge.settings["connect_s"]})])
     loop.add_reader(bridge.channel.fileno(), bridge.readable)
     watcher = loop.create_task(bridge.watch_state())
     await bridge.stopped.wait()
@@ -593,7 +461,7 @@ def main() -> None:
         """Tell the master the head is out of reach, and end: Ray may hold threads that never do."""
         log.error("%s", error)
         with said:
-            channel.send([b"down", protocol.pack({"error": error})])
+            channel.send([DOWN, protocol.pack({"error": error})])
             while not channel.flush():
                 time.sleep(0.001)
             os._exit(EXIT_DOWN)

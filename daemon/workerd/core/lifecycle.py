@@ -51,7 +51,7 @@ log = logging.getLogger("workerd.jobs")
 QUEUED, ASSIGNED, RUNNING, ANSWERED = "queued", "assigned", "running", "answered"
 
 # What a stop answers, in one wording: a job that had not started, and one the grace period cut.
-STOPPING = "workerd is stopping"
+STOP_MESSAGE = "workerd is stopping"
 
 
 def cut_short_message(name: str) -> str:
@@ -183,7 +183,7 @@ class Ledger:
 
     def shut_out(self, job: Job) -> bool:
         """A stop reached the job before it started."""
-        return self.fail(job, protocol.SHUTTING_DOWN, STOPPING)
+        return self.fail(job, protocol.SHUTTING_DOWN, STOP_MESSAGE)
 
     def cut_short(self, job: Job) -> bool:
         """The stop's grace period ended while the job ran."""

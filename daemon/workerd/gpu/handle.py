@@ -28,7 +28,7 @@ from workerd import memory, messages
 from workerd.config import Config, gpu_worker_settings
 from workerd.core.backoff import RESTART_FIRST_S, RESTART_MAX_S, Backoff
 from workerd.core.child import Child, frame_limit
-from workerd.core.lifecycle import STOPPING, WHEN_TOLD, Job, Lane, Ledger, shown_state
+from workerd.core.lifecycle import STOP_MESSAGE, WHEN_TOLD, Job, Lane, Ledger, shown_state
 from workerd.core.processes import describe_exit
 from workerd.core.reactor import Reactor
 from workerd.metrics import CACHE_EVENTS
@@ -368,7 +368,7 @@ class GpuWorker:
     def begin_stop(self) -> None:
         self.stopping = True
         self.respawn.cancel()
-        self.child.drop_asks(STOPPING)
+        self.child.drop_asks(STOP_MESSAGE)
         if self.state in ("idle", "starting") and self.pid is not None:
             self.stop_process()
 
