@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import os
 import time
@@ -23,6 +24,7 @@ from workerd.admission import MAX_CANCEL_IDS, RequestRejected, check_execute, ch
 from workerd.cluster.backend import Cluster
 from workerd.config import Config
 from workerd.core.backend import Backend
+from workerd.core.fanout import Ask, gather
 from workerd.core.lifecycle import STOP_MESSAGE, Job, Ledger
 from workerd.gpu.backend import GpuWorkers
 from workerd.metrics import Metrics
@@ -143,20 +145,11 @@ class Commands:
             "workers": pool.memory() + gpu.describe() + cluster.describe(),
         }
 
-        def answer_when_all() -> None:
-            if "gpus" in result and "cluster" in result:
-                callback(result)
+        def done(answers: list[Any]) -> None:
+            gpus, clusters = answers
+            callback({**result, **gpus, "cluster": clusters})
 
-        def gpu_answer(first: dict[str, Any] | None, each: list[dict[str, Any]]) -> None:
-            result["gpu"], result["gpus"] = first, each
-            answer_when_all()
-
-        def cluster_answer(value: Any) -> None:
-            result["cluster"] = value
-            answer_when_all()
-
-        gpu.memory(gpu_answer)
-        cluster.memory(cluster_answer)
+        gather([gpu.memory, cluster.memory], done)
 
     def scrape(self, deliver: Callable[[dict[str, Any]], None]) -> None:
         """What the Prometheus endpoint shows (exporter.families): the counters and histograms
@@ -187,27 +180,13 @@ class Commands:
         if level not in CLEAR_LEVELS:
             raise RequestRejected(protocol.BAD_REQUEST, f"'level' must be one of {', '.join(CLEAR_LEVELS)}")
         master = self.master
-        result: dict[str, Any] = {"level": level}
 
-        def cpu_done(cpu: dict[str, Any]) -> None:
-            result.update(cpu)
-            answer_when_all()
+        def done(answers: list[Any]) -> None:
+            cpu, gpus, clusters = answers
+            master.answer(msg, {"level": level, **cpu, **gpus, "cluster": clusters})
 
-        def gpu_done(first: dict[str, Any] | None, each: list[dict[str, Any]]) -> None:
-            result["gpu"], result["gpus"] = first, each
-            answer_when_all()
-
-        def cluster_done(cluster: Any) -> None:
-            result["cluster"] = cluster
-            answer_when_all()
-
-        def answer_when_all() -> None:
-            if "workers" in result and "gpus" in result and "cluster" in result:
-                master.answer(msg, result)
-
-        master.pool.collect_garbage(cpu_done)
-        master.gpu.clear(level, gpu_done)
-        master.cluster.clear(level, cluster_done)
+        asks: list[Ask] = [master.pool.collect_garbage, functools.partial(master.gpu.clear, level)]
+        gather([*asks, functools.partial(master.cluster.clear, level)], done)
         return DEFERRED
 
     def execute(self, msg: Incoming) -> object:

@@ -32,7 +32,7 @@ from workerd.access import Access
 from workerd.admission import RequestRejected
 from workerd.cluster.backend import Cluster
 from workerd.core import processes
-from workerd.core.backend import Backend
+from workerd.core.backend import Backend, Services
 from workerd.core.lifecycle import STOP_MESSAGE, Ledger
 from workerd.core.reactor import Reactor
 from workerd.gpu.backend import GpuWorkers
@@ -117,12 +117,11 @@ class Master:
             exporter = self.exporter
             self.reactor.watch(exporter.wake_read, lambda: self.handle_scrapes(exporter))
         self.ledger = Ledger(self.reply, self.metrics)
-        self.pool = Pool(self.config, self.private_dir, self.ledger, self.reactor, self.metrics)
+        services = Services(self.ledger, self.reactor, self.counters, self.private_dir)
+        self.pool = Pool(self.config, services)
         self.pool.generations.on_generation = self.generation_done
-        self.gpu = GpuWorkers(self.config, self.private_dir, self.ledger, self.reactor, self.metrics)
-        self.cluster = Cluster(
-            self.config, self.private_dir, self.ledger, self.reactor, self.metrics, self.pool.submit
-        )
+        self.gpu = GpuWorkers(self.config, services)
+        self.cluster = Cluster(self.config, services, self.pool.submit)
         self.cluster.on_connect = self.finish_boot
         # The same questions of each, each turn (core/backend.py); the pool's first, then the GPU
         # side's, then the cluster's, which takes the pool's overflow.

@@ -7,6 +7,7 @@ import math
 import time
 
 from workerd import config
+from workerd.core.backend import Services
 from workerd.core.lifecycle import Ledger
 from workerd.core.reactor import Reactor
 from workerd.metrics import Metrics
@@ -77,7 +78,11 @@ def test_a_fork_back_off_stays_due_once_it_has_passed() -> None:
     """Regression: the loop's deadline dropped a back-off the moment it passed, so when the
     loop woke just before it (zmq_poll may return a little early) and next looked just after,
     nothing forked again, ever (seen as a pool left empty after two refused forks)."""
-    pool = Pool(config.load(None), "/nonexistent", Ledger(lambda *a: None, Metrics()), Reactor(), Metrics())
+    metrics = Metrics()
+    pool = Pool(
+        config.load(None),
+        Services(Ledger(lambda *a: None, metrics), Reactor(), metrics.events, "/nonexistent"),
+    )
     assert pool.next_deadline() == math.inf
     pool.forks.due = time.monotonic() - 0.001
     assert pool.next_deadline() <= time.monotonic()

@@ -8,6 +8,6 @@
     routing.py  where an execute goes: the local pool or GPU worker, or the cluster (pure)
     remote.py   what runs inside Ray's worker processes: task runs and pipeline host actors
 
-Only remote.py and bridge.py (through driver.py) import ray, and only in processes that Ray or the bridge started:
-the master never does.
+Only remote.py and bridge.py (through driver.py) import ray, and only in processes that Ray or
+the bridge started: the master never does.
 """

@@ -50,12 +50,11 @@ from workerd.cluster.process import (
     bridge_settings,
 )
 from workerd.config import Config
+from workerd.core.backend import Services
 from workerd.core.backoff import Backoff
 from workerd.core.child import Child, frame_limit
-from workerd.core.lifecycle import STOP_MESSAGE, WHEN_ASSIGNED, Job, JobQueue, Lane, Ledger
+from workerd.core.lifecycle import STOP_MESSAGE, WHEN_ASSIGNED, Job, JobQueue, Lane
 from workerd.core.processes import describe_exit
-from workerd.core.reactor import Reactor
-from workerd.metrics import Metrics
 
 log = logging.getLogger("workerd.cluster")
 
@@ -77,20 +76,9 @@ CLEAR_WAIT_S = 130.0
 class Cluster:
     kind = "cluster"
 
-    def __init__(
-        self,
-        config: Config,
-        private_dir: str,
-        ledger: Ledger,
-        reactor: Reactor,
-        metrics: Metrics,
-        fallback: Callable[[Job], None],
-    ) -> None:
+    def __init__(self, config: Config, services: Services, fallback: Callable[[Job], None]) -> None:
         self.config = config
-        self.private_dir = private_dir
-        self.ledger = ledger
-        self.reactor = reactor
-        self.counters = metrics.events
+        self.ledger, self.reactor, self.counters, self.private_dir = services
         self.fallback = fallback  # the local pool's submit, for overflow jobs while the head is down
         self.serving: Bridge | None = None  # the one that gets new jobs
         self.retiring: list[Bridge] = []  # replaced by a reload: finishing what they hold

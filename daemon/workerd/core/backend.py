@@ -9,13 +9,25 @@ kill.py, backoff.py, fanout.py, lifecycle.py).
 
 from __future__ import annotations
 
-from typing import Protocol
+import collections
+from typing import NamedTuple, Protocol
 
-from workerd.core.lifecycle import Job
+from workerd.core.lifecycle import Job, Ledger
+from workerd.core.reactor import Reactor
 
 # What `cancel` reports of one job (protocol.md, cancel): answered CANCELLED before the cancel's
 # reply, runs on to its own reply, or not in flight (its reply is decided already).
 CANCELLED, RUNNING, UNKNOWN = "cancelled", "running", "unknown"
+
+
+class Services(NamedTuple):
+    """What the master lends every backend: the one ledger and reactor, the event counters,
+    and its private directory (stack dumps, a private Ray head's files)."""
+
+    ledger: Ledger
+    reactor: Reactor
+    counters: collections.Counter[str]
+    private_dir: str
 
 
 class Backend(Protocol):

@@ -104,6 +104,11 @@ class Child:
     def alive(self) -> bool:
         return self.pid is not None
 
+    @property
+    def killing(self) -> bool:
+        """A kill window is open, or SIGKILL was sent: it takes no job, and its exit is ours."""
+        return self.kill is not None or self.killed
+
     def signal(self, signum: int) -> None:
         if self.pid is not None:
             processes.signal_quietly(self.pid, signum)

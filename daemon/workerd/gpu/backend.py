@@ -35,29 +35,21 @@ from typing import Any
 
 from workerctl import protocol
 from workerd.config import Config, gpu_worker_settings
+from workerd.core.backend import Services
 from workerd.core.fanout import gather
-from workerd.core.lifecycle import Job, JobQueue, Ledger
-from workerd.core.reactor import Reactor
+from workerd.core.lifecycle import Job, JobQueue
 from workerd.gpu.handle import Callback, GpuWorker
-from workerd.metrics import Metrics
 from workerd.pipelines.placement import Slot, WorkerView, known_slots, place, worker_slots
 
 log = logging.getLogger("workerd.gpu")
-
-Gathered = Callable[[Any, list[dict[str, Any]]], None]  # (the first device's answer, every device's)
 
 
 class GpuWorkers:
     kind = "gpu"
 
-    def __init__(
-        self, config: Config, stack_dir: str, ledger: Ledger, reactor: Reactor, metrics: Metrics
-    ) -> None:
+    def __init__(self, config: Config, services: Services) -> None:
         self.config = config
-        self.stack_dir = stack_dir
-        self.ledger = ledger
-        self.reactor = reactor
-        self.counters = metrics.events
+        self.ledger, self.reactor, self.counters, self.stack_dir = services
         self.queue = JobQueue()
         self.stopping = False
         self.failure: str | None = None  # why no pipeline can run: [gpu] devices does not fit the machine
@@ -294,15 +286,15 @@ class GpuWorkers:
                 counts[index] = counts.get(index, 0) + len(jobs)
         return counts
 
-    def memory(self, callback: Gathered) -> None:
+    def memory(self, callback: Callback) -> None:
         self.gather(lambda worker, put: worker.memory(put), callback)
 
-    def clear(self, level: str, callback: Gathered) -> None:
+    def clear(self, level: str, callback: Callback) -> None:
         self.gather(lambda worker, put: worker.clear(level, put), callback)
 
-    def gather(self, ask: Callable[[GpuWorker, Callback], None], callback: Gathered) -> None:
+    def gather(self, ask: Callable[[GpuWorker, Callback], None], callback: Callback) -> None:
         """Ask every worker; once all have answered (or are not running: None), call back with
-        the first one's answer (the `gpu` key) and one map per device (`gpus`)."""
+        {"gpu": the first one's answer (as with one device), "gpus": one map per device}."""
         workers = self.serving()
 
         def done(answers: list[Any]) -> None:
@@ -310,7 +302,7 @@ class GpuWorkers:
                 {"index": w.index, "state": w.state, **(a or {})}
                 for w, a in zip(workers, answers, strict=True)
             ]
-            callback(answers[0] if workers else None, entries)
+            callback({"gpu": answers[0] if workers else None, "gpus": entries})
 
         gather([functools.partial(ask, worker) for worker in workers], done)
 

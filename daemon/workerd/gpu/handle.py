@@ -121,12 +121,8 @@ class GpuWorker:
         return self.owner.several and not self.counting and not self.retired
 
     @property
-    def killing(self) -> bool:
-        return self.child.kill is not None or self.child.killed
-
-    @property
     def state(self) -> str:
-        return shown_state(self.phase, self.lane, self.killing)
+        return shown_state(self.phase, self.lane, self.child.killing)
 
     @property
     def busy(self) -> bool:
@@ -135,7 +131,7 @@ class GpuWorker:
     @property
     def usable(self) -> bool:
         """May placement send it runs (it is up, or coming up, and not being killed)?"""
-        return not self.down and not self.killing
+        return not self.down and not self.child.killing
 
     def view(self) -> WorkerView:
         """What placement knows of it. The pipeline of the run it holds counts as on its device:
@@ -224,7 +220,7 @@ class GpuWorker:
         if pid != self.pid:
             return False
         how = describe_exit(status)
-        was, killed = self.phase, self.killing
+        was, killed = self.phase, self.child.killing
         self.phase = "stopped"
         retry = None if self.stopping else self.owner.retry
         if self.child.gone(how, retry, self.owner.hand_back):

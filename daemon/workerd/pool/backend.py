@@ -26,13 +26,12 @@ from typing import Any
 from workerctl import protocol
 from workerd import memory, messages
 from workerd.config import Config
+from workerd.core.backend import Services
 from workerd.core.backoff import RESTART_FIRST_S, RESTART_MAX_S, Backoff
 from workerd.core.child import Child, frame_limit
-from workerd.core.lifecycle import ANSWERED, ASSIGNED, RUNNING, Job, JobQueue, Lane, Ledger
+from workerd.core.lifecycle import ANSWERED, ASSIGNED, RUNNING, Job, JobQueue, Lane
 from workerd.core.processes import describe_exit
-from workerd.core.reactor import Reactor
 from workerd.core.transport import Channel
-from workerd.metrics import Metrics
 from workerd.pool.generations import Generations
 from workerd.pool.plan import plan_workers
 from workerd.pool.workers import Worker, collect_garbage, holder, idle_worker, slow, steal_deadline
@@ -46,15 +45,10 @@ MAX_WORKERS = protocol.MAX_WORKERS
 class Pool:
     kind = "cpu"
 
-    def __init__(
-        self, config: Config, stack_dir: str, ledger: Ledger, reactor: Reactor, metrics: Metrics
-    ) -> None:
-        self.stack_dir = stack_dir
-        self.ledger = ledger
-        self.reactor = reactor
-        self.counters = metrics.events
+    def __init__(self, config: Config, services: Services) -> None:
+        self.ledger, self.reactor, self.counters, self.stack_dir = services
         self.target = config.pool.worker_count()
-        self.generations = Generations(self, config, stack_dir, reactor, metrics.events)
+        self.generations = Generations(self, config, self.stack_dir, self.reactor, self.counters)
         self.workers: dict[int, Worker] = {}
         self.queue = JobQueue()
         self.stopping = False
@@ -202,7 +196,7 @@ class Pool:
         how = describe_exit(status)
         if worker.phase != "stopping" or worker.lane.jobs or worker.child.kill is not None:
             log.warning("worker %d %s (state %s)", pid, how, worker.state)
-            if not worker.killing:  # not our kill
+            if not worker.child.killing:  # not our kill
                 self.counters["worker_deaths"] += 1
         if worker.phase == "starting":
             self.forks.next(time.monotonic())
@@ -282,7 +276,7 @@ class Pool:
             self.withdraw(worker, [job])
         if job.state is ANSWERED:  # what withdraw read answered it: handed back, or finished
             return "cancelled" if job.outcome == "cancelled" else "unknown"
-        if terminate and not worker.killing:
+        if terminate and not worker.child.killing:
             return self.terminate(worker, job)
         # It may have started: it runs on, and if it turns out it had not, it runs elsewhere.
         job.cancel_requested = False

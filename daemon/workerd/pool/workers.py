@@ -36,22 +36,18 @@ class Worker:
         return self.child.lane
 
     @property
-    def killing(self) -> bool:
-        return self.child.kill is not None or self.child.killed
-
-    @property
     def state(self) -> str:
-        return shown_state(self.phase, self.lane, self.killing)
+        return shown_state(self.phase, self.lane, self.child.killing)
 
     @property
     def live(self) -> bool:
         """Counts toward the pool's size: neither on its way out nor told to leave."""
-        return self.phase in ("starting", "serving") and not self.killing
+        return self.phase in ("starting", "serving") and not self.child.killing
 
     @property
     def serving(self) -> bool:
         """Takes jobs."""
-        return self.phase == "serving" and not self.killing
+        return self.phase == "serving" and not self.child.killing
 
 
 def slow(worker: Worker, now: float) -> bool:
