@@ -1,7 +1,7 @@
 """workerctl: the command line front of the client.
 
-Every failure becomes one line on stderr and an exit code from DESIGN.md; --json prints exactly
-one JSON document on stdout (NaN and infinities as null: see workerctl.jsonout). Every argument
+Every failure becomes one line on stderr and an exit code (docs/operations.md §11); --json
+prints exactly one JSON document on stdout (NaN and infinities as null: see workerctl.jsonout). Every argument
 is checked before connecting, so a usage error is exit 2 even with no daemon.
 """
 

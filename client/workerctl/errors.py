@@ -1,7 +1,7 @@
 """Typed exceptions: one class per protocol error code, plus the client-side failures.
 
 `exit_code` on each class is what `workerctl` exits with, so the CLI and library agree on what
-a failure means (DESIGN.md pins the numbers).
+a failure means (docs/operations.md §11 lists the numbers).
 """
 
 from __future__ import annotations

@@ -1,3 +1,8 @@
+"""`python -m workerd`: the daemon.
+
+Runs in: the master.
+"""
+
 import sys
 
 from workerd.cli import main

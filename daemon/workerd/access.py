@@ -1,5 +1,7 @@
 """Who may use which command: the peer's credentials, checked against `[access]`.
 
+Runs in: the master.
+
 The socket's mode (0660) and group decide who may connect at all. `[access]` narrows four
 commands (execute, clear_memory, scale, reload) further, to listed users and groups; a command
 with no list stays open to everyone who can connect.

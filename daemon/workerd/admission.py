@@ -1,4 +1,7 @@
-"""The checks an execute request passes before it is accepted as a job (lifecycle.Job)."""
+"""The checks an execute request passes before it is accepted as a job (lifecycle.Job).
+
+Runs in: both: the master checks the envelope; a CPU worker the contents (tasks.py).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""The `workerd` command: run the daemon in the foreground, or check a config file."""
+"""The `workerd` command: run the daemon in the foreground, or check a config file.
+
+Runs in: the master. (`workerd --check-config` too, before any master exists.)
+"""
 
 from __future__ import annotations
 

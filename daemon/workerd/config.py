@@ -1,4 +1,7 @@
-"""Configuration: TOML with the names DESIGN.md pins, checked key by key.
+"""Configuration: TOML with the pinned names (docs/operations.md §2), checked key by key.
+
+Runs in: both: the master reads the file; children are given plain settings from it (and
+the GPU worker and the bridge build PipelineConfig from theirs).
 
 Every mistake is one ConfigError naming the file and the key, so `workerd --check-config` and a
 failed boot say exactly what to fix. With no file, EMBEDDED_DEFAULT serves the bundled examples.
@@ -170,7 +173,7 @@ class MetricsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ClusterConfig:
-    """[cluster]: where work goes beyond this machine (cluster/ and bridge.py)."""
+    """[cluster]: where work goes beyond this machine (cluster/)."""
 
     engine: str = ""  # "" = off; "ray"
     address: str = "local"  # "local": a private Ray on this machine; else "host:port" of a Ray head

@@ -1,7 +1,7 @@
 """How each config value is read: a checker per kind of value, returning it or raising
 ValueError that says what was expected (config.py names the file, section and key).
 
-Runs in: the master, and `workerd --check-config`.
+Runs in: both, with config.py (the master reads the file with it; children import config.py).
 """
 
 from __future__ import annotations

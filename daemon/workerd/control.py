@@ -1,5 +1,7 @@
 """The control socket: find it, claim it safely, bind it (or adopt systemd's), lock it down.
 
+Runs in: the master.
+
 libzmq unlinks whatever sits at an ipc path when it binds, so binding blindly would let a second
 daemon silently steal a live daemon's socket. We probe the path first: a socket that accepts a
 connection belongs to a live daemon and we refuse; one that refuses is stale and we remove it.

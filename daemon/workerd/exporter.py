@@ -1,5 +1,7 @@
 """The optional Prometheus endpoint ([metrics] listen): an HTTP thread that asks the loop.
 
+Runs in: the master. (Its own HTTP thread.)
+
 The master's state belongs to its one thread, so the HTTP thread (prometheus_client's) never
 reads it. A scrape writes a byte to a pipe that the master's poller watches; the master gathers
 a snapshot (what `status` shows, plus memory read from /proc and from the GPU worker, as

@@ -1,5 +1,7 @@
 """Failure injection for the seams tests: make chosen spawns or forks fail with an errno.
 
+Runs in: both: the master's spawns and the zygote's forks.
+
 `WORKERD_FAULTS="spawn=EAGAIN:2,fork=ENOMEM:1"` makes the next two spawns of a fresh interpreter
 (the zygote, the GPU worker) and the next fork of a worker fail as if the kernel had refused
 them. `spawn=EAGAIN:1@2` lets the first two spawns succeed and fails the third: the master

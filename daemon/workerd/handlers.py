@@ -1,5 +1,7 @@
 """Command handlers: one method per protocol command, no sockets.
 
+Runs in: the master.
+
 Each takes an Incoming (the decoded request and who sent it) and returns the result, raises
 RequestRejected for a typed error, or returns DEFERRED when the answer comes later (execute,
 memory_status, clear_memory and reload answer once the work is done).

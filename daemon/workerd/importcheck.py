@@ -1,6 +1,8 @@
 """`workerd --check-config FILE`: import the configured code as the daemon would, and report
 every failure.
 
+Runs in: `workerd --check-config`, a process of its own (it imports task code).
+
 The file check alone passes a config whose modules do not import; the daemon would then boot
 degraded. So the check also imports the code, in the same kind of processes that will: one fresh
 interpreter imports `[pool] preload`, then `[tasks] modules`, in that order, as a zygote does;

@@ -1,5 +1,7 @@
 """How much memory one client can make the master hold for its replies, and cutting it off.
 
+Runs in: the master.
+
 What libzmq 4.3.5 (pyzmq 27) offers, as measured here (docs/protocol.md §9 has the numbers):
 
 - SNDHWM and RCVHWM count whole messages, whatever their size or number of frames. ZMQ_SNDBUF

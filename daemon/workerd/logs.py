@@ -1,4 +1,7 @@
-"""Logging to stderr, the same in the master and the GPU worker (the journal collects both)."""
+"""Logging to stderr, the same in the master and the GPU worker (the journal collects both).
+
+Runs in: both: the master and every spawned child.
+"""
 
 from __future__ import annotations
 

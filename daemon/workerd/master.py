@@ -1,5 +1,7 @@
 """The master: one thread, one poll loop, owning the control socket and the pool.
 
+Runs in: the master.
+
 Like gunicorn's arbiter, signal handlers only queue the signal and wake the loop (through a
 wakeup fd the poller watches); the loop dispatches handle_<signal>. Everything else arrives as
 a readable socket or fd, each with its handler in the reactor: client requests on the control

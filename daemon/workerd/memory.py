@@ -1,5 +1,7 @@
 """Per-process memory figures, from psutil's memory_full_info (/proc/PID/smaps_rollup).
 
+Runs in: both: the master reads every process's figures, a worker its own.
+
 RSS counts pages shared with the zygote, so a forked worker that has touched nothing still
 "uses" the whole preloaded heap by RSS. USS (pages only this process maps) is what recycling
 judges and what copy-on-write costs; PSS splits shared pages fairly between their sharers.

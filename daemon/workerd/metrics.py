@@ -1,9 +1,11 @@
 """What the daemon counts: kept by the master whether or not Prometheus is on.
 
+Runs in: the master.
+
 Three kinds of figures, all owned by the master's thread:
 
   * `events`: the flat counters `status` has always shown (requests_<cmd>, execute_<outcome>,
-    recycled_<reason>, retries, worker_deaths, pipeline_cache_hits, ...): pool.py, gpu.py and
+    recycled_<reason>, retries, worker_deaths, pipeline_cache_hits, ...): the backends and
     master.py add to them where the event happens;
   * `requests`: every request counted once, when its final reply goes out, by command, pool
     ("cpu" or "gpu" for execute, "" for the rest) and outcome ("ok", or the error code in

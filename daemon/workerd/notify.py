@@ -1,5 +1,7 @@
 """systemd's notify protocol: readiness, status lines, watchdog pings, reload and stop.
 
+Runs in: the master.
+
 Outside systemd (no NOTIFY_SOCKET) every call is a no-op, so the daemon runs the same by hand.
 """
 

@@ -1,5 +1,7 @@
 """Task names and task runs, inside a worker.
 
+Runs in: a CPU worker (runs tasks) and the master (check_allowed, names only).
+
 A task is "package.module:function" where the module is listed in `[tasks] modules` (exact
 match: listing a package does not allow its submodules) and the function is one the module
 exports as a task (`task_function`). The master checks what the name alone tells (its syntax,

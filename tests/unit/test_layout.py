@@ -1,14 +1,25 @@
 """The daemon's module layout, read from the code: no import cycle (function-level and
-TYPE_CHECKING imports included), no backend importing a peer backend, modules under 500 lines."""
+TYPE_CHECKING imports included), no backend importing a peer backend, modules under 500 lines,
+and which side each module runs on: every module says (`Runs in:` in its docstring), and no
+child process imports, even indirectly, a module that runs only in the master."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "daemon" / "workerd"
 BACKENDS = ("workerd.pool", "workerd.gpu", "workerd.cluster")
 MAX_LINES = 500
+# What each child process starts from (python -m, a fork's entry point, what Ray imports).
+CHILD_ENTRIES = (
+    "workerd.pool.zygote",
+    "workerd.pool.worker",
+    "workerd.gpu.worker",
+    "workerd.cluster.bridge",
+    "workerd.cluster.remote",
+)
 
 
 def module_name(path: Path) -> str:
@@ -95,3 +106,31 @@ def test_modules_stay_small() -> None:
 def test_the_cycle_finder_finds_one() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def runs_in(path: Path) -> str | None:
+    match = re.search(r"^Runs in: (.*)$", ast.get_docstring(ast.parse(path.read_text())) or "", re.M)
+    return match.group(1) if match else None
+
+
+def test_every_module_says_where_it_runs() -> None:
+    silent = [name for name, path in modules().items() if path.name != "__init__.py" and not runs_in(path)]
+    assert silent == []
+
+
+def test_no_child_imports_the_master() -> None:
+    """A child imports nothing that runs only in the master (its state, its sockets, its loop):
+    what both sides need lives in a module that says `both`."""
+    table, edges = modules(), graph()
+    master_only = {name for name, path in table.items() if (runs_in(path) or "").startswith("the master.")}
+    assert {"workerd.master", "workerd.core.child", "workerd.core.lifecycle"} <= master_only
+    reached = {}
+    for entry in CHILD_ENTRIES:
+        seen: set[str] = set()
+        todo = [entry]
+        while todo:
+            for target in edges[todo.pop()] - seen:
+                seen.add(target)
+                todo.append(target)
+        reached[entry] = sorted(seen & master_only)
+    assert reached == {entry: [] for entry in CHILD_ENTRIES}

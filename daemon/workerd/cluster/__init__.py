@@ -1,7 +1,7 @@
 """Work beyond this machine: the Ray bridge, as the master sees it and as Ray runs it.
 
     backend.py  the master's side: the serving bridge and retiring ones, their jobs
-                (lifecycle.py), routing them, the cluster's state
+                (core/lifecycle.py), routing them, the cluster's state
     process.py  the master's side of one bridge process: a core.child.Child, its phase
     bridge.py   the bridge process itself, the one Ray driver
     driver.py   the bridge's side of Ray: connecting, what ships, how Ray's failures read

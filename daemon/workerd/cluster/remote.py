@@ -1,5 +1,7 @@
 """What runs inside Ray's processes, on any node: task runs, pipeline hosts, memory probes.
 
+Runs in: Ray's worker processes, on any node (never the master, nor the bridge).
+
 Ray imports this module by name in its worker processes, so workerd (the same version) must be
 installed on every node; the task modules must be importable there too, installed or shipped
 by the bridge in the job's runtime_env (`[cluster] ship_modules`).

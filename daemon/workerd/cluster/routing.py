@@ -1,5 +1,7 @@
 """Where an accepted execute runs: here (the CPU pool, the GPU worker) or on the cluster.
 
+Runs in: the master.
+
 A pure decision, taken for every execute by handlers.py: it must cost nothing when the cluster
 is off, so the local queue's depth (a walk of the workers) is asked for only in overflow mode.
 """

@@ -1,6 +1,6 @@
 """What the master asks of every backend: the CPU pool, the GPU workers, the Ray bridge.
 
-Runs in: the master, which holds its backends in a list and goes through them alike each turn
+Runs in: the master. It holds its backends in a list and goes through them alike each turn
 of its loop (master.py): when each is due next, tick, dispatch, a reaped child, the stop. A
 backend is what differs between them: what its child process is, and how a job is sent to it
 and answered; the mechanics around that are the shared layer beside this module (child.py,

@@ -1,5 +1,7 @@
 """Starting, watching and reaping the daemon's processes.
 
+Runs in: both: the master spawns and reaps; every child asks to die with its parent.
+
 The master starts fresh interpreters (zygotes, the GPU worker) with posix_spawn, never with
 subprocess.Popen: Popen reaps its own child behind our back (poll(), wait(), and its module-level
 cleanup of forgotten Popen objects), while the master must reap every child itself, through one

@@ -1,5 +1,7 @@
 """The channel between the master and one worker: a Unix socketpair carrying multipart messages.
 
+Runs in: both ends of every channel: the master (non-blocking) and each child.
+
 One message on the stream, all integers unsigned 32-bit little-endian:
 
     +----------+---------+-----+-----------+---------+-----+-------------+

@@ -1,5 +1,7 @@
 """The bundled `demo` pipeline: a small torch model built in code, no downloads.
 
+Runs in: the GPU worker (a pipeline).
+
     workerctl run demo prompt="a cat"
 
 Loading sleeps WORKERD_DEMO_LOAD_S seconds (default 2) to stand in for reading weights from disk,

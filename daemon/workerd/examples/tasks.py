@@ -1,5 +1,7 @@
 """Example CPU tasks, allowed by the embedded default config.
 
+Runs in: a CPU worker (task code).
+
 workerctl run workerd.examples.tasks:echo text=hello
 workerctl run workerd.examples.tasks:sleep seconds=2
 workerctl run workerd.examples.tasks:count n=5          (a generator: items stream back)

@@ -1,7 +1,9 @@
 """The GPU side of the daemon: one GPU worker per device, one queue of pipeline runs, placement.
 
+Runs in: the master.
+
 `[gpu] devices` names the devices (placement.worker_slots); each gets its own worker process
-(gpu.py), with its own cache, budget, back-off and kill window. Runs wait in one queue shared by
+(handle.py), with its own cache, budget, back-off and kill window. Runs wait in one queue shared by
 all of them and are placed when a worker is free to take one, not when they arrive: the run goes
 to the worker placement.place picks from what each worker last reported (its pipeline on the
 device, then in host memory, else the most free budget; pins respected; dead workers passed

@@ -1,5 +1,7 @@
 """The pipeline cache of the GPU worker: load, run, park, wake, drop, measure, clear.
 
+Runs in: the GPU worker and the cluster's pipeline hosts.
+
 A pipeline is a module or file with `load(device) -> obj`, `run(obj, **kwargs) -> result` and
 optional `unload(obj)`, `to_host(obj)` and `to_device(obj, device)`. A cached pipeline is keyed
 by its name and the SHA-256 of its source file, so an edited file is noticed on its next run and

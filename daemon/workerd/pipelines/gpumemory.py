@@ -1,5 +1,7 @@
 """The memory figures of the GPU worker's device: CUDA's caching allocator, or /proc on the CPU.
 
+Runs in: the GPU worker and the cluster's pipeline hosts.
+
 On CUDA every figure comes from torch's allocator. On the CPU there is no allocator to ask:
 what a load or a run added is the growth of the process's resident memory (/proc/self/statm,
 one short line, cheap enough to read around every run), and what the cache holds is the sum
@@ -66,7 +68,8 @@ def warm_up(device: str) -> None:
 
 
 class Memory:
-    """The figures DESIGN.md pins for `gpu`, and the probe the cache measures loads and runs with."""
+    """The figures memory_status pins for `gpu` (docs/protocol.md §7.3), and the probe the
+    cache measures loads and runs with."""
 
     def __init__(self, device: str, budget_mb: float, host_budget_mb: float) -> None:
         self.device = device

@@ -1,6 +1,8 @@
 """Several GPUs: which devices get a GPU worker, and which worker runs a pipeline.
 
-Pure decisions; gpus.py does the I/O, placing each waiting run when a worker is free to take
+Runs in: both: the master (the GPU side) and the Ray bridge (its pipeline hosts).
+
+Pure decisions; gpu/backend.py does the I/O, placing each waiting run when a worker is free to take
 it. `worker_slots` turns `[gpu] device` and `devices` into one slot per GPU worker process.
 `place` picks the worker for a run from what each worker last reported about its cache (the
 `cached`, `parked` and `free_bytes` of its `ready`, `done`, `restored` and `cleared` messages) and

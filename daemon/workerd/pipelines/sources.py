@@ -1,8 +1,10 @@
 """Pipeline source files: where a pipeline's code lives, and the SHA-256 that keys its cache.
 
-Used by the GPU worker's pipeline cache (pipelines.py), which reloads a pipeline whose file
-changed, and by the Ray bridge (bridge.py), which ships the source and its digest with each run
-so that an edited file reloads on every node. Kept apart from pipelines.py because that module
+Runs in: the GPU worker, the cluster's pipeline hosts and the Ray bridge.
+
+Used by the GPU worker's pipeline cache (cache.py), which reloads a pipeline whose file
+changed, and by the Ray bridge (cluster/bridge.py), which ships the source and its digest with each run
+so that an edited file reloads on every node. Kept apart from cache.py because that module
 imports torch, and the bridge never does.
 """
 

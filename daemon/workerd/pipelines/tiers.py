@@ -1,5 +1,7 @@
 """Moving a loaded pipeline between its device and host memory (the host tier).
 
+Runs in: the GPU worker and the cluster's pipeline hosts.
+
 A pipeline can say how, with `to_host(obj)` and `to_device(obj, device)` in its module; each
 returns the object to keep (None: it moved `obj` in place). Without them, a torch.nn.Module or
 a tensor is moved tensor by tensor, into pinned host memory where CUDA allows it, and any other

@@ -1,6 +1,6 @@
 """How many CPU workers to fork and which to retire: a pure decision, no processes.
 
-Runs in: the master (pool/backend.py asks, and does the forking and stopping).
+Runs in: the master. pool/backend.py asks, and does the forking and stopping.
 """
 
 from __future__ import annotations
