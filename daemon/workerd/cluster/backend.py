@@ -130,19 +130,19 @@ class Cluster:
 
     # -- routing -------------------------------------------------------------------------------
 
-    def takes(self, is_pipeline: bool, local_waiting: Callable[[], int]) -> bool:
+    def takes(self, is_pipeline: bool, local_depth: Callable[[], int]) -> bool:
         """Does this execute go to the cluster? (handlers.py asks for each one.)"""
         where = routing.destination(
-            self.config.cluster, is_pipeline, self.connected, local_waiting, self.has_room
+            self.config.cluster, is_pipeline, self.connected, local_depth, self.has_room
         )
         return where == routing.CLUSTER
 
-    def take_overflow(self, queue: JobQueue, local_waiting: Callable[[], int]) -> None:
+    def take_overflow(self, queue: JobQueue, local_depth: Callable[[], int]) -> None:
         """Move jobs waiting in the local pool's queue (oldest first) to the cluster while the
         overflow rule holds (routing.spills). The master calls it each turn, after the local
         workers took what they could."""
         cluster = self.config.cluster
-        while queue and routing.spills(cluster, self.connected, local_waiting, self.has_room):
+        while queue and routing.spills(cluster, self.connected, local_depth, self.has_room):
             job = queue.take(lambda key: True)
             if job is None:
                 return

@@ -106,7 +106,7 @@ class Host:
     queue: collections.deque[tuple[int, str, bytes, list[Any]]] = dataclasses.field(
         default_factory=collections.deque
     )
-    running: int | None = None  # the job id of the run it has
+    running_id: int | None = None  # the job id of the run it has
     call: Any = None  # that run's ObjectRef
     installed: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> sha256 it has
     cached: frozenset[str] = frozenset()
@@ -120,7 +120,7 @@ class Host:
             self.cached,
             self.parked,
             self.free_bytes,
-            len(self.queue) + (self.running is not None),
+            len(self.queue) + (self.running_id is not None),
         )
 
 
@@ -273,7 +273,7 @@ class Bridge:
                 log.debug("cancel of job %d: %s", job_id, exc)
             return
         for host in self.hosts:
-            if host.running == job_id:
+            if host.running_id == job_id:
                 self.replace_host(host, "its run was cancelled or timed out")
                 return
             for entry in list(host.queue):
@@ -337,7 +337,7 @@ class Bridge:
     def pump(self, host: Host) -> None:
         """Hand the host its next run, with the source's digest (and the source, if it has not
         got this digest yet)."""
-        while host.running is None and host.queue:
+        while host.running_id is None and host.queue:
             job_id, name, body, raw = host.queue.popleft()
             try:
                 source = self.sources.read(self.sources.path(self.pipelines[name]))
@@ -353,14 +353,14 @@ class Bridge:
                 continue
             data = None if host.installed.get(name) == source.sha256 else source.data
             host.installed[name] = source.sha256
-            host.running = job_id
+            host.running_id = job_id
             host.call = host.actor.run.remote(name, source.sha256, data, body, *self.remote.to_ray(raw))
             host.call._on_completed(self.on_loop(self.run_done, host, host.actor, job_id))
 
     def run_done(self, host: Host, actor: Any, job_id: int, value: Any) -> None:
-        if host.actor is not actor or host.running != job_id:
+        if host.actor is not actor or host.running_id != job_id:
             return  # the host was replaced (its run cancelled): the master has answered it
-        host.running = host.call = None
+        host.running_id = host.call = None
         if isinstance(value, BaseException):
             self.report_failure(job_id, value)
             if classify(value)[0] == LOST:
@@ -380,7 +380,7 @@ class Bridge:
         except Exception:
             pass
         host.actor = self.new_actor()
-        host.running = host.call = None
+        host.running_id = host.call = None
         host.installed.clear()
         host.cached = host.parked = frozenset()
         host.free_bytes = 0
@@ -423,7 +423,7 @@ class Bridge:
         hosts = await gather([host.actor.memory.remote() for host in self.hosts], ANSWER_WAIT_S)
         for host, entry in zip(self.hosts, hosts, strict=True):
             entry["index"] = host.index
-            entry["busy"] = host.running is not None
+            entry["busy"] = host.running_id is not None
         return {**state, "address": self.settings["address_info"], "hosts": hosts}
 
     async def clear(self, level: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ def destination(
     cluster: ClusterConfig,
     is_pipeline: bool,
     connected: bool,
-    local_waiting: Callable[[], int],
+    local_depth: Callable[[], int],
     cluster_room: Callable[[], bool],
 ) -> str:
     """LOCAL or CLUSTER, by [cluster]:
@@ -40,13 +40,13 @@ def destination(
         return CLUSTER if cluster.pipelines else LOCAL
     if cluster.mode == "all":
         return CLUSTER
-    return CLUSTER if spills(cluster, connected, local_waiting, cluster_room) else LOCAL
+    return CLUSTER if spills(cluster, connected, local_depth, cluster_room) else LOCAL
 
 
 def spills(
     cluster: ClusterConfig,
     connected: bool,
-    local_waiting: Callable[[], int],
+    local_depth: Callable[[], int],
     cluster_room: Callable[[], bool],
 ) -> bool:
     """Overflow's rule, for a new execute and for a job already waiting in the local queue: the
@@ -56,6 +56,6 @@ def spills(
         cluster.enabled
         and cluster.mode == "overflow"
         and connected
-        and local_waiting() > cluster.spill_queue
+        and local_depth() > cluster.spill_queue
         and cluster_room()
     )

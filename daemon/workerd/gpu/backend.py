@@ -255,14 +255,14 @@ class GpuWorkers:
 
     def status(self) -> dict[str, Any]:
         """`status`'s `gpu` (the first device's worker, as with one device) and `gpus` (each)."""
-        waiting = self.waiting_per_device()
+        per_device = self.waiting_per_device()
         gpus = [
             {
                 "index": w.index,
                 "device": w.name,
                 "state": w.state,
                 "pid": w.pid,
-                "queue": waiting.get(w.index, 0),
+                "queue": per_device.get(w.index, 0),
                 "cached": list(w.cached),
                 "parked": list(w.parked),
             }
