@@ -220,6 +220,14 @@ def test_finish_sends_once_and_drops_every_later_call(ledger: Ledger, sent: Sent
     assert ledger.in_flight == {}
 
 
+def test_finishing_a_job_never_accepted_leaves_another_jobs_entry(ledger: Ledger) -> None:
+    """Same client, same request id: the one accepted stays findable (for cancel)."""
+    accepted, stray = make_job(1, request_id="r"), make_job(2, request_id="r")
+    ledger.accept(accepted)
+    ledger.finish(stray, ok(stray), "ok")
+    assert ledger.find(b"client-a", "r") == [accepted]
+
+
 @pytest.mark.parametrize(
     ("pool", "counter"), [("cpu", "execute_ok"), ("gpu", "pipeline_ok"), ("cluster", "cluster_ok")]
 )

@@ -133,7 +133,7 @@ class Ledger:
         job.outcome = outcome
         key = (job.client, job.request_id)
         jobs = self.in_flight.get(key)
-        if jobs is not None:
+        if jobs is not None and job in jobs:  # a job never accepted must not drop another's entry
             if len(jobs) == 1:
                 del self.in_flight[key]
             else:
