@@ -211,4 +211,21 @@ def test_a_bad_die_with_client_is_refused(start_daemon: Callable[..., Daemon], t
     with Counter(daemon.socket) as counter_:
         counter_.send(execute(1, "departing:slow", str(tmp_path / "x"), 0.0, die_with_client="yes"))
         reply = wait_for(counter_, 1)
-    assert reply["code"] == "BAD_REQUEST" and "die_with_client" in reply["message"], reply
+    assert isinstance(reply, dict) and reply.get("code") == "BAD_REQUEST", reply
+    assert "die_with_client" in reply["message"], reply
+
+
+def test_a_client_that_closes_its_socket_has_departed_too(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """No signal: a DEALER that sends and closes (nobody can read its replies any more). Its
+    job running goes on; the rest are dropped."""
+    daemon = start(start_daemon, tmp_path)
+    with Counter(daemon.socket) as leaving:
+        for n in range(JOBS):
+            leaving.send(execute(n, "departing:slow", str(tmp_path / f"marker.{n}"), 1.0 if n == 0 else 5.0))
+        wait_until(lambda: all_accepted(daemon, JOBS - 1), 20)
+    wait_until(lambda: queue_gone(daemon), GONE_WITHIN_S)
+    assert counter(daemon, "departed_dropped") == JOBS - 1
+    wait_until(lambda: counter(daemon, "execute_ok") == 1, 10)
+    assert (tmp_path / "marker.0").exists()

@@ -217,6 +217,7 @@ class Ledger:
         how = "its worker was killed" if terminated else "it had not started"
         self.fail(job, protocol.CANCELLED, f"cancelled by the client ({how})", {"terminated": terminated})
 
+
 def settle(
     ledger: Ledger,
     lane: Lane,
