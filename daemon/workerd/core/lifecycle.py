@@ -16,6 +16,7 @@ by care in every backend:
   * `Ledger.finish` is the only place a terminal reply is sent, and it sends at most once per
     job: a late result, a second death, a stop racing a timeout all find the job ANSWERED and
     are dropped there.
+    A job whose client has gone (`departed`) ends there too, with no reply sent.
   * `Lane` is the only record of which jobs a worker holds, and of which of them may have run.
     A worker runs its jobs in the order it was sent them and reads everything the master sent
     before it starts the next one; so of the jobs a lost worker held, only the first one not
