@@ -90,30 +90,38 @@ def execute_fields(
     kwargs: dict[str, Any] | None,
     timeout_s: float | None = None,
     retries: int = 0,
+    die_with_client: bool = False,
 ) -> dict[str, Any]:
-    """The fields of one plain execute request."""
+    """The fields of one plain execute request (`die_with_client`: docs/protocol.md, execute)."""
     fields: dict[str, Any] = {
         "name": name,
         "args": promote_all(args) if args else [],
         "kwargs": promote_values(kwargs) if kwargs else {},
     }
-    return with_options(fields, timeout_s, retries)
+    return with_options(fields, timeout_s, retries, die_with_client)
 
 
-def chunk_fields(name: str, calls: Sequence[Call], timeout_s: float | None, retries: int) -> dict[str, Any]:
+def chunk_fields(
+    name: str, calls: Sequence[Call], timeout_s: float | None, retries: int, die_with_client: bool = False
+) -> dict[str, Any]:
     """The fields of one chunked execute: `calls` = [[args, kwargs], ...] run in order.
 
     The (args, kwargs) pairs go as they are (msgpack writes tuples as arrays): no Python work
     per call. Large bytes inside a chunk are not made raw frames (chunks are for many small
     calls); a Raw wrapper or a numpy array still travels raw."""
-    return with_options({"name": name, "calls": calls, "compact": True}, timeout_s, retries)
+    fields = {"name": name, "calls": calls, "compact": True}
+    return with_options(fields, timeout_s, retries, die_with_client)
 
 
-def with_options(fields: dict[str, Any], timeout_s: float | None, retries: int) -> dict[str, Any]:
+def with_options(
+    fields: dict[str, Any], timeout_s: float | None, retries: int, die_with_client: bool = False
+) -> dict[str, Any]:
     if timeout_s is not None:
         fields["timeout_s"] = timeout_s
     if retries:
         fields["retries"] = retries
+    if die_with_client:  # sent only when asked: an older daemon ignores it either way
+        fields["die_with_client"] = True
     return fields
 
 

@@ -65,6 +65,15 @@ def check_execute(request: dict[str, Any], default_timeout: float) -> tuple[str,
     return name, float(timeout), retries
 
 
+def check_die_with_client(request: dict[str, Any]) -> bool:
+    """execute's `die_with_client` (docs/protocol.md, execute): true asks that the job be killed
+    if its client's connection goes while it runs (what has not started is dropped anyway)."""
+    value = request.get("die_with_client", False)
+    if value is not True and value is not False:
+        raise RequestRejected(protocol.BAD_REQUEST, "'die_with_client' must be true or false")
+    return value
+
+
 EMPTY_ARRAY, EMPTY_MAP = protocol.Bulk("array", 0), protocol.Bulk("map", 0)
 
 

@@ -212,3 +212,12 @@ def bind_router(router: zmq.Socket[Any], path: str | None, max_message_bytes: in
         os.umask(previous)
     os.chmod(path, SOCKET_MODE)
     return path
+
+
+def remove_own_socket(path: str, inode: int) -> None:
+    """Unlink the socket file we bound, unless another daemon has bound one there since."""
+    try:
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
+    except OSError:
+        pass

@@ -22,12 +22,18 @@ import zmq
 
 from workerctl import protocol
 from workerd import __version__, memory
-from workerd.admission import MAX_CANCEL_IDS, RequestRejected, check_execute, check_raw_frames
+from workerd.admission import (
+    MAX_CANCEL_IDS,
+    RequestRejected,
+    check_die_with_client,
+    check_execute,
+    check_raw_frames,
+)
 from workerd.cluster.backend import Cluster
 from workerd.config import Config
 from workerd.core.backend import Backend
 from workerd.core.fanout import Ask, gather
-from workerd.core.lifecycle import STOP_MESSAGE, Job, Ledger
+from workerd.core.lifecycle import ANSWERED, STOP_MESSAGE, Job, Ledger
 from workerd.gpu.backend import GpuWorkers
 from workerd.metrics import Metrics
 from workerd.pool.backend import Pool
@@ -230,6 +236,7 @@ class Commands:
             timeout_s=timeout_s,
             retries=retries,
             accepted_at=msg.arrived_at,  # latency metrics count from arrival, checks included
+            die_with_client=check_die_with_client(msg.request),
         )
         master.ledger.accept(job)
         (master.cluster if to_cluster else master.gpu if is_pipeline else master.pool).submit(job)
@@ -255,6 +262,26 @@ class Commands:
             fate = "running" if "running" in fates else "cancelled" if "cancelled" in fates else "unknown"
             result[fate].append(request_id)
         return result
+
+    def depart(self, client: bytes) -> None:
+        """A client's connection is gone (limits.py): nobody can read its replies. What it has
+        waiting or prefetched ends now, with no reply (Ledger.cancel_reply of a departed job);
+        what runs goes on, unless its request asked to die with its client (then it is
+        cancelled with terminate: its worker is killed and replaced)."""
+        ledger = self.master.ledger
+        jobs = ledger.of_client(client)
+        if not jobs:
+            return
+        self.master.counters["clients_departed"] += 1  # with work in flight
+        for job in jobs:
+            job.departed = True
+        for backend in self.master.backends:
+            for job in backend.queue.remove_client(client):
+                ledger.cancel_reply(job)
+        # What is left is held by a child: a few per worker at most.
+        for job in jobs:
+            if job.state is not ANSWERED:
+                self.backend(job.pool).cancel(job, job.die_with_client)
 
     def backend(self, kind: str) -> Backend:
         """Where a job of this kind (Job.pool) is."""

@@ -18,6 +18,11 @@ What libzmq 4.3.5 (pyzmq 27) offers, as measured here (docs/protocol.md §9 has 
   though the manual says TCP only), and shutdown() on that descriptor makes libzmq drop the
   connection and everything queued for it, at once (measured: 100 MB of queued replies freed
   within 2 ms). That is how one client is cut off (Connections.cut); its DEALER reconnects.
+- The ROUTER's socket monitor reports EVENT_DISCONNECTED with the descriptor of the connection
+  that went (ipc included), within about 2 ms of its peer process dying by any signal
+  (measured: SIGTERM, SIGHUP, SIGKILL of a DEALER's process). With the SRCFD map below that
+  names the client that has gone (ClientLimits.read_departures); ZeroMQ heartbeats, the other
+  way, would only add traffic and a timeout before the same news.
 - Inbound, libzmq can bound nothing that matters: ZMQ_MAXMSGSIZE bounds each frame, and a
   message is delivered only once all its frames are in, so a message of many frames is whole
   in the master's memory before any code of ours sees it (500 frames of 1 MiB: 523 MiB). What
@@ -31,7 +36,8 @@ import collections
 import logging
 import os
 import socket
-from collections.abc import Sequence
+import struct
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -51,12 +57,22 @@ TRACKED_BYTES = 64 * 1024
 # Bytes of tracked replies that may wait for all clients together, in units of the message
 # limit: enough for many clients fetching big results at once, bounded whatever they do.
 BACKLOG_MESSAGES = 16
-# Clients cut off lately, whose messages are ignored: libzmq still delivers what a cut
+# Clients cut off or gone lately, whose messages are ignored: libzmq still delivers what a cut
 # connection had sent, and answering it would find the queue full again (and, as the client's
 # DEALER reconnects on the same fd number, cut its new connection): measured, 499 cuts in a row.
-# A connection's leftovers arrive within moments; routing ids are never reused.
-RECENT_CUTS = 4096
+# A departed client's leftovers would start work for nobody. They arrive within moments; the
+# routing ids libzmq makes up are never reused.
+RECENT_GONE = 4096
 NOBLOCK = int(zmq.NOBLOCK)
+DISCONNECTED = int(zmq.EVENT_DISCONNECTED)
+# A monitor event's first frame: the event (uint16) and its value (uint32, here the fd).
+EVENT_FRAME = struct.Struct("=HI")
+
+
+def made_up(client: bytes) -> bool:
+    """Is this a routing id libzmq made up (never reused)? A client's own ZMQ_ROUTING_ID
+    cannot start with a zero byte, and comes back when that client reconnects."""
+    return client[:1] == b"\x00"
 
 
 class Connections:
@@ -67,25 +83,27 @@ class Connections:
         self.clients: dict[bytes, tuple[int, int]] = {}  # routing id -> (fd, peer pid)
         self.owners: dict[int, bytes] = {}  # fd -> routing id
 
-    def seen(self, client: bytes, frame: zmq.Frame) -> None:
-        """Note where a message of `client` (its routing-id frame) came from.
+    def note(self, client: bytes, fd: int, frame: zmq.Frame) -> None:
+        """Note that `client` (its routing-id frame) came on descriptor `fd`.
 
         An fd number belongs to one connection at a time, so a new owner of a number replaces
         the old one: the table never holds more entries than descriptors were open at once."""
         try:
-            fd = frame.get(zmq.SRCFD)
-            if self.owners.get(fd) == client:
-                return
             peer = parse_peer_address(str(frame.get(PEER_PROPERTY)))
         except zmq.ZMQError:
-            # Seen once in a flood of short-lived connections (EINVAL: the message came without
-            # libzmq's metadata). Such a client cannot be cut off: replies past its queue drop.
-            return
+            return  # see ClientLimits.seen
         previous = self.owners.pop(fd, None)
         if previous is not None:
             self.clients.pop(previous, None)
         self.owners[fd] = client
         self.clients[client] = (fd, peer.pid if peer else -1)
+
+    def closed(self, fd: int) -> bytes | None:
+        """The connection on `fd` has gone: whose it was, if we knew."""
+        client = self.owners.pop(fd, None)
+        if client is not None and self.clients.get(client, (fd,))[0] == fd:
+            self.clients.pop(client, None)
+        return client
 
     def cut(self, client: bytes) -> bool:
         """Shut the client's connection down; libzmq then drops it and what is queued for it.
@@ -97,14 +115,16 @@ class Connections:
         if entry is None:
             return False
         fd, pid = entry
-        self.owners.pop(fd, None)
         try:
             conn = socket.socket(fileno=os.dup(fd))
         except OSError:
+            self.owners.pop(fd, None)
             return False
         try:
             if not same_connection(conn, self.path, pid):
+                self.owners.pop(fd, None)
                 return False
+            # Its owner stays noted: the monitor's disconnect then says the client has gone.
             conn.shutdown(socket.SHUT_RDWR)
             return True
         except OSError:
@@ -159,23 +179,75 @@ class Backlog:
 
 
 class ClientLimits:
-    """The master's replies, sent so that no client can make it hold more than its budget."""
+    """The master's replies, sent so that no client can make it hold more than its budget; and
+    which clients have gone (their connection closed), told to `on_departed` as soon as known."""
 
     def __init__(
-        self, sock: zmq.Socket[Any], path: str, max_message_bytes: int, counters: collections.Counter[str]
+        self,
+        sock: zmq.Socket[Any],
+        path: str,
+        max_message_bytes: int,
+        counters: collections.Counter[str],
+        on_departed: Callable[[bytes], None],
     ) -> None:
         self.sock = sock
         self.connections = Connections(path)
         self.backlog = Backlog(BACKLOG_MESSAGES * max_message_bytes)
         self.counters = counters
-        self.recent_cuts: dict[bytes, None] = {}  # insertion-ordered: the oldest go first
+        self.on_departed = on_departed
+        self.gone: dict[bytes, None] = {}  # cut off or departed lately; the oldest go first
+        # Watched in the master's reactor (read_departures); read too before a new client is
+        # noted, so that an fd's old owner is known gone before its number is given to another.
+        self.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+
+    def close(self) -> None:
+        """Before the ROUTER is closed: a monitor left open makes the context's term() hang."""
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
 
     def seen(self, client: bytes, frame: zmq.Frame) -> bool:
-        """Note a message from `client`; False if it comes on a connection we cut off (drop it)."""
-        if client in self.recent_cuts:
+        """Note a message from `client`; False if its connection was cut off or is gone (drop it)."""
+        if client in self.gone:
             return False
-        self.connections.seen(client, frame)
+        try:
+            fd = frame.get(zmq.SRCFD)
+        except zmq.ZMQError:
+            # Seen once in a flood of short-lived connections (EINVAL: the message came without
+            # libzmq's metadata). Such a client cannot be cut off (replies past its queue drop),
+            # nor be told gone (its work runs on).
+            return True
+        if self.connections.owners.get(fd) == client:
+            return True  # the fast path: one dict lookup per message
+        # A connection's DISCONNECTED is queued before libzmq closes its fd, so before the number
+        # can come back on a new connection: read now, the fd's old owner is never taken for
+        # this client.
+        self.read_departures()
+        if client in self.gone:
+            return False
+        self.connections.note(client, fd, frame)
         return True
+
+    def read_departures(self) -> None:
+        """Every disconnect the monitor has queued: each known client's departure is told."""
+        while True:
+            try:
+                event = self.monitor.recv(NOBLOCK)
+                self.monitor.recv()  # the endpoint: always our socket's
+            except zmq.Again:
+                return
+            kind, fd = EVENT_FRAME.unpack_from(event)
+            client = self.connections.closed(fd) if kind == DISCONNECTED else None
+            if client is None:
+                continue  # a connection that never sent a message, or one we had cut
+            if made_up(client):
+                self.forget(client)
+            self.backlog.drop(client)
+            self.on_departed(client)
+
+    def forget(self, client: bytes) -> None:
+        self.gone[client] = None
+        if len(self.gone) > RECENT_GONE:
+            del self.gone[next(iter(self.gone))]
 
     def send(self, client: bytes, frames: Sequence[Any]) -> None:
         """Send [b"", body, *raw] to `client`; never blocks, never drops a reply silently.
@@ -183,7 +255,7 @@ class ClientLimits:
         A client that has gone is skipped (as before). One whose queue is full (CLIENT_SNDHWM),
         or who holds the most when the backlog is over its budget, is cut off: its requests in
         flight end for it with the lost connection, which its client reports at once."""
-        if client in self.recent_cuts:
+        if client in self.gone:
             return
         try:
             self.sock.send(client, SNDMORE | NOBLOCK)
@@ -213,8 +285,6 @@ class ClientLimits:
         self.backlog.drop(client)
         if not self.connections.cut(client):
             return  # its connection is gone already (its number now someone else's)
-        self.recent_cuts[client] = None
-        if len(self.recent_cuts) > RECENT_CUTS:
-            del self.recent_cuts[next(iter(self.recent_cuts))]
+        self.forget(client)
         self.counters["clients_cut_off"] += 1
         log.warning("cut off a client that does not read its replies: %s", why)

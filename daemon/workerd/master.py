@@ -105,7 +105,9 @@ class Master:
         fd = control.inherited_fd()
         self.adopted = fd is not None
         self.control, self.socket_path = control.bind(self.context, path, max_bytes, fd)
-        self.limits = ClientLimits(self.control, self.socket_path, max_bytes, self.counters)
+        # A client's departure ends its work that has not started (Commands.depart).
+        departed = self.commands.depart
+        self.limits = ClientLimits(self.control, self.socket_path, max_bytes, self.counters, departed)
         self.max_message_bytes = max_bytes
         # Remember which file is ours, to remove it at exit (an adopted socket stays systemd's).
         self.socket_inode = None if self.adopted else os.stat(self.socket_path).st_ino
@@ -114,6 +116,7 @@ class Master:
         self.private_dir = tempfile.mkdtemp(prefix="workerd-")
         self.reactor = Reactor()
         self.reactor.watch(self.control, self.handle_control)
+        self.reactor.watch(self.limits.monitor, self.limits.read_departures)
         self.reactor.watch(self.wake_read, self.handle_signals)
         if self.exporter is not None:
             exporter = self.exporter
@@ -467,24 +470,17 @@ class Master:
             pool.close()
         if self.exporter is not None:
             self.exporter.close()
+        if hasattr(self, "limits"):
+            self.limits.close()
         if hasattr(self, "control"):
             self.control.close(linger=0)
         if hasattr(self, "context"):
             self.context.term()
         inode = getattr(self, "socket_inode", None)
         if inode is not None:
-            remove_own_socket(self.socket_path, inode)
+            control.remove_own_socket(self.socket_path, inode)
         if hasattr(self, "private_dir"):
             shutil.rmtree(self.private_dir, ignore_errors=True)
-
-
-def remove_own_socket(path: str, inode: int) -> None:
-    """Unlink the socket file we bound, unless another daemon has bound one there since."""
-    try:
-        if os.stat(path).st_ino == inode:
-            os.unlink(path)
-    except OSError:
-        pass
 
 
 def configuration_socket(config: configuration.Config) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 from typing import NamedTuple, Protocol
 
-from workerd.core.lifecycle import Job, Ledger
+from workerd.core.lifecycle import Job, JobQueue, Ledger
 from workerd.core.reactor import Reactor
 
 # What `cancel` reports of one job (protocol.md, cancel): answered CANCELLED before the cancel's
@@ -44,6 +44,11 @@ class Backend(Protocol):
     @property
     def exited(self) -> bool:
         """Is every child process of it gone?"""
+        ...
+
+    @property
+    def queue(self) -> JobQueue:
+        """Its jobs waiting for a child (a departed client's leave it at once, handlers.depart)."""
         ...
 
     def submit(self, job: Job) -> None: ...

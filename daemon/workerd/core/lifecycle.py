@@ -16,6 +16,7 @@ by care in every backend:
   * `Ledger.finish` is the only place a terminal reply is sent, and it sends at most once per
     job: a late result, a second death, a stop racing a timeout all find the job ANSWERED and
     are dropped there.
+    A job whose client has gone (`departed`) ends there too, with no reply sent.
   * `Lane` is the only record of which jobs a worker holds, and of which of them may have run.
     A worker runs its jobs in the order it was sent them and reads everything the master sent
     before it starts the next one; so of the jobs a lost worker held, only the first one not
@@ -49,6 +50,8 @@ from workerd.metrics import Metrics, error_outcome
 log = logging.getLogger("workerd.jobs")
 
 QUEUED, ASSIGNED, RUNNING, ANSWERED = "queued", "assigned", "running", "answered"
+# The outcome of a job ended because its client went (no reply): in `status`, execute_departed.
+DEPARTED = "departed"
 
 # What a stop answers, in one wording: a job that had not started, and one the grace period cut.
 STOP_MESSAGE = "workerd is stopping"
@@ -91,6 +94,8 @@ class Job:
     expired: bool = False  # ran past its deadline: answered TIMEOUT, whatever comes later
     cancelled: bool = False  # terminated by `cancel`: answered CANCELLED, its worker killed
     cancel_requested: bool = False  # `cancel` asked while it was prefetched: CANCELLED if handed back
+    die_with_client: bool = False  # the request asked: killed if its client goes while it runs
+    departed: bool = False  # its client has gone: it ends with no reply (nobody would read it)
     outcome: str = ""  # once answered: "ok", "error" or an error code in lower case ("cancelled")
 
     def start(self, now: float) -> None:
@@ -107,41 +112,55 @@ class Ledger:
         self.reply = reply
         self.metrics = metrics
         self.counters = metrics.events
-        # (client, request id) -> its jobs in flight, for `cancel`: a client may reuse an id.
-        self.in_flight: dict[tuple[bytes, Any], list[Job]] = {}
+        # client -> request id -> its jobs in flight: for `cancel` (a client may reuse an id),
+        # and for a client that goes (all of its jobs at once). Two lookups per job, as the one
+        # of a (client, id) tuple key cost: a departure needs no second index kept per job.
+        self.in_flight: dict[bytes, dict[Any, list[Job]]] = {}
 
     def accept(self, job: Job) -> None:
-        self.in_flight.setdefault((job.client, job.request_id), []).append(job)
+        ids = self.in_flight.get(job.client)
+        if ids is None:
+            ids = self.in_flight[job.client] = {}
+        ids.setdefault(job.request_id, []).append(job)
 
     def find(self, client: bytes, request_id: Any) -> list[Job]:
         try:
-            return list(self.in_flight.get((client, request_id), ()))
+            return list(self.in_flight.get(client, {}).get(request_id, ()))
         except TypeError:  # an unhashable id (a list): never one of ours
             return []
 
+    def of_client(self, client: bytes) -> list[Job]:
+        """Every job of `client` in flight, oldest first."""
+        jobs = [job for same_id in self.in_flight.get(client, {}).values() for job in same_id]
+        return sorted(jobs, key=lambda job: job.id)
+
     def item(self, job: Job, frame: bytes, raw: Sequence[Any]) -> None:
         """A stream item: forwarded while the job has no terminal reply."""
-        if job.state is not ANSWERED and not job.expired and not job.cancelled:
+        if job.state is not ANSWERED and not job.expired and not job.cancelled and not job.departed:
             job.items_sent += 1
             self.reply(job.client, frame, raw)
 
     def finish(self, job: Job, frame: bytes, outcome: str, raw: Sequence[Any] = ()) -> bool:
-        """Send the job's terminal reply: the first call does, every later one is dropped."""
+        """Send the job's terminal reply: the first call does, every later one is dropped. A job
+        whose client has gone ends here too, but sends nothing (`departed`)."""
         if job.state is ANSWERED:
             return False
         job.state = ANSWERED
         job.outcome = outcome
-        key = (job.client, job.request_id)
-        jobs = self.in_flight.get(key)
+        ids = self.in_flight.get(job.client, {})
+        jobs = ids.get(job.request_id)
         if jobs is not None and job in jobs:  # a job never accepted must not drop another's entry
-            if len(jobs) == 1:
-                del self.in_flight[key]
-            else:
+            if len(jobs) > 1:
                 jobs.remove(job)
+            elif len(ids) > 1:
+                del ids[job.request_id]
+            else:
+                del self.in_flight[job.client]
         self.counters[COUNTER_PREFIX[job.pool] + outcome] += 1
         code = error_outcome(frame) if outcome == "error" else outcome
         self.metrics.answered("execute", code, job.accepted_at, job.pool)
-        self.reply(job.client, frame, raw)
+        if not job.departed:
+            self.reply(job.client, frame, raw)
         return True
 
     def fail(self, job: Job, code: str, message: str, details: dict[str, Any] | None = None) -> bool:
@@ -167,7 +186,7 @@ class Ledger:
         stopping); WORKER_LOST otherwise."""
         if job.state is ANSWERED:
             return
-        if retry is not None and job.retries > 0 and not job.items_sent:
+        if retry is not None and job.retries > 0 and not job.items_sent and not job.departed:
             job.retries -= 1
             self.counters["retries"] += 1
             log.info("job %d: %s %s; retrying (%d retries left)", job.id, what, how, job.retries)
@@ -190,6 +209,11 @@ class Ledger:
         return self.fail(job, protocol.SHUTTING_DOWN, cut_short_message(job.name))
 
     def cancel_reply(self, job: Job, terminated: bool = False) -> None:
+        """CANCELLED: asked by the client; or, with no reply, the client has gone (`departed`)."""
+        if job.departed:
+            if self.finish(job, b"", DEPARTED):
+                self.counters["departed_killed" if terminated else "departed_dropped"] += 1
+            return
         how = "its worker was killed" if terminated else "it had not started"
         self.fail(job, protocol.CANCELLED, f"cancelled by the client ({how})", {"terminated": terminated})
 
@@ -276,6 +300,22 @@ class JobQueue:
             del self.by_key[job.key]
         self.count -= 1
         return True
+
+    def remove_client(self, client: bytes) -> list[Job]:
+        """Every job of `client` waiting, removed in one pass (a remove each would scan the
+        queue once per job: a departed client with thousands queued stalled the loop)."""
+        removed: list[Job] = []
+        for key, jobs in list(self.by_key.items()):
+            kept = collections.deque(job for job in jobs if job.client != client)
+            if len(kept) == len(jobs):
+                continue
+            removed.extend(job for job in jobs if job.client == client)
+            if kept:
+                self.by_key[key] = kept
+            else:
+                del self.by_key[key]
+        self.count -= len(removed)
+        return removed
 
     def waiting_keys(self) -> list[str]:
         return list(self.by_key)

@@ -215,7 +215,9 @@ class GpuWorkers:
         self.queue.push(job, front=True)
 
     def hand_back(self, job: Job) -> None:
-        if self.stopping:
+        if job.departed:  # its client has gone: it ends here, with no reply
+            self.ledger.cancel_reply(job)
+        elif self.stopping:
             self.ledger.shut_out(job)
         else:
             self.queue.push(job, front=True)

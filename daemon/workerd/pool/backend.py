@@ -229,8 +229,8 @@ class Pool:
         )
 
     def hand_back(self, job: Job) -> None:
-        """A job a worker held and never started."""
-        if job.cancel_requested or job.cancelled:
+        """A job a worker held and never started (a departed client's: dropped, no reply)."""
+        if job.cancel_requested or job.cancelled or job.departed:
             self.ledger.cancel_reply(job)
         elif self.stopping:
             self.ledger.shut_out(job)
