@@ -92,6 +92,9 @@ class Job:
     cancelled: bool = False  # terminated by `cancel`: answered CANCELLED, its worker killed
     cancel_requested: bool = False  # `cancel` asked while it was prefetched: CANCELLED if handed back
     outcome: str = ""  # once answered: "ok", "error" or an error code in lower case ("cancelled")
+    # The routing-id zmq.Frame it came with: its connection's credentials, read only by a
+    # `cancel` from another connection (any_connection), which must come from the same uid.
+    origin: Any = None
 
     def start(self, now: float) -> None:
         self.state = RUNNING
@@ -118,6 +121,18 @@ class Ledger:
             return list(self.in_flight.get((client, request_id), ()))
         except TypeError:  # an unhashable id (a list): never one of ours
             return []
+
+    def find_any(self, request_ids: Sequence[Any], admit: Callable[[Job], bool]) -> dict[Any, list[Job]]:
+        """The jobs in flight with one of `request_ids` on any connection, those `admit` takes,
+        by request id: one pass over what is in flight, for a cancel from another connection."""
+        wanted = {i for i in request_ids if isinstance(i, int | str) and not isinstance(i, bool)}
+        found: dict[Any, list[Job]] = {}
+        if not wanted:
+            return found
+        for (_, request_id), jobs in self.in_flight.items():
+            if request_id in wanted and not isinstance(request_id, bool):
+                found.setdefault(request_id, []).extend(job for job in jobs if admit(job))
+        return found
 
     def item(self, job: Job, frame: bytes, raw: Sequence[Any]) -> None:
         """A stream item: forwarded while the job has no terminal reply."""
