@@ -45,14 +45,11 @@ JSON_KINDS = {bool: "true or false", int: "a number", float: "a number", str: "a
 def parse_input(text: str, number: int) -> tuple[Any, core.Call | None, str | None]:
     """(input as recorded, the call, None) or (input as recorded, None, why it is no call);
     `number` is the line's number in the file, which the reason names."""
+    text = text.rstrip("\r\n")  # else an error at the line's end is "column 1" of the next
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        return (
-            text.rstrip("\n"),
-            None,
-            f"input line {number} is not valid JSON: {exc.msg} at column {exc.colno}",
-        )
+        return text, None, f"input line {number} is not valid JSON: {exc.msg} at column {exc.colno}"
     if isinstance(value, dict):
         return value, ((), value), None
     if isinstance(value, list):
@@ -69,7 +66,21 @@ def record(line: int, value: Any, ok: bool, outcome: Any) -> dict[str, Any]:
     if ok:
         return {"line": line, "input": value, "result": outcome}
     error = {"code": outcome.code, "message": outcome.message, "details": outcome.details}
-    return {"line": line, "input": value, "error": error}
+    return {"line": line, **quote(value), "error": error}
+
+
+# An error line quotes at most this many characters of its input: a 70 MB input refused as too
+# large must not make a 70 MB error line. --resume needs only the line number.
+QUOTE_CHARS = 200
+
+
+def quote(value: Any) -> dict[str, Any]:
+    """The input of an error line: itself, or past QUOTE_CHARS as JSON text, its first
+    QUOTE_CHARS characters as a string and "input_length" its length."""
+    text = value if isinstance(value, str) else dumps(value)
+    if len(text) <= QUOTE_CHARS:
+        return {"input": value}
+    return {"input": text[:QUOTE_CHARS] + "…", "input_length": len(text)}
 
 
 class LineSet:
@@ -167,11 +178,14 @@ class Output:
     def __init__(self, path: str, bar: Progress | None = None) -> None:
         self.path = path
         self.to_stdout = path == "-"
-        self.fd = (
-            sys.stdout.fileno()
-            if self.to_stdout
-            else os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        )
+        try:
+            self.fd = (
+                sys.stdout.fileno()
+                if self.to_stdout
+                else os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            )
+        except OSError as exc:
+            raise errors.OutputUnwritable(f"cannot create --output {path}: {exc.strerror}") from None
         self.bar = (
             bar
             if bar is not None and bar.stream is not None and self.to_stdout and os.isatty(self.fd)

@@ -11,17 +11,21 @@ import argparse
 import json
 import math
 import os
+import secrets
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import __version__, errors, protocol
+from . import __version__, core, errors, protocol
 from .client import DEFAULT_WINDOW, Client
 from .core import MAX_CHUNK
 from .jsonout import dumps
 from .render import render_clear, render_memory, render_status
 
 CONTROL_TIMEOUT = 30.0
+# How long an interrupted run waits for the daemon to confirm its cancel before it exits.
+STOP_WAIT_S = 5.0
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
@@ -81,25 +85,45 @@ def positive(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="workerctl", description="Talk to the workerd daemon.")
-    parser.add_argument("--version", action="version", version=f"workerctl {__version__}")
-    parser.add_argument("--socket", help="control socket path (default: as workerd resolves it)")
+def add_globals(parser: argparse.ArgumentParser, default: Any) -> None:
+    """--socket, --timeout and --json: on the main parser (with their defaults), and on every
+    command's with `default` argparse.SUPPRESS, so that they may come after the command too
+    (`workerctl status --json`, as with docker and kubectl) without one place undoing the other."""
+    parser.add_argument(
+        "--socket", default=default, help="control socket path (default: as workerd resolves it)"
+    )
     parser.add_argument(
         "--timeout",
         type=seconds,
         metavar="S",
+        default=default,
         help=f"seconds to wait for a reply (default {CONTROL_TIMEOUT:g}; for run: no limit: the "
         "daemon answers once the task ends or times out, after any time it waits in the queue)",
     )
     parser.add_argument(
-        "--json", action="store_true", help="print one JSON document on stdout (NaN and infinities as null)"
+        "--json",
+        action="store_true",
+        default=default,
+        help="print one JSON document on stdout (NaN and infinities as null)",
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    commands.add_parser("ping", help="check that the daemon answers")
-    commands.add_parser("status", help="daemon, pool and queue state")
-    commands.add_parser("memory", help="memory of the daemon, its workers and the GPU")
-    clear = commands.add_parser("clear", help="free memory in the workers")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="workerctl", description="Talk to the workerd daemon.")
+    parser.add_argument("--version", action="version", version=f"workerctl {__version__}")
+    add_globals(parser, None)
+    parser.set_defaults(json=False)
+    shared = argparse.ArgumentParser(add_help=False)
+    add_globals(shared, argparse.SUPPRESS)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return subparsers.add_parser(name, help=help_text, parents=[shared])
+
+    command("ping", "check that the daemon answers")
+    command("status", "daemon, pool and queue state")
+    command("memory", "memory of the daemon, its workers and the GPU")
+    clear = command("clear", "free memory in the workers")
     clear.add_argument(
         "--level",
         choices=("gc", "cache", "full"),
@@ -107,16 +131,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="gc: collect garbage in every worker; cache: also empty the CUDA cache; "
         "full: also drop every cached pipeline (default %(default)s)",
     )
-    scale = commands.add_parser("scale", help="set the number of CPU workers")
+    scale = command("scale", "set the number of CPU workers")
     scale.add_argument(
         "workers",
         type=bounded(1, protocol.MAX_WORKERS),
         metavar="N",
         help=f"CPU workers to aim for, 1 to {protocol.MAX_WORKERS} (until the next reload)",
     )
-    commands.add_parser("reload", help="re-import task code and replace workers one by one")
-    add_run(commands.add_parser("run", help="run a task (module:function) or a pipeline"))
+    command("reload", "re-import task code and replace workers one by one")
+    add_run(command("run", "run a task (module:function) or a pipeline"))
+    cancel = command("cancel", "cancel requests of yours by their ids (run --json prints them)")
+    cancel.add_argument("ids", nargs="+", type=request_id, metavar="ID", help="request ids")
+    cancel.add_argument(
+        "--terminate",
+        action="store_true",
+        help="also stop requests that are already running (their workers are killed and replaced)",
+    )
     return parser
+
+
+def request_id(text: str) -> int | str:
+    """A request id as the protocol has them: an integer when it reads as one, else a string."""
+    if len(text) > protocol.MAX_ID_LENGTH:
+        raise argparse.ArgumentTypeError(f"a request id has at most {protocol.MAX_ID_LENGTH} characters")
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def add_run(run: argparse.ArgumentParser) -> None:
@@ -124,6 +165,7 @@ def add_run(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "assignments",
         nargs="*",
+        default=[],  # without a default, argparse calls a "*" positional required
         metavar="key=value",
         help="keyword arguments, before or after the options; a value is JSON if it parses (n=3 is "
         "a number), else a string",
@@ -239,17 +281,39 @@ def command_run(client: Client, args: argparse.Namespace) -> int:
     if args.batch is not None:
         return command_batch(client, args)
     positional, keywords = args.arguments
-    options = {"timeout_s": args.task_timeout, "retries": args.retries}
+    fields = core.execute_fields(args.name, positional, keywords, args.task_timeout, args.retries)
+    request = client.send("execute", **fields)
     if args.json:
-        print(dumps(client.call(args.name, positional, keywords, **options)))
-        return errors.EXIT_OK
-    # Without --json, a generator's items are printed as they arrive, one per line.
-    streamed = False
-    for kind, value in client.events(args.name, positional, keywords, **options):
-        if kind == "item" or not streamed:
-            print(dumps(value), flush=True)
-        streamed = streamed or kind == "item"
+        # For `workerctl cancel` from elsewhere; stdout keeps its one document, the result.
+        print(dumps({"request_id": request}), file=sys.stderr, flush=True)
+    events = core.Events()
+    items: list[Any] = []
+    try:
+        for reply in client.replies(request, core.reply_wait(client.timeout, args.task_timeout)):
+            kind, value = events.event(reply)
+            if args.json:
+                items.append(value)
+            elif kind == "item" or not events.streamed:
+                # Without --json, a generator's items are printed as they arrive, one per line.
+                print(dumps(value), flush=True)
+    finally:
+        if not events.ended:
+            # Interrupted (Ctrl-C, SIGTERM, SIGHUP), a client timeout, stdout gone: the run is
+            # not wanted any more, wherever it is; its worker is killed if it has started.
+            stop_requests(client, [request], terminate=True)
+    if args.json:
+        print(dumps(items[:-1] if events.streamed else items[-1]))
     return errors.EXIT_OK
+
+
+def stop_requests(client: Client, ids: list[int], terminate: bool) -> None:
+    """Cancel `ids` and wait (briefly) for the daemon to say so: the socket is closed without
+    linger right after, which would drop a cancel still on its way out."""
+    try:
+        for fields in core.cancel_requests(ids, terminate):
+            client.request("cancel", timeout=STOP_WAIT_S, **fields)
+    except (errors.WorkerdError, KeyboardInterrupt):
+        pass  # the daemon is gone or slow, or a second Ctrl-C: leave
 
 
 def command_batch(client: Client, args: argparse.Namespace) -> int:
@@ -276,6 +340,10 @@ def command_batch(client: Client, args: argparse.Namespace) -> int:
         batch.run_batch(client, options, progress)
     except (KeyboardInterrupt, errors.WorkerdError) as exc:
         stopped = exc
+    if isinstance(stopped, KeyboardInterrupt):
+        # The batch's queued and prefetched calls were cancelled without waiting (cancel_nowait);
+        # a reply to a later request on the same connection says the daemon has read that.
+        settle(client)
     summary = progress.summary()
     line = (
         f"batch: {summary['done']} done, {summary['failed']} failed, {summary['lost']} lost, "
@@ -297,6 +365,36 @@ def command_batch(client: Client, args: argparse.Namespace) -> int:
     return errors.EXIT_FAILED if progress.failed or progress.lost else errors.EXIT_OK
 
 
+def settle(client: Client) -> None:
+    """Wait (briefly) until the daemon has read what this client sent so far."""
+    try:
+        client.request("ping", timeout=STOP_WAIT_S)
+    except (errors.WorkerdError, KeyboardInterrupt):
+        pass
+
+
+def command_cancel(client: Client, args: argparse.Namespace) -> int:
+    """Cancel by id, on any of this user's connections (`workerctl cancel` has a connection of
+    its own): the ids `run --json` printed."""
+    result = client.cancel(args.ids, args.terminate, any_connection=True)
+
+    def human(r: dict[str, list[Any]]) -> str:
+        lines = [f"cancelled: {' '.join(map(str, r['cancelled']))}"] if r["cancelled"] else []
+        if r["running"]:
+            lines.append(
+                f"running, not stopped (--terminate kills their workers): {' '.join(map(str, r['running']))}"
+            )
+        if r["unknown"]:
+            lines.append(
+                "unknown (already answered, never sent, or another user's): "
+                + " ".join(map(str, r["unknown"]))
+            )
+        return "\n".join(lines)
+
+    emit(args, result, human)
+    return errors.EXIT_OK if len(result["cancelled"]) == len(args.ids) else errors.EXIT_FAILED
+
+
 COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "ping": command_ping,
     "status": command_status,
@@ -305,6 +403,7 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "scale": command_scale,
     "reload": command_reload,
     "run": command_run,
+    "cancel": command_cancel,
 }
 
 
@@ -324,6 +423,8 @@ def check_run(args: argparse.Namespace) -> None:
             raise ValueError(f"--batch: no such file: {args.batch}")
         if output != "-" and not args.resume and os.path.exists(output) and os.path.getsize(output) > 0:
             raise ValueError(f"{output} already holds results: --resume to go on with it, or remove it")
+        if output != "-":
+            check_output(output)
         return
     if args.output or args.resume:
         raise ValueError("--output and --resume go with --batch")
@@ -333,23 +434,57 @@ def check_run(args: argparse.Namespace) -> None:
     args.arguments = (positional, keywords)
 
 
+def check_output(path: str) -> None:
+    """--output must be a file we can append to (exit 73, EX_CANTCREAT, before connecting)."""
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        raise errors.OutputUnwritable(f"cannot create --output {path}: no directory {directory}")
+    if os.path.isdir(path):
+        raise errors.OutputUnwritable(f"cannot create --output {path}: it is a directory")
+    if not os.access(path if os.path.exists(path) else directory, os.W_OK):
+        raise errors.OutputUnwritable(f"cannot create --output {path}: permission denied")
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: handled as Ctrl-C is (work in flight cancelled, output complete)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def stop_on(signum: int, frame: Any) -> None:
+    raise Stopped(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
     timeout = args.timeout
     if timeout is None and args.command != "run":
         timeout = CONTROL_TIMEOUT
+    if args.command == "run":
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, stop_on)
     try:
         if args.command == "run":
             check_run(args)
-        with Client(args.socket, timeout=timeout) as client:
+        # run's ids start at a random number, so that `workerctl cancel` (another connection)
+        # names only this run's, and the daemon kills its running jobs too when it goes.
+        first_id = secrets.randbelow(9 * 10**9) + 10**9 if args.command == "run" else 1
+        dies = args.command == "run"
+        with Client(args.socket, timeout=timeout, first_id=first_id, die_with_client=dies) as client:
             return COMMANDS[args.command](client, args)
-    except ValueError as exc:
-        print(f"workerctl: {exc}", file=sys.stderr)
-        return errors.EXIT_USAGE
     except errors.WorkerdError as exc:
-        print(f"workerctl: {describe(exc)}", file=sys.stderr)
+        # First: a task's TaskError[ValueError] is also a ValueError, and no usage error.
+        fail(args, exc.code, exc.message, exc.details, describe(exc))
         return exc.exit_code
+    except ValueError as exc:
+        fail(args, errors.UsageError.code, str(exc), {}, str(exc))
+        return errors.EXIT_USAGE
+    except Stopped as exc:
+        print(f"workerctl: stopped by {signal.Signals(exc.signum).name}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("workerctl: interrupted", file=sys.stderr)
         return 130
@@ -358,6 +493,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # /dev/null so the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return errors.EXIT_OK
+
+
+def fail(args: argparse.Namespace, code: str, message: str, details: dict[str, Any], line: str) -> None:
+    """A failure: its line on stderr, and with --json its one document on stdout (a batch's
+    summary, or its result lines, are the batch's documents already)."""
+    print(f"workerctl: {line}", file=sys.stderr)
+    if args.json and getattr(args, "batch", None) is None:
+        print(dumps({"error": {"code": code, "message": message, "details": details}}))
 
 
 def describe(exc: errors.WorkerdError) -> str:

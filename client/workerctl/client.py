@@ -84,7 +84,11 @@ class Client:
     `max_message_bytes` is the daemon's daemon.max_message_mb in bytes; unset, the client asks
     the daemon (ping) before its first message over 64 KiB, and assumes the 64 MiB default if the
     daemon does not say. `reconnect_timeout` bounds how long a send waits for the connection to
-    come back after the daemon went away.
+    come back after the daemon went away. Request ids count up from `first_id`: a program that
+    hands its ids to another process, for a `cancel` of another connection, starts them at a
+    random number so that they meet no other connection's (workerctl run does).
+    `die_with_client` asks the daemon to kill this client's running jobs when its connection
+    goes, not only its queued ones (the execute field `die_with_client`).
     """
 
     def __init__(
@@ -95,12 +99,14 @@ class Client:
         *,
         max_message_bytes: int | None = None,
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+        first_id: int = 1,
+        die_with_client: bool = False,
     ) -> None:
         self.socket_path = paths.resolve_socket_path(socket_path)
         self.timeout = timeout
         self.reconnect_timeout = reconnect_timeout
         probe_socket(self.socket_path)
-        self._core = core.Core(max_message_bytes)
+        self._core = core.Core(max_message_bytes, first_id=first_id, die_with_client=die_with_client)
         self._context = context or zmq.Context.instance()
         self._socket = self._context.socket(zmq.DEALER)
         # linger 0: closing the client never blocks on requests the daemon will not read.
@@ -318,8 +324,12 @@ class Client:
     def reload(self) -> dict[str, Any]:
         return self.request("reload")  # type: ignore[no-any-return]
 
-    def cancel(self, ids: Iterable[int], terminate: bool = False) -> dict[str, list[int]]:
-        """Cancel requests sent earlier on this client, by the ids `send` returned.
+    def cancel(
+        self, ids: Iterable[int], terminate: bool = False, *, any_connection: bool = False
+    ) -> dict[str, list[int]]:
+        """Cancel requests sent earlier on this client, by the ids `send` returned; with
+        `any_connection`, also requests of other connections from the same user (uid), as
+        `workerctl cancel` does (docs/protocol.md §7.8: [access] execute applies).
 
         Returns {"cancelled": [...], "running": [...], "unknown": [...]}: a cancelled request
         was queued or prefetched (or running, with `terminate`: its worker is killed and
@@ -328,7 +338,7 @@ class Client:
         reply may still be on its way), was never sent, or is another client's. Any number of
         ids: they go at most 10,000 a request."""
         merged: dict[str, list[int]] = {"cancelled": [], "running": [], "unknown": []}
-        for fields in core.cancel_requests(list(ids), terminate):
+        for fields in core.cancel_requests(list(ids), terminate, any_connection):
             core.merge_cancelled(merged, self.request("cancel", **fields))
         return merged
 

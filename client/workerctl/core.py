@@ -143,14 +143,20 @@ class Events:
         return "item", reply["item"]
 
 
-def cancel_requests(ids: Sequence[int], terminate: bool) -> Iterator[dict[str, Any]]:
-    """The fields of the cancel requests for `ids`, at most MAX_CANCEL_IDS each."""
+def cancel_requests(
+    ids: Sequence[Any], terminate: bool, any_connection: bool = False
+) -> Iterator[dict[str, Any]]:
+    """The fields of the cancel requests for `ids`, at most MAX_CANCEL_IDS each; with
+    `any_connection`, ids of this peer's other connections too (docs/protocol.md §7.8)."""
     step = protocol.MAX_CANCEL_IDS
     for start in range(0, len(ids), step):
-        yield {"ids": list(ids[start : start + step]), "terminate": terminate}
+        fields: dict[str, Any] = {"ids": list(ids[start : start + step]), "terminate": terminate}
+        if any_connection:
+            fields["any_connection"] = True
+        yield fields
 
 
-def merge_cancelled(merged: dict[str, list[int]], result: Any) -> None:
+def merge_cancelled(merged: dict[str, list[Any]], result: Any) -> None:
     """Add one cancel result to `merged`, checking its shape."""
     if not isinstance(result, dict) or not all(isinstance(result.get(key), list) for key in merged):
         raise errors.ProtocolMismatch("a cancel result must map cancelled, running and unknown to lists")
@@ -182,8 +188,14 @@ class Inbox:
 class Core:
     """Request ids, encoding, and the delivery of replies to inboxes. No I/O."""
 
-    def __init__(self, max_message_bytes: int | None = None) -> None:
-        self._ids = itertools.count(1)
+    def __init__(
+        self, max_message_bytes: int | None = None, *, first_id: int = 1, die_with_client: bool = False
+    ) -> None:
+        self._ids = itertools.count(first_id)
+        # Fields every execute carries: `die_with_client` asks the daemon to kill this client's
+        # running jobs too when its connection goes (docs/protocol.md §7.5); a daemon that
+        # predates it ignores the field, as it ignores every unknown one.
+        self.execute_extra: dict[str, Any] = {"die_with_client": True} if die_with_client else {}
         self._pending: dict[int, Inbox] = {}  # request id -> where its replies go, in send order
         # The inboxes of single requests, kept after their terminal reply until it is read.
         self._own: dict[int, Inbox] = {}
@@ -195,6 +207,8 @@ class Core:
     def encode(self, cmd: str, fields: dict[str, Any]) -> tuple[int, list[Buffer]]:
         """A new id and the frames of its request: [b"", body, *raw frames]."""
         request_id = next(self._ids)
+        if self.execute_extra and cmd == "execute":
+            fields = {**fields, **self.execute_extra}
         try:
             frames = protocol.encode_request_frames(request_id, cmd, fields)
         except (TypeError, ValueError, OverflowError) as exc:  # a value msgpack cannot carry

@@ -16,6 +16,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 69
+EXIT_CANTCREAT = 73  # sysexits.h EX_CANTCREAT: an output file cannot be created
 EXIT_TIMEOUT = 75
 EXIT_PROTOCOL = 76
 EXIT_DENIED = 77
@@ -63,6 +64,13 @@ class UsageError(WorkerdError):
 
     code = "USAGE"
     exit_code = EXIT_USAGE
+
+
+class OutputUnwritable(WorkerdError):
+    """An output file (`run --batch --output`) cannot be created or opened for appending."""
+
+    code = "CANNOT_CREATE"
+    exit_code = EXIT_CANTCREAT
 
 
 class RequestTimeout(WorkerdError):

@@ -25,7 +25,7 @@ def render_status(status: dict[str, Any]) -> str:
     queue = status.get("queue", {})
     lines = [
         f"workerd {status.get('version')}  pid {status.get('pid')}  "
-        f"up {status.get('uptime_s', 0):.1f} s  state {status.get('state')}",
+        f"up {status.get('uptime_s', 0):.1f} s  state {state(status)}",
         f"socket  {status.get('socket')}",
         f"config  {status.get('config')}",
         f"pool    {pool.get('size', 0)}/{pool.get('target', 0)} workers "
@@ -53,6 +53,15 @@ def render_status(status: dict[str, Any]) -> str:
         lines.append("counters")
         lines.extend(f"  {key}: {value}" for key, value in sorted(counters.items()))
     return "\n".join(lines)
+
+
+def state(status: dict[str, Any]) -> str:
+    """The daemon's state; "degraded" while it runs but cannot serve CPU tasks (the task code
+    failed to import: the ERROR line says why), never "running" then."""
+    failed = status.get("degraded") or (status.get("pool") or {}).get("error")
+    if status.get("state") == "running" and failed:
+        return "degraded"
+    return str(status.get("state"))
 
 
 def cluster_line(cluster: dict[str, Any]) -> str:

@@ -50,6 +50,14 @@ def parse_peer_address(text: str) -> Peer | None:
     return Peer(int(parts[1]), int(parts[2]), int(parts[3]))
 
 
+def peer_of(frame: Any) -> Peer | None:
+    """The credentials of the connection a message came on (a zmq.Frame of it), or None."""
+    try:
+        return parse_peer_address(frame.get(PEER_PROPERTY))
+    except Exception:  # zmq.ZMQError when the property is missing; TypeError on odd values
+        return None
+
+
 def group_list(uid: int, gid: int) -> frozenset[int]:
     """The groups of user `uid` from the group database, with `gid` (the peer's own) among them.
 
@@ -113,10 +121,7 @@ class Access:
         DENIED message and details. Credentials that cannot be read deny (fail closed)."""
         if cmd not in self.restricted:
             return None
-        try:
-            peer = parse_peer_address(frame.get(PEER_PROPERTY))
-        except Exception:  # zmq.ZMQError when the property is missing; TypeError on odd values
-            peer = None
+        peer = peer_of(frame)
         if peer is None:
             return f"{cmd} is limited by [access] {cmd} and the peer's credentials are unknown", {
                 "command": cmd

@@ -22,6 +22,7 @@ import zmq
 
 from workerctl import protocol
 from workerd import __version__, memory
+from workerd.access import Access, peer_of
 from workerd.admission import (
     MAX_CANCEL_IDS,
     RequestRejected,
@@ -54,6 +55,7 @@ class Incoming:
     request: dict[str, Any]
     raw: list[zmq.Frame]  # raw buffer frames after the body (see docs/protocol.md), as received
     arrived_at: float  # time.monotonic() when it was read, for the latency metrics
+    origin: Any = None  # the routing-id zmq.Frame: the connection's metadata (peer credentials)
 
     @property
     def id(self) -> Any:
@@ -80,6 +82,7 @@ class Daemon(Protocol):
     gpu: GpuWorkers
     cluster: Cluster
     backends: list[Backend]
+    access: Access
 
     def answer(self, msg: Incoming, result: Any) -> None: ...
     def reload(self, requester: Incoming | None) -> None: ...
@@ -237,28 +240,37 @@ class Commands:
             retries=retries,
             accepted_at=msg.arrived_at,  # latency metrics count from arrival, checks included
             die_with_client=check_die_with_client(msg.request),
+            origin=msg.origin,
         )
         master.ledger.accept(job)
         (master.cluster if to_cluster else master.gpu if is_pipeline else master.pool).submit(job)
         return DEFERRED
 
     def cancel(self, msg: Incoming) -> dict[str, Any]:
-        """Cancel requests of this connection: see docs/protocol.md (cancel)."""
+        """Cancel requests of this connection, or with `any_connection` of every connection of
+        the same uid: see docs/protocol.md (cancel)."""
         ids = msg.request.get("ids")
         terminate = msg.request.get("terminate", False)
+        any_connection = msg.request.get("any_connection", False)
         if not isinstance(ids, list) or len(ids) > MAX_CANCEL_IDS:
             raise RequestRejected(
                 protocol.BAD_REQUEST, f"'ids' must be an array of at most {MAX_CANCEL_IDS} request ids"
             )
         if not isinstance(terminate, bool):
             raise RequestRejected(protocol.BAD_REQUEST, "'terminate' must be true or false")
+        if not isinstance(any_connection, bool):
+            raise RequestRejected(protocol.BAD_REQUEST, "'any_connection' must be true or false")
         result: dict[str, list[Any]] = {"cancelled": [], "running": [], "unknown": []}
         master = self.master
+        find: Callable[[Any], list[Job] | None] = functools.partial(master.ledger.find, msg.client)
+        if any_connection:
+            find = self.peer_jobs(msg, ids).get
         for request_id in ids:
-            fates = [
-                self.backend(job.pool).cancel(job, terminate)
-                for job in master.ledger.find(msg.client, request_id)
-            ]
+            try:
+                jobs = find(request_id) or []
+            except TypeError:  # an unhashable id (a list): never one of ours
+                jobs = []
+            fates = [self.backend(job.pool).cancel(job, terminate) for job in jobs]
             fate = "running" if "running" in fates else "cancelled" if "cancelled" in fates else "unknown"
             result[fate].append(request_id)
         return result
@@ -282,6 +294,25 @@ class Commands:
         for job in jobs:
             if job.state is not ANSWERED:
                 self.backend(job.pool).cancel(job, job.die_with_client)
+
+    def peer_jobs(self, msg: Incoming, ids: list[Any]) -> dict[Any, list[Job]]:
+        """The jobs in flight under `ids` that the sender of `msg` may cancel from any of its
+        connections: those whose requests came from its uid. Killing work is what execute
+        does, so [access] execute applies to this, as to the requests themselves."""
+        denial = self.master.access.denial("execute", msg.origin)
+        if denial is not None:
+            raise RequestRejected(protocol.DENIED, f"cancel with any_connection: {denial[0]}")
+        peer = peer_of(msg.origin)
+        if peer is None:
+            raise RequestRejected(
+                protocol.DENIED, "cancel with any_connection needs the peer's credentials, which are unknown"
+            )
+
+        def same_uid(job: Job) -> bool:
+            owner = peer_of(job.origin)
+            return owner is not None and owner.uid == peer.uid
+
+        return self.master.ledger.find_any(ids, same_uid)
 
     def backend(self, kind: str) -> Backend:
         """Where a job of this kind (Job.pool) is."""

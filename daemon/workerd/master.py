@@ -266,7 +266,7 @@ class Master:
             self.refuse_bad(client, request["id"], protocol.UNKNOWN_COMMAND, message, arrived_at)
             return
         self.counters[f"requests_{cmd}"] += 1
-        msg = Incoming(client, frames[2], request, frames[3:], arrived_at)
+        msg = Incoming(client, frames[2], request, frames[3:], arrived_at, frames[0])
         denial = self.access.denial(cmd, frames[0])
         if denial is not None:
             self.counters["access_denied"] += 1

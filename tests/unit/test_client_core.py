@@ -43,6 +43,26 @@ def test_requests_get_increasing_ids_and_the_delimiter() -> None:
     assert decode(frames) == {"v": 1, "id": first, "cmd": "ping"}
 
 
+def test_die_with_client_goes_on_every_execute_and_nothing_else() -> None:
+    """workerctl run's Client asks the daemon to kill its running jobs when it goes; its ids
+    start where it says (a random number, so `workerctl cancel` names no other connection's)."""
+    c = core.Core(first_id=7_000_000_001, die_with_client=True)
+    request_id, frames = c.encode("execute", core.execute_fields(TASK, [1], {}))
+    body = decode(frames)
+    assert request_id == body["id"] == 7_000_000_001 and body["die_with_client"] is True
+    assert "die_with_client" not in decode(c.encode("ping", {})[1])
+    chunk = decode(c.encode("execute", core.chunk_fields(TASK, [([1], {})], None, 0))[1])
+    assert chunk["die_with_client"] is True
+    assert "die_with_client" not in decode(core.Core().encode("execute", {"name": TASK})[1])
+
+
+def test_cancel_any_connection_is_sent_only_when_asked() -> None:
+    assert list(core.cancel_requests([1], True)) == [{"ids": [1], "terminate": True}]
+    assert list(core.cancel_requests(["a"], False, any_connection=True)) == [
+        {"ids": ["a"], "terminate": False, "any_connection": True}
+    ]
+
+
 def test_replies_reach_their_own_inbox_and_unknown_ids_are_dropped() -> None:
     c = core.Core()
     a, _ = c.encode("ping", {})

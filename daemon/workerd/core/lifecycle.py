@@ -97,6 +97,9 @@ class Job:
     die_with_client: bool = False  # the request asked: killed if its client goes while it runs
     departed: bool = False  # its client has gone: it ends with no reply (nobody would read it)
     outcome: str = ""  # once answered: "ok", "error" or an error code in lower case ("cancelled")
+    # The routing-id zmq.Frame it came with: its connection's credentials, read only by a
+    # `cancel` from another connection (any_connection), which must come from the same uid.
+    origin: Any = None
 
     def start(self, now: float) -> None:
         self.state = RUNNING
@@ -133,6 +136,19 @@ class Ledger:
         """Every job of `client` in flight, oldest first."""
         jobs = [job for same_id in self.in_flight.get(client, {}).values() for job in same_id]
         return sorted(jobs, key=lambda job: job.id)
+
+    def find_any(self, request_ids: Sequence[Any], admit: Callable[[Job], bool]) -> dict[Any, list[Job]]:
+        """The jobs in flight with one of `request_ids` on any connection, those `admit` takes,
+        by request id: one pass over what is in flight, for a cancel from another connection."""
+        wanted = {i for i in request_ids if isinstance(i, int | str) and not isinstance(i, bool)}
+        found: dict[Any, list[Job]] = {}
+        if not wanted:
+            return found
+        for ids in self.in_flight.values():
+            for request_id, jobs in ids.items():
+                if request_id in wanted and not isinstance(request_id, bool):
+                    found.setdefault(request_id, []).extend(job for job in jobs if admit(job))
+        return found
 
     def item(self, job: Job, frame: bytes, raw: Sequence[Any]) -> None:
         """A stream item: forwarded while the job has no terminal reply."""
