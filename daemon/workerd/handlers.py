@@ -231,6 +231,8 @@ class Commands:
             retries=retries,
             accepted_at=msg.arrived_at,  # latency metrics count from arrival, checks included
         )
+        if msg.request.get("notify_start") is True:  # opt-in: docs/protocol.md §6.1
+            job.on_start = master.ledger.started
         master.ledger.accept(job)
         (master.cluster if to_cluster else master.gpu if is_pipeline else master.pool).submit(job)
         return DEFERRED

@@ -92,12 +92,17 @@ class Job:
     cancelled: bool = False  # terminated by `cancel`: answered CANCELLED, its worker killed
     cancel_requested: bool = False  # `cancel` asked while it was prefetched: CANCELLED if handed back
     outcome: str = ""  # once answered: "ok", "error" or an error code in lower case ("cancelled")
+    # Called at its first start, once (the request asked for a start notice: Ledger.started).
+    on_start: Callable[[Job], None] | None = None
 
     def start(self, now: float) -> None:
         self.state = RUNNING
         self.started_at = now
         self.deadline = now + self.timeout_s
         self.attempts += 1
+        if self.on_start is not None:
+            notify, self.on_start = self.on_start, None
+            notify(self)
 
 
 class Ledger:
@@ -118,6 +123,11 @@ class Ledger:
             return list(self.in_flight.get((client, request_id), ()))
         except TypeError:  # an unhashable id (a list): never one of ours
             return []
+
+    def started(self, job: Job) -> None:
+        """The start notice of a job whose request asked for one (`notify_start`): sent when it
+        first starts, before its stream items and its terminal reply (docs/protocol.md §6.1)."""
+        self.reply(job.client, protocol.encode_started(job.request_id))
 
     def item(self, job: Job, frame: bytes, raw: Sequence[Any]) -> None:
         """A stream item: forwarded while the job has no terminal reply."""
