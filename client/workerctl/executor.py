@@ -204,6 +204,9 @@ class _Engine:
                 call = command[1]
                 call.seq = next(self.seqs)
                 self.waiting[call.seq] = call
+                # Sent as it comes, as far as the window allows: a shutdown or cancel later in
+                # this batch finds it at the daemon, as a pool's finds a call in its call queue.
+                self.send_waiting()
             elif command[0] == "cancel":
                 _, call, box = command
                 box.answer = self.cancel_now(call)
