@@ -108,6 +108,11 @@ class Commands:
             "state": master.state,
             "socket": master.socket_path,
             "config": master.config.source,
+            # [tasks] path as configured (absolute), and the serving zygote's whole sys.path.
+            "tasks": {
+                "path": list(pool.generations.config.tasks.path),
+                "sys_path": pool.generations.sys_path(),
+            },
             "pool": {
                 "target": pool.target,
                 "size": sum(1 for w in workers if w["state"] in ("idle", "busy")),
