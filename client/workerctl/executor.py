@@ -177,8 +177,8 @@ class _Engine:
         try:
             while True:
                 self.take_commands()
+                self.deliver()  # first: the replies read while waiting free the window
                 self.send_waiting()
-                self.deliver()
                 if self.closing and not (self.waiting or self.flying or self.commands):
                     return
                 if self.wake_read in self.client.wait_any(None, (self.wake_read,)):
