@@ -194,7 +194,7 @@ def test_run_after_shutdown(make: MakeExecutor, tasks: Any) -> None:
 def test_more_calls_than_workers_all_complete(make: MakeExecutor, tasks: Any) -> None:
     """No shutdown to wake anything: every call beyond max_workers is sent as one ends (a reply
     that frees the window used to leave the rest waiting until the next submit or shutdown)."""
-    executor = make()
+    executor = make(max_workers=1)
     futures = [executor.submit(tasks.sleep, 0.05, i) for i in range(8)]
     _, pending = concurrent.futures.wait(futures, timeout=30)
     assert not pending and [f.result() for f in futures] == list(range(8))
