@@ -128,7 +128,44 @@ class WorkerLost(WorkerdError):
 
 
 class TaskError(WorkerdError):
+    """The task raised (or its result could not be sent). Like the task's own exception:
+    `str(e)` and `e.args` are the original's (when its arguments were plain values: else its
+    str alone); `type` names its class, `traceback` is the worker's, and both show in repr.
+    `message` is the protocol's one line, "ExcType: text"."""
+
     code = protocol.TASK_ERROR
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message, details)
+        original = self.details.get("message")
+        args = self.details.get("args")
+        if isinstance(args, list):
+            self.args = tuple(args)
+        elif isinstance(original, str):
+            self.args = (original,)
+
+    @property
+    def type(self) -> str | None:
+        """The class name of the exception the task raised (details.type)."""
+        name = self.details.get("type")
+        return name if isinstance(name, str) else None
+
+    @property
+    def traceback(self) -> str:
+        """The task's traceback as the worker formatted it ("" if none came)."""
+        text = self.details.get("traceback")
+        return text if isinstance(text, str) else ""
+
+    def __str__(self) -> str:
+        original = self.details.get("message")
+        return original if isinstance(original, str) else self.message
+
+    def __repr__(self) -> str:
+        args = "".join(f"{arg!r}, " for arg in self.args)
+        return f"{type(self).__name__}({args}type={self.type!r}, traceback={self.traceback!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:  # TaskError[T] is made at run time: rebuild by code
+        return error_from_reply, ({"code": self.code, "message": self.message, "details": self.details},)
 
 
 class OutOfMemory(WorkerdError):
@@ -166,11 +203,7 @@ class BuiltinTaskError(TaskError):
     """Base of the TaskError classes that are also the task's built-in exception type, e.g.
     `TaskError[ValueError]`: a ValueError in the task is `except ValueError` in the caller."""
 
-    def __str__(self) -> str:
-        return self.message
-
-    def __reduce__(self) -> tuple[Any, ...]:  # the class is made at run time: rebuild by code
-        return error_from_reply, ({"code": self.code, "message": self.message, "details": self.details},)
+    __str__ = TaskError.__str__  # not the built-in's (OSError's reads errno and strerror)
 
 
 @functools.cache

@@ -17,12 +17,19 @@ futures. Other threads talk to it through a command queue and a pipe that wakes 
     Future.result() <------------------ set_result / set_exception ----------'
 
 What "started" means here (running() and cancel()): a call not yet sent is pending and is
-cancelled here. A call sent to the daemon may be queued there, prefetched by a worker, or running;
-the client does not know which until the daemon says so, so running() stays False and cancel()
-asks the daemon (`cancel`): True if the call was still queued or prefetched (it never runs),
-False if it is running (running() is True from then on) or already finished. A generator task's
-first item also marks it running. ProcessPoolExecutor instead calls a call running, and refuses
-to cancel it, as soon as it is handed to its call queue, before any worker has it.
+cancelled here. A call sent to the daemon may be queued there, prefetched by a worker, or running:
+every call asks for the daemon's start notice (execute's `notify_start`, docs/protocol.md §6.1),
+and running() is True from that notice on; cancel() of a running call returns False. Before it,
+cancel() asks the daemon (`cancel`): True if the call was still queued or prefetched (it never
+runs), False if it had just started (running() is True from then on) or already finished.
+ProcessPoolExecutor calls a call running a little earlier, as soon as it is handed to its call
+queue, before any worker has it. A future cancelled while pending is reported done at once to
+concurrent.futures.wait() and as_completed() (set_running_or_notify_cancel, as theirs are).
+
+Results are as ProcessPoolExecutor's where msgpack allows: every call asks for tuples
+(execute's `tuples`), so a tuple, nested or not, comes back a tuple (and goes as one in the
+arguments), not a list. A task's exception is raised as errors.TaskError, also an instance of
+the task's built-in type (ValueError...), with the original's str() and args.
 
 Done callbacks run in the I/O thread: they may submit and cancel, but must not wait for another
 future of the same executor (nothing would complete it). Work still pending at interpreter exit
@@ -170,8 +177,8 @@ class _Engine:
         try:
             while True:
                 self.take_commands()
+                self.deliver()  # first: the replies read while waiting free the window
                 self.send_waiting()
-                self.deliver()
                 if self.closing and not (self.waiting or self.flying or self.commands):
                     return
                 if self.wake_read in self.client.wait_any(None, (self.wake_read,)):
@@ -197,6 +204,9 @@ class _Engine:
                 call = command[1]
                 call.seq = next(self.seqs)
                 self.waiting[call.seq] = call
+                # Sent as it comes, as far as the window allows: a shutdown or cancel later in
+                # this batch finds it at the daemon, as a pool's finds a call in its call queue.
+                self.send_waiting()
             elif command[0] == "cancel":
                 _, call, box = command
                 box.answer = self.cancel_now(call)
@@ -222,10 +232,12 @@ class _Engine:
             if call is None:  # cancelled meanwhile
                 continue
             if not protocol.is_terminal(reply):
-                if call.items is None:
-                    call.items = []
-                    call.future.set_running_or_notify_cancel()  # a stream has started
-                call.items.append(reply.get("item"))
+                if not call.future.running():  # the start notice (or a stream's first item)
+                    call.future.set_running_or_notify_cancel()
+                if reply["stream"] == "item":
+                    if call.items is None:
+                        call.items = []
+                    call.items.append(reply.get("item"))
                 continue
             del self.flying[request_id]
             self.complete(call, reply)
@@ -245,14 +257,21 @@ class _Engine:
         future._call = None
         if exc is None:
             future.set_result(result)
-        elif not (isinstance(exc, errors.Cancelled) and concurrent.futures.Future.cancel(future)):
+        elif not (isinstance(exc, errors.Cancelled) and _Engine.drop(call)):
             future.set_exception(exc)
 
     @staticmethod
     def drop(call: _Call) -> bool:
-        """Cancel a call's future here; False if it has started."""
-        call.future._call = None
-        return concurrent.futures.Future.cancel(call.future)
+        """Cancel a call's future here, its waiters told at once (wait(), as_completed());
+        False if it has started."""
+        future = call.future
+        future._call = None
+        if future.cancelled():
+            return True
+        if not concurrent.futures.Future.cancel(future):
+            return False
+        future.set_running_or_notify_cancel()  # CANCELLED_AND_NOTIFIED: what wait() waits for
+        return True
 
     def cancel_now(self, call: _Call) -> bool:
         future = call.future
@@ -342,6 +361,9 @@ class Executor(concurrent.futures.Executor):
         )
 
     def _submit(self, fields: dict[str, Any], size: int) -> TaskFuture:
+        if "args" in fields:
+            fields["args"] = list(fields["args"])  # with `tuples`, a tuple would travel as one
+        fields.update(CALL_OPTIONS)
         future = TaskFuture(self._engine, fields, size)
         self._engine.post("submit", future._call)
         return future
@@ -374,8 +396,9 @@ class Executor(concurrent.futures.Executor):
     def _submit_chunk(self, name: str, chunk: list[tuple[Any, ...]], chunksize: int) -> TaskFuture:
         if chunksize == 1:
             return self._submit(core.execute_fields(name, chunk[0], None, self._timeout_s, self._retries), 0)
-        calls: list[core.Call] = [(args, {}) for args in chunk]
-        return self._submit(core.chunk_fields(name, calls, self._timeout_s, self._retries), len(chunk))
+        fields = core.chunk_fields(name, (), self._timeout_s, self._retries)
+        fields["calls"] = [[list(args), {}] for args in chunk]  # arrays, not tuples (see _submit)
+        return self._submit(fields, len(chunk))
 
     def _results(
         self,
@@ -411,6 +434,10 @@ class Executor(concurrent.futures.Executor):
                 pass
         if wait and threading.current_thread() is not engine.thread:
             engine.thread.join()
+
+
+# Asked of the daemon by every call: its start notice, and tuples kept (docs/protocol.md §3, §6.1).
+CALL_OPTIONS = {"notify_start": True, "tuples": True}
 
 
 def chunked(calls: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:

@@ -17,6 +17,8 @@ Error    body: {"v": 1, "id": <same|null>, "ok": false,
                 "error": {"code": <str>, "message": <str>, "details": {...}}}
 Stream   body: {"v": 1, "id": <same>, "stream": "item", "seq": <int>, "item": ...}
                (zero or more, before the terminal reply or error of the same id)
+Started  body: {"v": 1, "id": <same>, "stream": "started", "seq": 0}
+               (once, before everything else of that id, only if the execute asked: notify_start)
 
 Raw frames: a body may refer to the frames that follow it through two msgpack extension types,
 so large buffers travel as frames of their own instead of being copied into the body:
@@ -24,6 +26,8 @@ so large buffers travel as frames of their own instead of being copied into the 
     ext 1  RAW       data = msgpack(uint i)                        -> bytes of raw frame i
     ext 2  NDARRAY   data = msgpack({"dtype": str, "shape": [int], "frame": i})
                                                                    -> numpy array over frame i
+    ext 3  TUPLE     data = msgpack(array of the tuple's items)    -> tuple (results, only when
+                                                                      the execute asked: tuples)
 
 i counts from 0 = the first frame after the body. What goes raw (`raw_frames_rule`): numpy arrays
 and `Raw(buffer)` wherever they sit, and bytes of at least RAW_THRESHOLD at the top level (each
@@ -135,7 +139,7 @@ def unpack(data: bytes, raw: Sequence[Buffer] | None = None, strict: bool = True
     try:
         if raw is None:
             return msgpack.unpackb(data, raw=False, strict_map_key=strict)
-        return msgpack.unpackb(data, raw=False, strict_map_key=strict, ext_hook=FrameReader(raw))
+        return msgpack.unpackb(data, raw=False, strict_map_key=strict, ext_hook=FrameReader(raw, strict))
     except ProtocolError:
         raise
     except Exception as exc:  # msgpack raises ValueError, TypeError, StackError, ExtraData...
@@ -152,6 +156,12 @@ GC_PAUSE_BYTES = 4 * 1024
 
 EXT_RAW = 1
 EXT_NDARRAY = 2
+# Opt-in (execute's `tuples`): a tuple, nested ones included, wherever it sits in a result or a
+# stream item. A client that never asks never sees it.
+EXT_TUPLE = 3
+# Each level of tuples is a msgpack decoder of its own, on the C stack (~40 KiB each: measured,
+# 200 levels overflowed an 8 MiB stack). Deeper tuples are written as arrays; deeper ext 3 is refused.
+MAX_TUPLE_DEPTH = 32
 # bytes at least this long at the top level of a message go raw: below it, a frame of its own
 # costs more than the copy into the body saves.
 RAW_THRESHOLD = 64 * 1024
@@ -195,12 +205,17 @@ def promote(value: Any) -> Any:
 
 
 class FrameWriter:
-    """Collects the raw frames of one message while it is packed (msgpack's `default` hook)."""
+    """Collects the raw frames of one message while it is packed (msgpack's `default` hook).
 
-    __slots__ = ("frames",)
+    With `tuples`, the message is packed with msgpack's strict_types, so tuples reach this hook
+    (they become ext 3) and so do subclasses of the other types, written as their base type."""
 
-    def __init__(self) -> None:
+    __slots__ = ("depth", "frames", "tuples")
+
+    def __init__(self, tuples: bool = False) -> None:
         self.frames: list[Buffer] = []
+        self.tuples = tuples
+        self.depth = 0
 
     def add(self, frame: Buffer) -> bytes:
         self.frames.append(frame)
@@ -216,6 +231,19 @@ class FrameWriter:
                 return msgpack.ExtType(EXT_NDARRAY, self.add_array(numpy, obj))
             if isinstance(obj, numpy.generic):
                 return obj.item()
+        if self.tuples:
+            if isinstance(obj, tuple):  # named tuples too: their items, as a tuple
+                if self.depth >= MAX_TUPLE_DEPTH:
+                    return list(obj)
+                self.depth += 1
+                try:
+                    items = msgpack.packb(list(obj), use_bin_type=True, default=self, strict_types=True)
+                finally:
+                    self.depth -= 1
+                return msgpack.ExtType(EXT_TUPLE, items)
+            for base in _STRICT_BASES:
+                if isinstance(obj, base) and type(obj) is not base:  # an IntEnum, an OrderedDict
+                    return base(obj)
         if isinstance(obj, int):  # msgpack hands over the ints it cannot hold
             raise OverflowError(f"integer {obj} is outside msgpack's range (-2**63 .. 2**64-1)")
         raise TypeError(f"cannot serialize {type(obj).__name__!s} (msgpack types, Raw and numpy arrays only)")
@@ -230,20 +258,26 @@ class FrameWriter:
         return pack({"dtype": array.dtype.str, "shape": list(array.shape), "frame": index})
 
 
-def pack_frames(obj: Any) -> list[Buffer]:
-    """[body, *raw frames] for one message, by the raw-frames rule."""
-    writer = FrameWriter()
-    body = msgpack.packb(obj, use_bin_type=True, default=writer)
+# What strict_types hands the hook in place of the types msgpack writes itself (bool is exact).
+_STRICT_BASES: tuple[type[Any], ...] = (int, float, str, bytes, bytearray, list, dict)
+
+
+def pack_frames(obj: Any, tuples: bool = False) -> list[Buffer]:
+    """[body, *raw frames] for one message, by the raw-frames rule; with `tuples`, tuples as ext 3."""
+    writer = FrameWriter(tuples)
+    body = msgpack.packb(obj, use_bin_type=True, default=writer, strict_types=tuples)
     return [body, *writer.frames]
 
 
 class FrameReader:
     """Resolves raw-frame references while one body is unpacked (msgpack's `ext_hook`)."""
 
-    __slots__ = ("frames",)
+    __slots__ = ("depth", "frames", "strict")
 
-    def __init__(self, frames: Sequence[Buffer]) -> None:
+    def __init__(self, frames: Sequence[Buffer], strict: bool = True) -> None:
         self.frames = frames
+        self.strict = strict  # the map-key rule of the message, for a tuple's items too
+        self.depth = 0
 
     def frame(self, index: Any) -> Buffer:
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.frames):
@@ -258,6 +292,17 @@ class FrameReader:
             return frame if isinstance(frame, bytes) else bytes(frame)
         if code == EXT_NDARRAY:
             return self.array(msgpack.unpackb(data, raw=False))
+        if code == EXT_TUPLE:
+            if self.depth >= MAX_TUPLE_DEPTH:
+                raise ProtocolError(BAD_REQUEST, f"tuples (ext 3) nested deeper than {MAX_TUPLE_DEPTH}")
+            self.depth += 1
+            try:
+                items = msgpack.unpackb(data, raw=False, strict_map_key=self.strict, ext_hook=self)
+            finally:
+                self.depth -= 1
+            if not isinstance(items, list):
+                raise ProtocolError(BAD_REQUEST, "a tuple (ext 3) must hold an array")
+            return tuple(items)
         return msgpack.ExtType(code, data)
 
     def array(self, spec: Any) -> Any:
@@ -469,17 +514,27 @@ def encode_item(request_id: int | str | None, seq: int, item: Any) -> bytes:
     return pack({"v": VERSION, "id": request_id, "stream": "item", "seq": seq, "item": item})
 
 
+def encode_started(request_id: int | str | None) -> bytes:
+    """The start notice an execute with `notify_start` gets when its job starts (seq 0: before
+    any item). Non-terminal, like a stream item."""
+    return pack({"v": VERSION, "id": request_id, "stream": "started", "seq": 0})
+
+
 def encode_request_frames(request_id: int | str, cmd: str, fields: dict[str, Any]) -> list[Buffer]:
-    """[body, *raw frames] of a request; the caller applies `promote` to top-level values."""
-    return pack_frames({"v": VERSION, "id": request_id, "cmd": cmd, **fields})
+    """[body, *raw frames] of a request; the caller applies `promote` to top-level values. An
+    execute that asks for `tuples` sends its tuples as ext 3 too (its args must be a list)."""
+    return pack_frames({"v": VERSION, "id": request_id, "cmd": cmd, **fields}, fields.get("tuples") is True)
 
 
-def encode_result_frames(request_id: int | str | None, result: Any) -> list[Buffer]:
-    return pack_frames({"v": VERSION, "id": request_id, "ok": True, "result": promote(result)})
+def encode_result_frames(request_id: int | str | None, result: Any, tuples: bool = False) -> list[Buffer]:
+    return pack_frames({"v": VERSION, "id": request_id, "ok": True, "result": promote(result)}, tuples)
 
 
-def encode_item_frames(request_id: int | str | None, seq: int, item: Any) -> list[Buffer]:
-    return pack_frames({"v": VERSION, "id": request_id, "stream": "item", "seq": seq, "item": promote(item)})
+def encode_item_frames(
+    request_id: int | str | None, seq: int, item: Any, tuples: bool = False
+) -> list[Buffer]:
+    body = {"v": VERSION, "id": request_id, "stream": "item", "seq": seq, "item": promote(item)}
+    return pack_frames(body, tuples)
 
 
 def decode_reply(data: bytes, raw: Sequence[Buffer] = ()) -> dict[str, Any]:
@@ -516,5 +571,5 @@ def decode_reply(data: bytes, raw: Sequence[Buffer] = ()) -> dict[str, Any]:
 
 
 def is_terminal(reply: dict[str, Any]) -> bool:
-    """True for the one reply that ends a request; False for a stream item."""
+    """True for the one reply that ends a request; False for a stream item or a start notice."""
     return "stream" not in reply

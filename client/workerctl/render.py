@@ -35,6 +35,9 @@ def render_status(status: dict[str, Any]) -> str:
     ]
     if pool.get("error"):
         lines.insert(4, f"ERROR   CPU pool unavailable: {pool['error']}")
+    searched = (status.get("tasks") or {}).get("sys_path")
+    if searched:  # where the zygote found the task code: [tasks] path first
+        lines.append(f"path    {':'.join(map(str, searched))}")
     gpu = status.get("gpu") or {}
     if gpu.get("error"):
         lines.append(f"ERROR   pipelines unavailable: {gpu['error']}")

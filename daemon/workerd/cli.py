@@ -57,15 +57,20 @@ def log_level(option: str | None) -> str:
 
 
 def check_config(path: str) -> int:
+    searched: list[str] = []
     try:
-        problems = importcheck.check(config.load(path))
+        problems, searched = importcheck.check(config.load(path))
     except config.ConfigError as exc:
         problems = [str(exc)]
     for problem in problems:
         print(f"workerd: {problem}", file=sys.stderr)
+    shown = f"task code is searched for in (sys.path, [tasks] path first): {os.pathsep.join(searched)}"
     if problems:
+        if searched:
+            print(f"workerd: {path}: {shown}", file=sys.stderr)
         return EXIT_CONFIG
     print(f"{path}: ok")
+    print(f"{path}: {shown}")
     return EXIT_OK
 
 

@@ -24,6 +24,7 @@ from workerd.configvalues import (
     cluster_address,
     device_indices,
     devices,
+    directories,
     engine,
     integer,
     listen,
@@ -126,6 +127,9 @@ class PoolConfig:
 @dataclasses.dataclass(frozen=True)
 class TasksConfig:
     modules: tuple[str, ...] = ()
+    # Directories put first on the zygote's and the GPU worker's sys.path, absolute once parsed
+    # (a relative one is relative to the config file's directory).
+    path: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,7 +249,7 @@ SECTIONS: dict[str, tuple[type, dict[str, Checker]]] = {
             "prefetch": integer(0),
         },
     ),
-    "tasks": (TasksConfig, {"modules": module_names}),
+    "tasks": (TasksConfig, {"modules": module_names, "path": directories}),
     "gpu": (
         GpuConfig,
         {
@@ -346,6 +350,7 @@ def gpu_worker_settings(config: Config, device: str | None = None) -> dict[str, 
     pipelines' pins stay with the master, which places the runs."""
     gpu = config.gpu
     return {
+        "task_path": list(config.tasks.path),
         "device": device or gpu.device,
         "memory_budget_mb": gpu.memory_budget_mb,
         "host_memory_budget_mb": gpu.host_memory_budget_mb,
@@ -372,7 +377,20 @@ def parse(text: str, source: str) -> Config:
     pipelines = {name: parse_pipeline(source, name, table) for name, table in pipelines_table.items()}
     check_devices(source, sections["gpu"], pipelines)
     check_cluster(source, sections["cluster"])
+    sections["tasks"] = resolve_task_path(source, sections["tasks"])
     return Config(source=source, pipelines=pipelines, **sections)
+
+
+def resolve_task_path(source: str, tasks: TasksConfig) -> TasksConfig:
+    """[tasks] path made absolute, relative to the config file's directory (never to the
+    directory the daemon or --check-config happens to run in); each must be a directory."""
+    base = os.getcwd() if source == EMBEDDED_SOURCE else os.path.dirname(os.path.abspath(source))
+    resolved = tuple(os.path.normpath(os.path.join(base, entry)) for entry in tasks.path)
+    for entry, directory in zip(tasks.path, resolved, strict=True):
+        if not os.path.isdir(directory):
+            shown = entry if entry == directory else f"{entry!r} ({directory})"
+            raise ConfigError(f"{source}: [tasks] path: {shown} is not a directory")
+    return dataclasses.replace(tasks, path=resolved)
 
 
 def load(path: str | None) -> Config:

@@ -189,6 +189,13 @@ def module_name(value: Any) -> str:
     return value
 
 
+def directories(value: Any) -> tuple[str, ...]:
+    """[tasks] path: directory names, as written (config.parse resolves them against the file)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) and v and "\0" not in v for v in value):
+        raise ValueError("expected a list of directories")
+    return tuple(value)
+
+
 def absolute_path(value: Any) -> str:
     if not isinstance(value, str) or not os.path.isabs(value):
         raise ValueError("expected an absolute file path")

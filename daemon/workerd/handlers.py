@@ -117,6 +117,11 @@ class Commands:
             "state": master.state,
             "socket": master.socket_path,
             "config": master.config.source,
+            # [tasks] path as configured (absolute), and the serving zygote's whole sys.path.
+            "tasks": {
+                "path": list(pool.generations.config.tasks.path),
+                "sys_path": pool.generations.sys_path(),
+            },
             "pool": {
                 "target": pool.target,
                 "size": sum(1 for w in workers if w["state"] in ("idle", "busy")),
@@ -242,6 +247,8 @@ class Commands:
             die_with_client=check_die_with_client(msg.request),
             origin=msg.origin,
         )
+        if msg.request.get("notify_start") is True:  # opt-in: docs/protocol.md §6.1
+            job.on_start = master.ledger.started
         master.ledger.accept(job)
         (master.cluster if to_cluster else master.gpu if is_pipeline else master.pool).submit(job)
         return DEFERRED

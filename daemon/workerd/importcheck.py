@@ -10,9 +10,12 @@ another imports each pipeline, as the GPU worker does (not when `[gpu] enabled =
 Every import is tried even after one has failed, so one run lists every failure. Child
 processes keep user code, and a crash or a hang in it, out of the checking process.
 
-    parent                                child (python -m workerd.importcheck)
-    argv: JSON list of entries     ---->  imports each in order; task code's stdout goes to
-                                          stderr, one JSON line per entry to the real stdout:
+    parent                                child (python -P -m workerd.importcheck)
+    argv: JSON list of entries,    ---->  puts [tasks] path first on sys.path (as a zygote and the
+          JSON [tasks] path               GPU worker do; -P: not the current directory, as they
+                                          don't); first line: {"sys_path": [...]}; then imports
+                                          each in order; task code's stdout goes to stderr, one
+                                          JSON line per entry to the real stdout:
     reads one result per entry     <----  {"problem": null | "failed to import: ExcType: message"}
 """
 
@@ -26,6 +29,7 @@ import sys
 from typing import Any
 
 from workerd.config import Config, PipelineConfig
+from workerd.core.processes import put_first_on_path
 
 # A child that takes longer is reported as hung; the unit gives a start this long, too.
 TIMEOUT_S = 300.0
@@ -43,26 +47,29 @@ def entries(config: Config) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
     return pool, pipelines
 
 
-def check(config: Config) -> list[str]:
-    """One line per failure, each naming the file and the key; [] when everything imports."""
-    batches = [batch for batch in entries(config) if batch]
-    children = [start(batch) for batch in batches]
+def check(config: Config) -> tuple[list[str], list[str]]:
+    """(one line per failure, each naming the file and the key: [] when everything imports;
+    the sys.path the task code was searched in, [tasks] path first)."""
+    batches = [batch for batch in entries(config) if batch] or [[]]  # [] still says the path
+    children = [start(batch, config.tasks.path) for batch in batches]
     problems: list[str] = []
+    searched: list[str] = []
     for batch, child in zip(batches, children, strict=True):
-        problems += [f"{config.source}: {line}" for line in finish(batch, child)]
-    return problems
+        lines, searched = finish(batch, child)
+        problems += [f"{config.source}: {line}" for line in lines]
+    return problems, searched
 
 
-def start(batch: list[dict[str, Any]]) -> subprocess.Popen[str]:
+def start(batch: list[dict[str, Any]], path: tuple[str, ...]) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "workerd.importcheck", json.dumps(batch)],
+        [sys.executable, "-P", "-m", "workerd.importcheck", json.dumps(batch), json.dumps(list(path))],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         text=True,
     )
 
 
-def finish(batch: list[dict[str, Any]], child: subprocess.Popen[str]) -> list[str]:
+def finish(batch: list[dict[str, Any]], child: subprocess.Popen[str]) -> tuple[list[str], list[str]]:
     hung = False
     try:
         output, _ = child.communicate(timeout=TIMEOUT_S)
@@ -71,6 +78,7 @@ def finish(batch: list[dict[str, Any]], child: subprocess.Popen[str]) -> list[st
         child.kill()
         output, _ = child.communicate()
     results = [json.loads(line) for line in output.splitlines()]
+    searched: list[str] = results.pop(0)["sys_path"] if results and "sys_path" in results[0] else []
     problems = [
         f"{entry['key']}: {what(entry)} {result['problem']}"
         for entry, result in zip(batch, results, strict=False)
@@ -86,7 +94,7 @@ def finish(batch: list[dict[str, Any]], child: subprocess.Popen[str]) -> list[st
             why = f"ended the importing process (exit status {child.returncode})"
         problems.append(f"{entry['key']}: {what(entry)} {why}")
         problems += [f"{e['key']}: {what(e)} not checked (the import before it never ended)" for e in rest]
-    return problems
+    return problems, searched
 
 
 def what(entry: dict[str, Any]) -> str:
@@ -117,14 +125,17 @@ def problem_of(entry: dict[str, Any]) -> str | None:
     return None
 
 
-def main(batch: list[dict[str, Any]]) -> None:
+def main(batch: list[dict[str, Any]], path: list[str]) -> None:
     # Task code may print: its output goes to stderr, and stdout carries only our results.
     results = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    put_first_on_path(path)
+    results.write(json.dumps({"sys_path": sys.path}) + "\n")
+    results.flush()
     for entry in batch:
         results.write(json.dumps({"problem": problem_of(entry)}) + "\n")
         results.flush()
 
 
 if __name__ == "__main__":
-    main(json.loads(sys.argv[1]))
+    main(json.loads(sys.argv[1]), json.loads(sys.argv[2]))

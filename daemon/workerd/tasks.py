@@ -121,11 +121,32 @@ def resolve(name: str, allowed: frozenset[str]) -> Callable[..., Any]:
 
 
 def error_details(exc: BaseException) -> dict[str, Any]:
-    return {
+    details: dict[str, Any] = {
         "type": type(exc).__qualname__,
         "message": str(exc),
         "traceback": "".join(traceback.format_exception(exc)),
     }
+    args = plain_args(exc)
+    if args is not None:
+        details["args"] = args
+    return details
+
+
+PLAIN = (type(None), bool, int, float, str, bytes)
+MAX_ARGS_BYTES = 64 * 1024
+
+
+def plain_args(exc: BaseException) -> list[Any] | None:
+    """The exception's args if each is a plain value (None, bool, number, str, bytes) and they
+    are small: what a client rebuilds `args` from (details.args). None otherwise."""
+    args = exc.args
+    if not all(type(arg) in PLAIN for arg in args):
+        return None
+    try:
+        size = len(protocol.pack(list(args)))
+    except (OverflowError, ValueError, TypeError):  # an int out of msgpack's range, a bad str
+        return None
+    return list(args) if size <= MAX_ARGS_BYTES else None
 
 
 ITEM, OK, ERROR = messages.ITEM, messages.OK, messages.ERROR
@@ -182,28 +203,31 @@ def run(body: dict[str, Any], allowed: frozenset[str], limit: int) -> Iterator[t
     A generator task yields one stream item per value, then a terminal reply whose result is
     {"items": count}. A chunked request (`calls`) runs each call in order and ends in one reply
     (see run_calls). Every failure becomes a typed error reply: the worker never dies of a task.
-    An oversized item ends the stream with that error.
+    An oversized item ends the stream with that error. With `tuples: true` in the request,
+    tuples in results and items travel as ext 3 (protocol.EXT_TUPLE), else as arrays.
     """
     request_id = body.get("id")
+    tuples = body.get("tuples") is True
     try:
         function = resolve(body["name"], allowed)
         if "calls" in body:
             result = run_calls(function, body["calls"], body.get("compact") is True)
-            yield bounded_frames(OK, protocol.encode_result_frames(request_id, result), request_id, limit)
+            frames = protocol.encode_result_frames(request_id, result, tuples)
+            yield bounded_frames(OK, frames, request_id, limit)
             return
         value = function(*body.get("args", ()), **body.get("kwargs", {}))
         if isinstance(value, GeneratorType):
             count = 0
             for count, item in enumerate(value, 1):
                 kind, frames = bounded_frames(
-                    ITEM, protocol.encode_item_frames(request_id, count, item), request_id, limit
+                    ITEM, protocol.encode_item_frames(request_id, count, item, tuples), request_id, limit
                 )
                 yield kind, frames
                 if kind is ERROR:
                     value.close()
                     return
             value = {"items": count}
-        yield bounded_frames(OK, protocol.encode_result_frames(request_id, value), request_id, limit)
+        yield bounded_frames(OK, protocol.encode_result_frames(request_id, value, tuples), request_id, limit)
     except TaskLookupError as exc:
         yield ERROR, [protocol.encode_error(request_id, exc.code, exc.message)]
     except Exception as exc:  # the task's own failure, reported, never fatal

@@ -263,7 +263,7 @@ def test_async_client_under_concurrent_use(shared: Daemon) -> None:
             assert results[102] == list(range(200))
             assert results[103]["state"] == "running"
             assert (results[104] == np.arange(100_000) * 2).all()
-            with pytest.raises(errors.TaskError, match="ValueError"):
+            with pytest.raises(ValueError, match="fails on purpose"):  # a TaskError[ValueError]
                 await client.execute(FAIL)
             with pytest.raises(errors.RequestTimeout):
                 await client.request("execute", timeout=0.2, name=SLEEP, kwargs={"seconds": 1})

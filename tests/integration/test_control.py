@@ -295,6 +295,7 @@ def test_check_config_imports_the_code_and_reports_each_failure(tmp_path: Path) 
     path.write_text(
         '[pool]\npreload = ["json", "workerd_absent_preload"]\n'
         '[tasks]\nmodules = ["workerd.examples.tasks", "loud", "crash", "workerd_never_reached"]\n'
+        'path = ["."]\n'
         f'[pipelines.half]\npath = "{tmp_path / "half.py"}"\n'
         f'[pipelines.gone]\npath = "{tmp_path / "gone.py"}"\n'
         '[pipelines.demo]\nmodule = "workerd.examples.demo_pipeline"\n'
@@ -303,12 +304,13 @@ def test_check_config_imports_the_code_and_reports_each_failure(tmp_path: Path) 
         [sys.executable, "-m", "workerd", "--check-config", str(path)],
         capture_output=True,
         text=True,
-        timeout=120,
-        cwd=tmp_path,  # where the task modules are found, as for a daemon started there
+        timeout=120,  # [tasks] path: the config's own directory, wherever this runs
     )
     assert result.returncode == 78 and result.stdout == ""
     lines = [line for line in result.stderr.splitlines() if line.startswith("workerd: ")]
     where = f"workerd: {path}: "
+    searched = "task code is searched for in (sys.path, [tasks] path first)"
+    assert lines.pop().startswith(f"{where}{searched}: {tmp_path}:")
     assert lines == [
         f"{where}[pool] preload: 'workerd_absent_preload' failed to import: ModuleNotFoundError: "
         "No module named 'workerd_absent_preload'",
@@ -331,7 +333,7 @@ def test_check_config_imports_the_code_and_reports_each_failure(tmp_path: Path) 
         text=True,
         timeout=120,
     )
-    assert (fixed.returncode, fixed.stdout, fixed.stderr) == (0, f"{path}: ok\n", "")
+    assert (fixed.returncode, fixed.stdout.splitlines()[0], fixed.stderr) == (0, f"{path}: ok", "")
 
 
 def test_a_bad_log_level_in_the_environment_is_a_config_error(tmp_path: Path) -> None:

@@ -119,8 +119,8 @@ def test_submit_takes_a_function_or_a_name_and_arguments(executor: Executor, tas
         executor.submit(fn=tasks.capture, arg=1)  # type: ignore[call-arg]
     with pytest.raises(TypeError):
         executor.submit(arg=1)  # type: ignore[call-arg]
-    # msgpack: a tuple comes back a list.
-    assert executor.submit(tasks.capture, (1, 2)).result() == [[[1, 2]], {}]
+    # A tuple goes and comes back a tuple (execute's `tuples`), as with ProcessPoolExecutor.
+    assert executor.submit(tasks.capture, (1, 2)).result() == [[(1, 2)], {}]
 
 
 def test_functions_the_daemon_cannot_import_by_name_are_refused_at_once(
@@ -223,7 +223,7 @@ def test_map_raises_each_exception_when_its_result_is_reached(
     executor: Executor, tasks: Any, chunksize: int
 ) -> None:
     results = executor.map(tasks.divide, [1, 1, 1, 1], [2, 3, 0, 5], chunksize=chunksize)
-    assert next(results) == [0, 1] and next(results) == [0, 1]  # msgpack: divmod's tuple, a list
+    assert next(results) == (0, 1) and next(results) == (0, 1)  # divmod's tuple, a tuple
     with pytest.raises(ZeroDivisionError):
         next(results)
 

@@ -249,3 +249,73 @@ def test_bulky_fields_come_back_counted_and_bin_keys_pass() -> None:
     assert repr(decoded["args"]) == "Bulk('array', 2)"
     assert repr(decoded["kwargs"]) == "Bulk('map', 1)"  # §3 admits bin keys; kwargs' are the worker's
     assert repr(decoded["calls"]) == "Bulk('other', 0)"
+
+
+# -- tuples (ext 3, opt-in) and start notices ---------------------------------------------------
+
+
+def test_tuples_travel_as_ext_3_only_when_asked() -> None:
+    import collections
+    import enum
+
+    class Level(enum.IntEnum):
+        HIGH = 2
+
+    point = collections.namedtuple("point", "x y")
+    value = {"t": (1, (2, (3,)), [4, (5,)]), "e": (), "p": point(1, 2), "n": Level.HIGH, "l": [1]}
+    asked = protocol.decode_reply(protocol.encode_result_frames(7, value, tuples=True)[0])["result"]
+    assert asked == {"t": (1, (2, (3,)), [4, (5,)]), "e": (), "p": (1, 2), "n": 2, "l": [1]}
+    assert type(asked["p"]) is tuple and type(asked["n"]) is int and type(asked["l"]) is list
+    plain = protocol.decode_reply(protocol.encode_result_frames(7, value)[0])["result"]
+    assert plain["t"] == [1, [2, [3]], [4, [5]]] and plain["e"] == []
+    request = protocol.encode_request_frames(1, "execute", {"name": "m:f", "args": [(1, 2)], "tuples": True})
+    assert protocol.unpack(request[0], [])["args"] == [(1, 2)]
+    unasked = protocol.encode_request_frames(1, "x", {"args": [(1, 2)]})
+    assert protocol.unpack(unasked[0], [])["args"] == [[1, 2]]
+
+
+def test_tuples_nest_32_deep_and_no_deeper() -> None:
+    deep: tuple[object, ...] = ()
+    for _ in range(40):
+        deep = (deep,)
+    decoded = protocol.decode_reply(protocol.encode_result_frames(1, deep, tuples=True)[0])["result"]
+    depth = 0
+    while decoded:
+        assert type(decoded) is (tuple if depth < protocol.MAX_TUPLE_DEPTH else list)
+        decoded, depth = decoded[0], depth + 1
+    hostile = msgpack.ExtType(protocol.EXT_TUPLE, msgpack.packb([]))
+    for _ in range(5000):  # would overflow the C stack if each level were decoded
+        hostile = msgpack.ExtType(protocol.EXT_TUPLE, msgpack.packb([hostile]))
+    with pytest.raises(protocol.ProtocolError, match="nested deeper than 32"):
+        protocol.unpack(msgpack.packb([hostile]), [])
+    with pytest.raises(protocol.ProtocolError, match="must hold an array"):
+        protocol.unpack(msgpack.packb([msgpack.ExtType(protocol.EXT_TUPLE, msgpack.packb(1))]), [])
+
+
+def test_a_start_notice_is_not_terminal() -> None:
+    notice = protocol.decode_reply(protocol.encode_started(5))
+    assert notice == {"v": 1, "id": 5, "stream": "started", "seq": 0}
+    assert not protocol.is_terminal(notice)
+
+
+def test_a_task_error_keeps_the_original_str_and_args() -> None:
+    import pickle
+
+    from workerd import tasks
+
+    for original in (ValueError("boom"), ValueError("a", 1), KeyError("k"), FileNotFoundError(2, "gone")):
+        try:
+            raise original
+        except Exception as exc:
+            error = protocol.decode_reply(tasks.task_error(1, exc))["error"]
+        rebuilt = errors.error_from_reply(error)
+        assert isinstance(rebuilt, type(original)) and isinstance(rebuilt, errors.TaskError)
+        assert (str(rebuilt), rebuilt.args) == (str(original), original.args)
+        assert rebuilt.type == type(original).__name__ and "Traceback" in rebuilt.traceback
+        assert rebuilt.message == f"{type(original).__name__}: {original}"
+        assert type(original).__name__ in repr(rebuilt) and "traceback=" in repr(rebuilt)
+        copy = pickle.loads(pickle.dumps(rebuilt))
+        assert (type(copy), str(copy), copy.args) == (type(rebuilt), str(rebuilt), rebuilt.args)
+    body = protocol.decode_reply(tasks.task_error(1, ValueError(object())))
+    unplain = errors.error_from_reply(body["error"])
+    assert unplain.args == (str(unplain),)  # not plain values: its str alone

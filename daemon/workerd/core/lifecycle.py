@@ -100,12 +100,17 @@ class Job:
     # The routing-id zmq.Frame it came with: its connection's credentials, read only by a
     # `cancel` from another connection (any_connection), which must come from the same uid.
     origin: Any = None
+    # Called at its first start, once (the request asked for a start notice: Ledger.started).
+    on_start: Callable[[Job], None] | None = None
 
     def start(self, now: float) -> None:
         self.state = RUNNING
         self.started_at = now
         self.deadline = now + self.timeout_s
         self.attempts += 1
+        if self.on_start is not None:
+            notify, self.on_start = self.on_start, None
+            notify(self)
 
 
 class Ledger:
@@ -149,6 +154,11 @@ class Ledger:
                 if request_id in wanted and not isinstance(request_id, bool):
                     found.setdefault(request_id, []).extend(job for job in jobs if admit(job))
         return found
+
+    def started(self, job: Job) -> None:
+        """The start notice of a job whose request asked for one (`notify_start`): sent when it
+        first starts, before its stream items and its terminal reply (docs/protocol.md §6.1)."""
+        self.reply(job.client, protocol.encode_started(job.request_id))
 
     def item(self, job: Job, frame: bytes, raw: Sequence[Any]) -> None:
         """A stream item: forwarded while the job has no terminal reply."""

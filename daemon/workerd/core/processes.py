@@ -102,8 +102,10 @@ def become_subreaper() -> None:
 def spawn(
     module: str, args: Sequence[str], pass_fds: Sequence[int] = (), env: Mapping[str, str] | None = None
 ) -> int:
-    """Start `python -m module args...` with stdin on /dev/null, in `env` (default: ours), as the
-    leader of a new process group; returns its pid. It holds stdout, stderr and `pass_fds`.
+    """Start `python -P -m module args...` with stdin on /dev/null, in `env` (default: ours), as
+    the leader of a new process group; returns its pid. It holds stdout, stderr and `pass_fds`.
+    -P: the directory the daemon was started in is not on its sys.path, so task code is found
+    where `[tasks] path` and PYTHONPATH say, wherever workerd (or --check-config) runs.
 
     Raises OSError when the kernel refuses (EAGAIN, ENOMEM): callers answer for it, the loop
     never dies of it."""
@@ -114,7 +116,7 @@ def spawn(
     try:
         return os.posix_spawn(
             sys.executable,
-            [sys.executable, "-m", module, *args],
+            [sys.executable, "-P", "-m", module, *args],
             os.environ if env is None else env,
             file_actions=[*closes, (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)],
             setpgroup=0,
@@ -163,3 +165,12 @@ def signal_quietly(pid: int, signum: int) -> None:
 
 def describe_exit(code: int) -> str:
     return f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+
+
+def put_first_on_path(directories: list[str]) -> None:
+    """[tasks] path, first on sys.path (in its order) before any task or pipeline is imported:
+    a zygote, the GPU worker and `--check-config`'s import check search the same place."""
+    for directory in reversed(directories):
+        while directory in sys.path:
+            sys.path.remove(directory)
+        sys.path.insert(0, directory)

@@ -51,7 +51,7 @@ from typing import Any
 
 from workerctl import protocol
 from workerd.config import PipelineConfig
-from workerd.core.processes import kill_own_group, take_group_down_with_parent
+from workerd.core.processes import kill_own_group, put_first_on_path, take_group_down_with_parent
 from workerd.core.stacks import open_dump
 from workerd.core.transport import Channel
 from workerd.logs import setup_logging
@@ -180,6 +180,7 @@ def serve(settings: dict[str, Any], sock: socket.socket) -> bool:
 def main() -> None:
     settings = json.loads(sys.argv[1])
     take_group_down_with_parent(settings["master_pid"])
+    put_first_on_path(settings.get("task_path", []))  # before any pipeline module is imported
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master decides what Ctrl-C means
     setup_logging(logging.getLevelName(settings.get("log_level", logging.INFO)))
     if not serve(settings, socket.socket(fileno=int(sys.argv[2]))):

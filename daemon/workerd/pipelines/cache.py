@@ -395,7 +395,10 @@ def run_request(
         result = cache.run(request["name"], request.get("args", []), request.get("kwargs", {}))
         result.update(where or {})
         return tasks.bounded_frames(
-            tasks.OK, protocol.encode_result_frames(request_id, result), request_id, limit
+            tasks.OK,
+            protocol.encode_result_frames(request_id, result, request.get("tuples") is True),
+            request_id,
+            limit,
         )
     except PipelineError as exc:
         return tasks.ERROR, [protocol.encode_error(request_id, exc.code, exc.message, exc.details)]

@@ -90,6 +90,7 @@ class Generations:
         return {
             "preload": list(pool.preload),
             "task_modules": list(config.tasks.modules),
+            "task_path": list(config.tasks.path),
             "gc_freeze": pool.gc_freeze,
             "stack_dir": self.stack_dir,
             "max_message_bytes": config.daemon.max_message_bytes,
@@ -145,6 +146,7 @@ class Generations:
 
     def ready(self, zygote: ZygoteHandle, event: dict[str, Any]) -> None:
         zygote.ready = True
+        zygote.sys_path = event.get("sys_path", [])
         self.restarts.reset()
         log.info("zygote generation %d ready: imports took %.3f s", zygote.generation, event["import_s"])
         self.failure = None
@@ -238,6 +240,11 @@ class Generations:
                 log.info("zygote generation %d retired", generation)
                 self.reactor.unwatch(zygote.fileno())
                 zygote.retire()
+
+    def sys_path(self) -> list[str]:
+        """Where the serving generation's zygote found the task code ([] until one is ready)."""
+        zygote = self.zygotes.get(self.generation)
+        return list(zygote.sys_path) if zygote is not None else []
 
     def memory(self) -> list[dict[str, Any]]:
         entries: list[dict[str, Any]] = []

@@ -14,7 +14,7 @@ may carry a file descriptor (SCM_RIGHTS):
     master -> zygote   {"settings": {...}, "generation": n}   first: what to import, how to fork
                        {"cmd": "fork", "count": n}
                        {"cmd": "serve"}                        to a standby: take over
-    zygote -> master   {"event": "ready", "pid", "import_s"}   + fd: the standby's channel
+    zygote -> master   {"event": "ready", "pid", "import_s", "sys_path"}  + fd: the standby's channel
                        {"event": "failed", "error", "traceback"}  import failed; zygote exits
                        {"event": "forked", "pid"}              + fd: the worker's channel
                        {"event": "fork_failed", "error"}       the kernel refused a fork
@@ -120,6 +120,7 @@ class Zygote:
             "pid": os.getpid(),
             "import_s": import_s,
             "standby_pid": self.standby_pid,
+            "sys_path": sys.path,  # where it found the task code: `status` shows it
         }
         send(self.sock, ready, standby)
         if standby is not None:
@@ -249,6 +250,7 @@ def main(fd: int, master: int) -> None:
     first = json.loads(data)
     settings, generation = first["settings"], first["generation"]
     started = time.monotonic()
+    processes.put_first_on_path(settings.get("task_path", []))
     try:
         import_modules(settings["preload"] + settings["task_modules"])
     except BaseException as exc:

@@ -27,6 +27,7 @@ class ZygoteHandle:
         self.config = config  # takes effect in the pool once this zygote is ready
         self.modules = modules
         self.ready = False
+        self.sys_path: list[str] = []  # the zygote's, once ready
         self.retiring = False
         self.taking_over = False  # a standby told to serve, not ready yet
         self.pending_forks = 0
