@@ -342,12 +342,14 @@ class Executor(concurrent.futures.Executor):
             raise ValueError("max_workers must be greater than 0")
         self._timeout_s, self._retries = timeout_s, retries
         # Replies wait as long as the daemon takes: it bounds each run by its timeout, and a
-        # lost connection fails what is in flight at once.
+        # lost connection fails what is in flight at once. Its calls die with it, running ones
+        # too (die_with_client), as a ProcessPoolExecutor's workers do with their parent.
         client = Client(
             socket_path,
             timeout=None,
             reconnect_timeout=reconnect_timeout,
             max_message_bytes=max_message_bytes,
+            die_with_client=True,
         )
         self._engine = _Engine(client, max_workers or DEFAULT_WINDOW)
         _engines.add(self._engine)

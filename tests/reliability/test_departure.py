@@ -229,3 +229,39 @@ def test_a_client_that_closes_its_socket_has_departed_too(
     assert counter(daemon, "departed_dropped") == JOBS - 1
     wait_until(lambda: counter(daemon, "execute_ok") == 1, 10)
     assert (tmp_path / "marker.0").exists()
+
+
+# The same client as a workerctl.Executor: its calls die with it, the running one too.
+EXECUTOR_CLIENT = """\
+import sys
+import time
+
+from workerctl import Executor
+
+socket, marker = sys.argv[1], sys.argv[2]
+executor = Executor(socket)
+futures = [executor.submit("departing:slow", f"{marker}.{n}", 3.0 if n == 0 else 5.0) for n in range(4)]
+while not futures[0].running():
+    time.sleep(0.01)
+print("sent", flush=True)
+time.sleep(600)
+"""
+
+
+def test_an_executors_calls_die_with_its_process(
+    start_daemon: Callable[..., Daemon], tmp_path: Path, clients: list[subprocess.Popen[str]]
+) -> None:
+    """A process using workerctl.Executor is SIGKILLed with a call running and three waiting:
+    the Executor asks for die_with_client, so the running call's worker is killed too and no
+    call reaches its end, as a ProcessPoolExecutor's workers die with their parent."""
+    daemon = start(start_daemon, tmp_path)
+    marker = tmp_path / "marker"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", EXECUTOR_CLIENT, daemon.socket, str(marker)], stdout=subprocess.PIPE, text=True
+    )
+    clients.append(proc)
+    assert proc.stdout is not None and proc.stdout.readline() == "sent\n"
+    kill(proc, signal.SIGKILL)
+    wait_until(lambda: queue_gone(daemon) and counter(daemon, "departed_killed") == 1, GONE_WITHIN_S)
+    time.sleep(3.5)  # past the end the killed call would have reached
+    assert not list(tmp_path.glob("marker.*"))
