@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import signal
 import subprocess
@@ -148,3 +150,23 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
 @pytest.fixture
 def daemon(start_daemon: Callable[..., Daemon]) -> Daemon:
     return start_daemon()
+
+
+@contextlib.contextmanager
+def serving_module(directory: Path, name: str, source: str, also: str = "") -> Iterator[tuple[Daemon, Any]]:
+    """A daemon with 2 workers allowing task module `name` (written from `source` under
+    `directory`), which this process imports too (as a ProcessPoolExecutor's caller would);
+    `also`: another allowed module. Yields the daemon and the module."""
+    (directory / f"{name}.py").write_text(source)
+    modules = ", ".join(f'"{m}"' for m in (also, name) if m)
+    default = 'modules = ["workerd.examples.tasks"]'
+    config = BASE_CONFIG.format(workers=2).replace(default, f"modules = [{modules}]")
+    daemon = Daemon(directory, config, [], {"PYTHONPATH": str(directory)}, None)
+    sys.path.insert(0, str(directory))
+    try:
+        daemon.wait_ready()
+        yield daemon, importlib.import_module(name)
+    finally:
+        sys.path.remove(str(directory))
+        sys.modules.pop(name, None)
+        daemon.stop(signal.SIGKILL if daemon.proc.poll() is None else signal.SIGTERM, timeout=5)

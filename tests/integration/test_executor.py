@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import gc
-import signal
 import subprocess
 import sys
 import textwrap
@@ -26,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import BASE_CONFIG, Daemon, wait_until
+from tests.conftest import Daemon, serving_module, wait_until
 from workerctl import AsyncClient, Client, Executor, errors
 
 TASKS = textwrap.dedent("""
@@ -69,21 +68,8 @@ TASKS = textwrap.dedent("""
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, ModuleType]]:
     """One daemon with 2 workers allowing `exec_tasks`, a module this process imports too."""
     directory = tmp_path_factory.mktemp("executor")
-    (directory / "exec_tasks.py").write_text(TASKS)
-    config = BASE_CONFIG.format(workers=2).replace(
-        'modules = ["workerd.examples.tasks"]', 'modules = ["workerd.examples.tasks", "exec_tasks"]'
-    )
-    daemon = Daemon(directory, config, [], {"PYTHONPATH": str(directory)}, None)
-    sys.path.insert(0, str(directory))
-    try:
-        daemon.wait_ready()
-        import exec_tasks
-
-        yield daemon, exec_tasks
-    finally:
-        sys.path.remove(str(directory))
-        sys.modules.pop("exec_tasks", None)
-        daemon.stop(signal.SIGKILL if daemon.proc.poll() is None else signal.SIGTERM, timeout=5)
+    with serving_module(directory, "exec_tasks", TASKS, "workerd.examples.tasks") as served:
+        yield served
 
 
 @pytest.fixture

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
-import signal
-import sys
 import textwrap
 import threading
 from collections.abc import Callable, Iterator
@@ -26,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import BASE_CONFIG, Daemon, wait_until
+from tests.conftest import Daemon, serving_module, wait_until
 from workerctl import Executor, errors
 
 TASKS = textwrap.dedent("""
@@ -68,22 +66,8 @@ MakeExecutor = Callable[..., concurrent.futures.Executor]
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, ModuleType]]:
-    directory = tmp_path_factory.mktemp("parity")
-    (directory / "parity_tasks.py").write_text(TASKS)
-    config = BASE_CONFIG.format(workers=2).replace(
-        'modules = ["workerd.examples.tasks"]', 'modules = ["parity_tasks"]'
-    )
-    daemon = Daemon(directory, config, [], {"PYTHONPATH": str(directory)}, None)
-    sys.path.insert(0, str(directory))  # for this process, and the spawned pool's workers
-    try:
-        daemon.wait_ready()
-        import parity_tasks
-
-        yield daemon, parity_tasks
-    finally:
-        sys.path.remove(str(directory))
-        sys.modules.pop("parity_tasks", None)
-        daemon.stop(signal.SIGKILL if daemon.proc.poll() is None else signal.SIGTERM, timeout=5)
+    with serving_module(tmp_path_factory.mktemp("parity"), "parity_tasks", TASKS, "") as served:
+        yield served
 
 
 @pytest.fixture

@@ -59,29 +59,23 @@ def test_a_timeout_whose_worker_finishes_and_recycles_in_the_kill_window(
         assert {code(counter, n) for n in ids} == {"TIMEOUT"}, counter.tally.results
 
 
-def test_a_stop_inside_a_cpu_tasks_timeout(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
-    """SIGTERM 0.2 s into a task of 0.55 s with timeout_s 0.5: the stop lets it run, its
-    timeout ends, it finishes inside the kill window and exits as told: TIMEOUT, once (it got no
-    reply: the result was dropped for the TIMEOUT, and the TIMEOUT for the exit)."""
-    daemon = start_seams(start_daemon, tmp_path, seams_config(["moda"]))
-    with Counter(daemon.socket) as counter, daemon.client() as client:
-        counter.send(execute("late", "moda:sleep", 0.55, timeout_s=0.5))
-        wait_until(lambda: client.status()["pool"]["busy"] == 1)
-        time.sleep(0.2)
-        daemon.proc.send_signal(signal.SIGTERM)
-        wait_for(counter, "late")
-        exactly_once(counter, {"late"})
-        assert code(counter, "late") == "TIMEOUT", counter.tally.results
-    assert daemon.proc.wait(timeout=30) == 0
-
-
-def test_a_stop_inside_a_pipeline_runs_timeout(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
-    """The same on the GPU side (a pipeline on the CPU device): TIMEOUT, once."""
-    daemon = start_seams(start_daemon, tmp_path, pipeline_config(tmp_path))
+@pytest.mark.parametrize("side", ["cpu", "gpu"])
+def test_a_stop_inside_a_timeout(start_daemon: Callable[..., Daemon], tmp_path: Path, side: str) -> None:
+    """SIGTERM 0.2 s into a task (or a pipeline run, on the CPU device) of 0.55 s with timeout_s
+    0.5: the stop lets it run, its timeout ends, it finishes inside the kill window and exits as
+    told: TIMEOUT, once (it got no reply: the result was dropped for the TIMEOUT, and the TIMEOUT
+    for the exit)."""
+    cpu = side == "cpu"
+    config = seams_config(["moda"]) if cpu else pipeline_config(tmp_path)
+    daemon = start_seams(start_daemon, tmp_path, config)
     with Counter(daemon.socket) as counter, daemon.client(timeout=60) as client:
-        assert client.execute("p")["output"]["pid"] > 0  # loaded: the next run starts at once
-        counter.send(execute("late", "p", kwargs={"sleep": 0.55}, timeout_s=0.5))
-        wait_until(lambda: client.status()["gpu"]["state"] == "busy")
+        if cpu:
+            counter.send(execute("late", "moda:sleep", 0.55, timeout_s=0.5))
+        else:
+            assert client.execute("p")["output"]["pid"] > 0  # loaded: the next run starts at once
+            counter.send(execute("late", "p", kwargs={"sleep": 0.55}, timeout_s=0.5))
+        status = lambda: client.status()  # noqa: E731
+        wait_until(lambda: (status()["pool"]["busy"] == 1) if cpu else status()["gpu"]["state"] == "busy")
         time.sleep(0.2)
         daemon.proc.send_signal(signal.SIGTERM)
         wait_for(counter, "late")
