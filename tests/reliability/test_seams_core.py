@@ -59,6 +59,11 @@ def test_a_timeout_whose_worker_finishes_and_recycles_in_the_kill_window(
         assert {code(counter, n) for n in ids} == {"TIMEOUT"}, counter.tally.results
 
 
+def busy(status: dict[str, Any], cpu: bool) -> bool:
+    """Is the one CPU worker (or the GPU worker) running something?"""
+    return bool(status["pool"]["busy"] == 1 if cpu else status["gpu"]["state"] == "busy")
+
+
 @pytest.mark.parametrize("side", ["cpu", "gpu"])
 def test_a_stop_inside_a_timeout(start_daemon: Callable[..., Daemon], tmp_path: Path, side: str) -> None:
     """SIGTERM 0.2 s into a task (or a pipeline run, on the CPU device) of 0.55 s with timeout_s
@@ -74,8 +79,7 @@ def test_a_stop_inside_a_timeout(start_daemon: Callable[..., Daemon], tmp_path: 
         else:
             assert client.execute("p")["output"]["pid"] > 0  # loaded: the next run starts at once
             counter.send(execute("late", "p", kwargs={"sleep": 0.55}, timeout_s=0.5))
-        status = lambda: client.status()  # noqa: E731
-        wait_until(lambda: (status()["pool"]["busy"] == 1) if cpu else status()["gpu"]["state"] == "busy")
+        wait_until(lambda: busy(client.status(), cpu))
         time.sleep(0.2)
         daemon.proc.send_signal(signal.SIGTERM)
         wait_for(counter, "late")

@@ -15,10 +15,6 @@ from typing import NamedTuple, Protocol
 from workerd.core.lifecycle import Job, JobQueue, Ledger
 from workerd.core.reactor import Reactor
 
-# What `cancel` reports of one job (protocol.md, cancel): answered CANCELLED before the cancel's
-# reply, runs on to its own reply, or not in flight (its reply is decided already).
-CANCELLED, RUNNING, UNKNOWN = "cancelled", "running", "unknown"
-
 
 class Services(NamedTuple):
     """What the master lends every backend: the one ledger and reactor, the event counters,
@@ -68,3 +64,9 @@ class Backend(Protocol):
     def abort_running(self) -> None:
         """The grace period is over: what still runs is answered and killed."""
         ...
+
+
+def fate_once_answered(job: Job) -> str:
+    """What `cancel` reports of a job answered while it acted (by what a worker's channel
+    brought): "cancelled" if that answer was CANCELLED, else "unknown" (not in flight)."""
+    return "cancelled" if job.outcome == "cancelled" else "unknown"

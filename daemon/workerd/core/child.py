@@ -101,10 +101,6 @@ class Child:
         self.reactor.watch(channel.fileno(), self.readable)
 
     @property
-    def alive(self) -> bool:
-        return self.pid is not None
-
-    @property
     def killing(self) -> bool:
         """A kill window is open, or SIGKILL was sent: it takes no job, and its exit is ours."""
         return self.kill is not None or self.killed

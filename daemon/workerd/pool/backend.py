@@ -26,7 +26,7 @@ from typing import Any
 from workerctl import protocol
 from workerd import memory, messages
 from workerd.config import Config
-from workerd.core.backend import Services
+from workerd.core.backend import Services, fate_once_answered
 from workerd.core.backoff import RESTART_FIRST_S, RESTART_MAX_S, Backoff
 from workerd.core.child import Child, frame_limit
 from workerd.core.lifecycle import ANSWERED, ASSIGNED, RUNNING, Job, JobQueue, Lane
@@ -275,7 +275,7 @@ class Pool:
             job.cancel_requested = True
             self.withdraw(worker, [job])
         if job.state is ANSWERED:  # what withdraw read answered it: handed back, or finished
-            return "cancelled" if job.outcome == "cancelled" else "unknown"
+            return fate_once_answered(job)
         if terminate and not worker.child.killing:
             return self.terminate(worker, job)
         # It may have started: it runs on, and if it turns out it had not, it runs elsewhere.
@@ -289,7 +289,7 @@ class Pool:
         read brings may end `job` first: then it is not in flight any more ("unknown")."""
         self.withdraw(worker, [j for j in worker.lane.prefetched() if j is not job])
         if job.state is ANSWERED:
-            return "cancelled" if job.outcome == "cancelled" else "unknown"
+            return fate_once_answered(job)
         job.cancelled = True
         self.ledger.cancel_reply(job, terminated=True)
         worker.child.kill_now()
