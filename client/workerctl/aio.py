@@ -38,12 +38,13 @@ class AsyncClient:
         *,
         max_message_bytes: int | None = None,
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+        priority: int = 0,
     ) -> None:
         self.socket_path = paths.resolve_socket_path(socket_path)
         self.timeout = timeout
         self.reconnect_timeout = reconnect_timeout
         probe_socket(self.socket_path)
-        self._core = core.Core(max_message_bytes)
+        self._core = core.Core(max_message_bytes, priority=priority)
         self._context = context or zmq.asyncio.Context.instance()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)

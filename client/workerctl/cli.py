@@ -186,6 +186,14 @@ def add_run(run: argparse.ArgumentParser) -> None:
         help=f"re-run up to N times if its worker dies (WORKER_LOST; idempotent work only), 0 to "
         f"{protocol.MAX_RETRIES}",
     )
+    run.add_argument(
+        "--priority",
+        type=bounded(protocol.PRIORITY_MIN, protocol.PRIORITY_MAX),
+        default=0,
+        metavar="P",
+        help=f"{protocol.PRIORITY_MIN} to {protocol.PRIORITY_MAX}, default 0: higher runs first among your "
+        "requests, and ahead of other users' only as far as the daemon's [fairness] max_priority lets it",
+    )
     batch = run.add_argument_group("batch", "one call per line of a JSON-lines file")
     batch.add_argument(
         "--batch", metavar="IN.jsonl", help="input: one JSON object (kwargs) or array (args) per line"
@@ -473,7 +481,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # names only this run's, and the daemon kills its running jobs too when it goes.
         first_id = secrets.randbelow(9 * 10**9) + 10**9 if args.command == "run" else 1
         dies = args.command == "run"
-        with Client(args.socket, timeout=timeout, first_id=first_id, die_with_client=dies) as client:
+        priority = args.priority if args.command == "run" else 0
+        with Client(
+            args.socket, timeout=timeout, first_id=first_id, die_with_client=dies, priority=priority
+        ) as client:
             return COMMANDS[args.command](client, args)
     except errors.WorkerdError as exc:
         # First: a task's TaskError[ValueError] is also a ValueError, and no usage error.

@@ -88,7 +88,9 @@ class Client:
     hands its ids to another process, for a `cancel` of another connection, starts them at a
     random number so that they meet no other connection's (workerctl run does).
     `die_with_client` asks the daemon to kill this client's running jobs when its connection
-    goes, not only its queued ones (the execute field `die_with_client`).
+    goes, not only its queued ones (the execute field `die_with_client`). `priority` (-9 to 9,
+    default 0) goes with every execute: higher runs first among this user's requests, and
+    ahead of other users' only as far as the daemon's `[fairness] max_priority` grants.
     """
 
     def __init__(
@@ -101,12 +103,15 @@ class Client:
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
         first_id: int = 1,
         die_with_client: bool = False,
+        priority: int = 0,
     ) -> None:
         self.socket_path = paths.resolve_socket_path(socket_path)
         self.timeout = timeout
         self.reconnect_timeout = reconnect_timeout
         probe_socket(self.socket_path)
-        self._core = core.Core(max_message_bytes, first_id=first_id, die_with_client=die_with_client)
+        self._core = core.Core(
+            max_message_bytes, first_id=first_id, die_with_client=die_with_client, priority=priority
+        )
         self._context = context or zmq.Context.instance()
         self._socket = self._context.socket(zmq.DEALER)
         # linger 0: closing the client never blocks on requests the daemon will not read.

@@ -189,13 +189,25 @@ class Core:
     """Request ids, encoding, and the delivery of replies to inboxes. No I/O."""
 
     def __init__(
-        self, max_message_bytes: int | None = None, *, first_id: int = 1, die_with_client: bool = False
+        self,
+        max_message_bytes: int | None = None,
+        *,
+        first_id: int = 1,
+        die_with_client: bool = False,
+        priority: int = 0,
     ) -> None:
         self._ids = itertools.count(first_id)
         # Fields every execute carries: `die_with_client` asks the daemon to kill this client's
-        # running jobs too when its connection goes (docs/protocol.md §7.5); a daemon that
-        # predates it ignores the field, as it ignores every unknown one.
+        # running jobs too when its connection goes (docs/protocol.md §7.5); `priority` orders
+        # them among this user's others (§7.6). A daemon that predates them ignores the fields,
+        # as it ignores every unknown one.
         self.execute_extra: dict[str, Any] = {"die_with_client": True} if die_with_client else {}
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise TypeError("priority must be an integer")
+        if not protocol.PRIORITY_MIN <= priority <= protocol.PRIORITY_MAX:
+            raise ValueError(f"priority must be from {protocol.PRIORITY_MIN} to {protocol.PRIORITY_MAX}")
+        if priority:
+            self.execute_extra["priority"] = priority
         self._pending: dict[int, Inbox] = {}  # request id -> where its replies go, in send order
         # The inboxes of single requests, kept after their terminal reply until it is read.
         self._own: dict[int, Inbox] = {}

@@ -95,6 +95,8 @@ MAX_CANCEL_IDS = 10_000
 # Calls in one chunked execute: enough to amortise the per-message cost many times over, few
 # enough that one chunk's results stay well inside the message size limit for small values.
 MAX_CALLS = 10_000
+# execute's `priority`: higher first within a client; between clients up to its [fairness] max_priority.
+PRIORITY_MIN, PRIORITY_MAX = -9, 9
 
 
 class ProtocolError(Exception):

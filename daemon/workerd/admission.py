@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 # The bounds a client checks too live in workerctl.protocol: one number for both sides.
 MAX_RETRIES, MAX_CALLS, MAX_CANCEL_IDS = protocol.MAX_RETRIES, protocol.MAX_CALLS, protocol.MAX_CANCEL_IDS
 MAX_RAW_FRAMES = 1024
+PRIORITY_MIN, PRIORITY_MAX = protocol.PRIORITY_MIN, protocol.PRIORITY_MAX
 
 
 class RequestRejected(Exception):
@@ -71,6 +72,17 @@ def check_die_with_client(request: dict[str, Any]) -> bool:
     value = request.get("die_with_client", False)
     if value is not True and value is not False:
         raise RequestRejected(protocol.BAD_REQUEST, "'die_with_client' must be true or false")
+    return value
+
+
+def check_priority(request: dict[str, Any]) -> int:
+    """execute's `priority` (docs/protocol.md, execute): orders the client's own jobs; between
+    clients it counts up to the client's [fairness] max_priority (core/queue.py)."""
+    value = request.get("priority", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not PRIORITY_MIN <= value <= PRIORITY_MAX:
+        raise RequestRejected(
+            protocol.BAD_REQUEST, f"'priority' must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}"
+        )
     return value
 
 

@@ -16,8 +16,10 @@ import re
 import tomllib
 from typing import Any
 
+from workerctl import protocol
 from workerd.configvalues import (
     Checker,
+    Grants,
     Principals,
     absolute_path,
     boolean,
@@ -26,6 +28,7 @@ from workerd.configvalues import (
     devices,
     directories,
     engine,
+    grants,
     integer,
     listen,
     listen_address,
@@ -52,6 +55,7 @@ max_tasks_per_worker = 0
 max_worker_memory_mb = 0
 task_timeout_s = 300
 prefetch = 4
+max_queue_per_client = 0
 
 [tasks]
 modules = ["workerd.examples.tasks"]
@@ -73,6 +77,13 @@ execute = []
 clear_memory = []
 scale = []
 reload = []
+
+[fairness]
+# Clients share the workers by weighted round robin: "uid" (a client is a user) or "unit" (its
+# systemd unit where it runs in one). Tables by "user", "@group", "uid:N", "gid:N", "unit:NAME".
+identity = "uid"
+weights = {}
+max_priority = {}
 
 [metrics]
 # A Prometheus endpoint, e.g. "127.0.0.1:9464" (loopback only); empty: off.
@@ -119,6 +130,7 @@ class PoolConfig:
     max_worker_memory_mb: float = 0
     task_timeout_s: float = 300.0
     prefetch: int = 4  # jobs a worker may hold beyond the one it runs (bench: 4 ≈ 2x of 0)
+    max_queue_per_client: int = 0  # requests one client may have waiting; 0 = only [daemon] max_queue
 
     def worker_count(self) -> int:
         return self.workers or os.cpu_count() or 1
@@ -194,6 +206,18 @@ class ClusterConfig:
 
 ACCESS_COMMANDS = tuple(field.name for field in dataclasses.fields(AccessConfig))
 
+WEIGHT_MAX = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class FairnessConfig:
+    """[fairness]: how clients share the workers (clients.py says who a client is,
+    core/queue.py which job goes next)."""
+
+    identity: str = "uid"  # "uid": a client is a user; "unit": its systemd unit where it has one
+    weights: Grants = dataclasses.field(default_factory=Grants)  # jobs per turn; unlisted: 1
+    max_priority: Grants = dataclasses.field(default_factory=Grants)  # the cap between clients; unlisted: 0
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -204,6 +228,7 @@ class Config:
     gpu: GpuConfig
     pipelines: dict[str, PipelineConfig]
     access: AccessConfig = AccessConfig()
+    fairness: FairnessConfig = FairnessConfig()
     metrics: MetricsConfig = MetricsConfig()
     cluster: ClusterConfig = ClusterConfig()
 
@@ -247,6 +272,7 @@ SECTIONS: dict[str, tuple[type, dict[str, Checker]]] = {
             "max_worker_memory_mb": number(0),
             "task_timeout_s": number(0, exclusive=True),
             "prefetch": integer(0),
+            "max_queue_per_client": integer(0),
         },
     ),
     "tasks": (TasksConfig, {"modules": module_names, "path": directories}),
@@ -264,6 +290,14 @@ SECTIONS: dict[str, tuple[type, dict[str, Checker]]] = {
         },
     ),
     "access": (AccessConfig, dict.fromkeys(ACCESS_COMMANDS, principals)),
+    "fairness": (
+        FairnessConfig,
+        {
+            "identity": one_of("uid", "unit"),
+            "weights": grants(1, WEIGHT_MAX),
+            "max_priority": grants(protocol.PRIORITY_MIN, protocol.PRIORITY_MAX),
+        },
+    ),
     "metrics": (MetricsConfig, {"listen": listen}),
     "cluster": (
         ClusterConfig,

@@ -200,3 +200,58 @@ def absolute_path(value: Any) -> str:
     if not isinstance(value, str) or not os.path.isabs(value):
         raise ValueError("expected an absolute file path")
     return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Grants:
+    """A number per client ([fairness] weights and max_priority), by systemd unit, user or group.
+
+    The most specific entry wins: the client's unit, then its user, then the highest of its
+    groups' (clients.py); a client no entry names gets the section's default."""
+
+    names: tuple[str, ...] = ()  # as written: "alice", "@ops", "uid:1000", "gid:50", "unit:x.service"
+    units: dict[str, int] = dataclasses.field(default_factory=dict)
+    uids: dict[int, int] = dataclasses.field(default_factory=dict)
+    gids: dict[int, int] = dataclasses.field(default_factory=dict)
+
+    def lookup(self, unit: str, uid: int, groups: Callable[[], frozenset[int]], default: int) -> int:
+        if unit in self.units:
+            return self.units[unit]
+        if uid in self.uids:
+            return self.uids[uid]
+        if not self.gids:
+            return default
+        mine = groups()
+        granted = [value for gid, value in self.gids.items() if gid in mine]
+        return max(granted) if granted else default
+
+
+UNIT_NAME = re.compile(r"^[A-Za-z0-9:_.\\@-]+\.(service|scope|slice|socket|timer)$")
+
+
+def grants(low: int, high: int) -> Checker:
+    """A table of client -> integer from `low` to `high`; clients as in `principals`, or
+    "unit:NAME" (a systemd unit, e.g. "unit:ingest.service")."""
+
+    def check(value: Any) -> Grants:
+        if not isinstance(value, dict):
+            raise ValueError('expected a table, e.g. {"alice" = 2, "@render" = 3, "unit:ingest.service" = 4}')
+        units: dict[str, int] = {}
+        uids: dict[int, int] = {}
+        gids: dict[int, int] = {}
+        for key, number in value.items():
+            if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
+                raise ValueError(f"{key!r}: expected an integer from {low} to {high}")
+            if key.startswith("unit:"):
+                if not UNIT_NAME.match(key[5:]):
+                    raise ValueError(f"{key!r}: expected unit:NAME with NAME a unit such as ingest.service")
+                units[key[5:]] = number
+                continue
+            who = principals([key])
+            for uid in who.uids:
+                uids[uid] = number
+            for gid in who.gids:
+                gids[gid] = number
+        return Grants(tuple(value), units, uids, gids)
+
+    return check

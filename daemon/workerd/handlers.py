@@ -28,8 +28,10 @@ from workerd.admission import (
     RequestRejected,
     check_die_with_client,
     check_execute,
+    check_priority,
     check_raw_frames,
 )
+from workerd.clients import Clients
 from workerd.cluster.backend import Cluster
 from workerd.config import Config
 from workerd.core.backend import Backend
@@ -83,6 +85,7 @@ class Daemon(Protocol):
     cluster: Cluster
     backends: list[Backend]
     access: Access
+    clients: Clients
 
     def answer(self, msg: Incoming, result: Any) -> None: ...
     def reload(self, requester: Incoming | None) -> None: ...
@@ -139,6 +142,7 @@ class Commands:
             },
             **master.gpu.status(),  # "gpu" (the first device, as with one) and "gpus" (each)
             "cluster": master.cluster.status() if master.cluster.enabled else None,
+            "clients": master.clients.status(),
             "counters": dict(+master.counters),  # only the non-zero ones
             "metrics": self.metrics(),
         }
@@ -232,6 +236,14 @@ class Commands:
             raise RequestRejected(
                 protocol.BUSY, f"queue is full ({master.config.daemon.max_queue} waiting); retry later"
             )
+        tenant = master.clients.of(msg.origin)
+        limit = master.config.pool.max_queue_per_client
+        if limit and tenant.waiting >= limit:
+            raise RequestRejected(
+                protocol.BUSY,
+                f"client {tenant.name} has {tenant.waiting} requests waiting, its limit "
+                "([pool] max_queue_per_client); retry later",
+            )
         job = Job(
             id=next(self.job_ids),
             client=msg.client,
@@ -246,6 +258,8 @@ class Commands:
             accepted_at=msg.arrived_at,  # latency metrics count from arrival, checks included
             die_with_client=check_die_with_client(msg.request),
             origin=msg.origin,
+            tenant=tenant,
+            priority=check_priority(msg.request),
         )
         if msg.request.get("notify_start") is True:  # opt-in: docs/protocol.md §6.1
             job.on_start = master.ledger.started

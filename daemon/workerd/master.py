@@ -32,6 +32,7 @@ from workerd import config as configuration
 from workerd import control, memory
 from workerd.access import Access
 from workerd.admission import RequestRejected
+from workerd.clients import Clients
 from workerd.cluster.backend import Cluster
 from workerd.core import processes
 from workerd.core.backend import Backend, Services
@@ -90,6 +91,7 @@ class Master:
         self.next_watchdog = time.monotonic()
         self.trim_at = math.inf
         self.access = Access(config.access)
+        self.clients = Clients(config.fairness, self.access.cache)
         self.commands = Commands(self)
 
     # -- start ---------------------------------------------------------------------------------
@@ -343,9 +345,10 @@ class Master:
             return
         if configuration_socket(config) != configuration_socket(self.config):
             log.warning("reload: the socket path changes only on restart")
-        # [access] does not depend on task code: it applies at once, not once the new code has
-        # imported (nor never, if the import fails): tightening access must not wait.
+        # [access] and [fairness] do not depend on task code: they apply at once, not once the
+        # new code has imported (nor never, if the import fails): tightening access must not wait.
         self.access.reconfigure(config.access)
+        self.clients.reconfigure(config.fairness)
         try:
             generation = self.pool.generations.start(config)
         except OSError as exc:

@@ -7,7 +7,8 @@ import pytest
 
 from tests.unit.test_lifecycle import Sent, make_job, ok
 from workerctl import core, protocol
-from workerd.core.lifecycle import ANSWERED, JobQueue, Ledger
+from workerd.core.lifecycle import ANSWERED, Ledger
+from workerd.core.queue import JobQueue
 from workerd.limits import made_up
 from workerd.metrics import Metrics
 

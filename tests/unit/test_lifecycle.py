@@ -1,5 +1,5 @@
 """lifecycle.py on its own: every transition of a Job, every reply the Ledger sends or drops, every
-death rule of `settle`, and the bookkeeping of JobQueue and Lane for each way a lane starts jobs.
+death rule of `settle`, and the bookkeeping of Lane for each way a lane starts jobs.
 
 Pure logic: a real Ledger over the real Metrics, whose reply callable records what would go to
 the client; the frames are decoded with workerctl.protocol, as a client would read them.
@@ -23,7 +23,6 @@ from workerd.core.lifecycle import (
     WHEN_ASSIGNED,
     WHEN_TOLD,
     Job,
-    JobQueue,
     Lane,
     Ledger,
     settle,
@@ -536,82 +535,6 @@ def test_shown_state_derives_idle_and_busy_from_the_lane() -> None:
     assert shown_state("stopping", lane, killing=True) == "killing"  # a window a stop cannot close
     assert shown_state("stopping", lane) == "stopping"
     assert shown_state("starting", Lane(1)) == "starting"
-
-
-# -- JobQueue --------------------------------------------------------------------------------
-
-
-def queue_of(*jobs: Job) -> JobQueue:
-    queue = JobQueue()
-    for job in jobs:
-        queue.push(job)
-    return queue
-
-
-def anything(key: str) -> bool:
-    return True
-
-
-def test_take_gives_the_oldest_job_over_every_key() -> None:
-    a1, b2, a3, b4 = make_job(1, key="a"), make_job(2, key="b"), make_job(3, key="a"), make_job(4, key="b")
-    queue = queue_of(a1, b2, a3, b4)
-    assert len(queue) == 4
-    assert [queue.take(anything) for _ in range(4)] == [a1, b2, a3, b4]
-    assert queue.take(anything) is None
-    assert len(queue) == 0 and queue.waiting_keys() == []
-
-
-def test_take_skips_keys_it_is_told_no_to_without_blocking_those_behind() -> None:
-    a1, b2, a3 = make_job(1, key="a"), make_job(2, key="b"), make_job(3, key="a")
-    queue = queue_of(a1, b2, a3)
-    assert queue.take(lambda key: key == "b") is b2
-    assert queue.take(lambda key: key == "b") is None
-    assert queue.waiting_keys() == ["a"]
-    assert len(queue) == 2
-
-
-def test_push_sets_the_job_queued_and_front_puts_it_first_of_its_key() -> None:
-    a1, a2 = make_job(1, key="a"), make_job(2, key="a")
-    queue = queue_of(a2)
-    a1.state = ASSIGNED  # handed back by a worker
-    queue.push(a1, front=True)
-    assert a1.state is QUEUED
-    assert list(queue.by_key["a"]) == [a1, a2]
-    late = make_job(0, key="a")
-    queue.push(late)  # an id is not an order: a push without front goes last
-    assert [queue.take(anything) for _ in range(3)] == [a1, a2, late]
-
-
-def test_a_job_put_back_in_front_still_waits_for_an_older_one_of_another_key() -> None:
-    a5, b3 = make_job(5, key="a"), make_job(3, key="b")
-    queue = queue_of(b3)
-    queue.push(a5, front=True)
-    assert queue.take(anything) is b3
-
-
-def test_remove_takes_one_job_out_and_says_whether_it_was_there() -> None:
-    a1, a2, b3 = make_job(1, key="a"), make_job(2, key="a"), make_job(3, key="b")
-    queue = queue_of(a1, a2, b3)
-    assert queue.remove(a2) is True
-    assert queue.remove(a2) is False
-    assert queue.remove(make_job(9, key="nowhere")) is False
-    assert queue.remove(make_job(9, key="a")) is False  # its key waits, not this job
-    assert len(queue) == 2
-    assert queue.remove(b3) is True
-    assert queue.waiting_keys() == ["a"]  # an emptied key is gone
-    assert queue.take(anything) is a1
-
-
-def test_waiting_keys_pop_key_and_drain() -> None:
-    a1, b2, a3, c4 = make_job(1, key="a"), make_job(2, key="b"), make_job(3, key="a"), make_job(4, key="c")
-    queue = queue_of(a1, b2, a3, c4)
-    assert queue.waiting_keys() == ["a", "b", "c"]
-    assert queue.pop_key("a") == [a1, a3]
-    assert queue.pop_key("a") == []
-    assert len(queue) == 2 and queue.waiting_keys() == ["b", "c"]
-    assert list(queue.drain()) == [b2, c4]
-    assert len(queue) == 0 and queue.waiting_keys() == []
-    assert list(queue.drain()) == []
 
 
 # -- Lane: AFTER_PREVIOUS (a CPU worker) -----------------------------------------------------

@@ -53,8 +53,9 @@ from workerd.config import Config
 from workerd.core.backend import Services
 from workerd.core.backoff import Backoff
 from workerd.core.child import Child, frame_limit
-from workerd.core.lifecycle import STOP_MESSAGE, WHEN_ASSIGNED, Job, JobQueue, Lane
+from workerd.core.lifecycle import STOP_MESSAGE, WHEN_ASSIGNED, Job, Lane
 from workerd.core.processes import describe_exit
+from workerd.core.queue import JobQueue
 
 log = logging.getLogger("workerd.cluster")
 
@@ -210,7 +211,7 @@ class Cluster:
         if self.stopping:
             self.ledger.shut_out(job)
         elif self.error is None or self.connected:
-            self.queue.push(job, front=True)
+            self.queue.push(job)
         elif self.config.cluster.mode == "overflow" and ":" in job.name:
             job.pool = "cpu"  # it runs here after all, and is counted so
             self.fallback(job)

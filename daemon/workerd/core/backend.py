@@ -12,7 +12,8 @@ from __future__ import annotations
 import collections
 from typing import NamedTuple, Protocol
 
-from workerd.core.lifecycle import Job, JobQueue, Ledger
+from workerd.core.lifecycle import Job, Ledger
+from workerd.core.queue import JobQueue
 from workerd.core.reactor import Reactor
 
 

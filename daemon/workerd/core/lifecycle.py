@@ -39,7 +39,7 @@ import collections
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import zmq
@@ -69,6 +69,28 @@ class Reply(Protocol):
     """Sends one reply body (and its raw frames) to a client."""
 
     def __call__(self, client: bytes, frame: bytes, raw: Sequence[Any] = ()) -> None: ...
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class Tenant:
+    """A client as fair share counts it (clients.py says who a connection's client is): its
+    weight and priority cap from `[fairness]`, and its work in flight, kept by the Ledger."""
+
+    name: str
+    weight: int = 1  # jobs per turn of the round robin (core/queue.py)
+    max_priority: int = 0  # the highest level its jobs wait at between clients
+    in_flight: int = 0  # accepted, not yet answered
+    running: int = 0
+    completed: int = 0
+
+    @property
+    def waiting(self) -> int:
+        """Accepted and not running: queued, or sent ahead to a worker (what max_queue_per_client bounds)."""
+        return self.in_flight - self.running
+
+
+# The tenant of a job made without one (tests, tools): every such job shares it.
+UNNAMED = Tenant("")
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -102,8 +124,13 @@ class Job:
     origin: Any = None
     # Called at its first start, once (the request asked for a start notice: Ledger.started).
     on_start: Callable[[Job], None] | None = None
+    tenant: Tenant = UNNAMED  # whose share it counts against (core/queue.py)
+    priority: int = 0  # as requested (execute's `priority`): orders its client's own jobs
+    level: int = 0  # its priority as capped between clients, set when it is queued
 
     def start(self, now: float) -> None:
+        if self.state is not RUNNING:
+            self.tenant.running += 1
         self.state = RUNNING
         self.started_at = now
         self.deadline = now + self.timeout_s
@@ -130,6 +157,7 @@ class Ledger:
         if ids is None:
             ids = self.in_flight[job.client] = {}
         ids.setdefault(job.request_id, []).append(job)
+        job.tenant.in_flight += 1
 
     def find(self, client: bytes, request_id: Any) -> list[Job]:
         try:
@@ -171,11 +199,15 @@ class Ledger:
         whose client has gone ends here too, but sends nothing (`departed`)."""
         if job.state is ANSWERED:
             return False
+        if job.state is RUNNING:
+            job.tenant.running -= 1
         job.state = ANSWERED
         job.outcome = outcome
         ids = self.in_flight.get(job.client, {})
         jobs = ids.get(job.request_id)
         if jobs is not None and job in jobs:  # a job never accepted must not drop another's entry
+            job.tenant.in_flight -= 1
+            job.tenant.completed += 1
             if len(jobs) > 1:
                 jobs.remove(job)
             elif len(ids) > 1:
@@ -216,6 +248,8 @@ class Ledger:
             job.retries -= 1
             self.counters["retries"] += 1
             log.info("job %d: %s %s; retrying (%d retries left)", job.id, what, how, job.retries)
+            if job.state is RUNNING:
+                job.tenant.running -= 1
             job.state = QUEUED
             retry(job)
             return
@@ -276,84 +310,6 @@ def shown_state(phase: str, lane: Lane, killing: bool = False) -> str:
     if phase == "serving":
         return "busy" if lane.jobs else "idle"
     return phase
-
-
-class JobQueue:
-    """Jobs waiting for a worker, oldest first, kept per key (a module, a pipeline).
-
-    Per key, so that a job no free worker can take (its module is new in a reload the free
-    workers predate, its pipeline is pinned to a busy device) never blocks a job behind it that
-    a free worker can take. With one key, `take` is a popleft."""
-
-    def __init__(self) -> None:
-        self.by_key: dict[str, collections.deque[Job]] = {}
-        self.count = 0
-
-    def __len__(self) -> int:
-        return self.count
-
-    def push(self, job: Job, front: bool = False) -> None:
-        job.state = QUEUED
-        jobs = self.by_key.get(job.key)
-        if jobs is None:
-            jobs = self.by_key[job.key] = collections.deque()
-        if front:
-            jobs.appendleft(job)
-        else:
-            jobs.append(job)
-        self.count += 1
-
-    def take(self, accepts: Callable[[str], bool]) -> Job | None:
-        """The oldest job whose key `accepts` says yes to, removed from the queue."""
-        best: collections.deque[Job] | None = None
-        for key, jobs in self.by_key.items():
-            if (best is None or jobs[0].id < best[0].id) and accepts(key):
-                best = jobs
-        if best is None:
-            return None
-        job = best.popleft()
-        if not best:
-            del self.by_key[job.key]
-        self.count -= 1
-        return job
-
-    def remove(self, job: Job) -> bool:
-        jobs = self.by_key.get(job.key)
-        if jobs is None or job not in jobs:
-            return False
-        jobs.remove(job)
-        if not jobs:
-            del self.by_key[job.key]
-        self.count -= 1
-        return True
-
-    def remove_client(self, client: bytes) -> list[Job]:
-        """Every job of `client` waiting, removed in one pass (a remove each would scan the
-        queue once per job: a departed client with thousands queued stalled the loop)."""
-        removed: list[Job] = []
-        for key, jobs in list(self.by_key.items()):
-            kept = collections.deque(job for job in jobs if job.client != client)
-            if len(kept) == len(jobs):
-                continue
-            removed.extend(job for job in jobs if job.client == client)
-            if kept:
-                self.by_key[key] = kept
-            else:
-                del self.by_key[key]
-        self.count -= len(removed)
-        return removed
-
-    def waiting_keys(self) -> list[str]:
-        return list(self.by_key)
-
-    def pop_key(self, key: str) -> list[Job]:
-        jobs = self.by_key.pop(key, collections.deque())
-        self.count -= len(jobs)
-        return list(jobs)
-
-    def drain(self) -> Iterator[Job]:
-        while self.by_key:
-            yield from self.pop_key(next(iter(self.by_key)))
 
 
 # How a lane learns that its next job has started.

@@ -39,7 +39,8 @@ from workerctl import protocol
 from workerd.config import Config, gpu_worker_settings
 from workerd.core.backend import Services
 from workerd.core.fanout import gather
-from workerd.core.lifecycle import Job, JobQueue
+from workerd.core.lifecycle import Job
+from workerd.core.queue import JobQueue
 from workerd.gpu.handle import Callback, GpuWorker
 from workerd.pipelines.placement import Slot, WorkerView, known_slots, place, worker_slots
 
@@ -212,7 +213,7 @@ class GpuWorkers:
                 return
 
     def retry(self, job: Job) -> None:
-        self.queue.push(job, front=True)
+        self.queue.push(job)
 
     def hand_back(self, job: Job) -> None:
         if job.departed:  # its client has gone: it ends here, with no reply
@@ -220,7 +221,7 @@ class GpuWorkers:
         elif self.stopping:
             self.ledger.shut_out(job)
         else:
-            self.queue.push(job, front=True)
+            self.queue.push(job)
 
     def fail_stranded(self) -> None:
         """A worker could not be started: answer the runs that only refused workers could take
@@ -284,10 +285,10 @@ class GpuWorkers:
         counts: dict[int, int] = {}
         if self.counting:
             return counts
-        for key, jobs in self.queue.by_key.items():
+        for key, waiting in self.queue.keys.items():
             index = self.placement(key)
             if index is not None:
-                counts[index] = counts.get(index, 0) + len(jobs)
+                counts[index] = counts.get(index, 0) + waiting
         return counts
 
     def memory(self, callback: Callback) -> None:

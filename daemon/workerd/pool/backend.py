@@ -29,12 +29,21 @@ from workerd.config import Config
 from workerd.core.backend import Services, fate_once_answered
 from workerd.core.backoff import RESTART_FIRST_S, RESTART_MAX_S, Backoff
 from workerd.core.child import Child, frame_limit
-from workerd.core.lifecycle import ANSWERED, ASSIGNED, RUNNING, Job, JobQueue, Lane
+from workerd.core.lifecycle import ANSWERED, ASSIGNED, RUNNING, Job, Lane
 from workerd.core.processes import describe_exit
+from workerd.core.queue import JobQueue, passes
 from workerd.core.transport import Channel
 from workerd.pool.generations import Generations
 from workerd.pool.plan import plan_workers
-from workerd.pool.workers import Worker, collect_garbage, holder, idle_worker, slow, steal_deadline
+from workerd.pool.workers import (
+    Worker,
+    collect_garbage,
+    holder,
+    idle_worker,
+    running_since,
+    slow,
+    steal_deadline,
+)
 from workerd.pool.zygotes import ZygoteHandle
 
 log = logging.getLogger("workerd.pool")
@@ -218,7 +227,7 @@ class Pool:
         if job.key not in self.config.tasks.modules:
             self.refuse_removed(job, self.generations.generation)
         else:
-            self.queue.push(job, front=True)
+            self.queue.push(job)
 
     def refuse_removed(self, job: Job, generation: int) -> None:
         self.ledger.fail(
@@ -304,6 +313,25 @@ class Pool:
             return
         self.queue.push(job)
         self.dispatch()  # now, not at the end of the turn: the queue's bound counts what waits
+        if self.queue and self.queue.shared():
+            self.make_room(job)
+
+    def make_room(self, job: Job) -> None:
+        """Jobs sent ahead yield to one the fair order puts first (core/queue.py): a job of a
+        client with nothing sent ahead, or of a higher level, which otherwise would wait behind
+        every job prefetched before it came. The worker whose running job has run longest (the
+        likeliest to end first) gives back what it holds ahead, surely not started (withdraw),
+        and takes again in the fair order, so `job` waits for that running job only."""
+        held = [(w, w.lane.prefetched()) for w in self.workers.values() if w.serving]
+        if any(ahead.tenant is job.tenant and ahead.level >= job.level for _, jobs in held for ahead in jobs):
+            return  # its client's own jobs are sent ahead already: they keep their place
+        yielding = [(w, jobs) for w, jobs in held if jobs and any(passes(job, ahead) for ahead in jobs)]
+        if not yielding:
+            return
+        worker, jobs = min(yielding, key=lambda entry: running_since(entry[0]))
+        if self.withdraw(worker, jobs):
+            self.counters["prefetch_yielded"] += 1
+            self.dispatch()
 
     def unavailable(self) -> str:
         return (
@@ -451,3 +479,4 @@ class Pool:
         self.generations.close()
         for worker in self.workers.values():
             worker.child.close()
+

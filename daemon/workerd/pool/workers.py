@@ -7,6 +7,7 @@ handle, its generation and phase) and the pure questions the pool asks of its wo
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -54,6 +55,12 @@ def slow(worker: Worker, now: float) -> bool:
     """Has its running job run long enough that jobs sent ahead would wait behind it?"""
     job = worker.lane.running
     return job is not None and now - job.started_at >= STEAL_AFTER_S
+
+
+def running_since(worker: Worker) -> float:
+    """When its running job started (never, with none running)."""
+    running = worker.lane.running
+    return running.started_at if running is not None else math.inf
 
 
 def idle_worker(workers: Iterable[Worker]) -> bool:
