@@ -20,6 +20,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     )
 
 
+def client_row(c: dict[str, Any]) -> list[Any]:
+    share = f"{c['share']:.0%}"
+    return [c["client"], c.get("user") or "-", c["weight"], c["queued"], c["running"], c["completed"], share]
+
+
 def render_status(status: dict[str, Any]) -> str:
     pool = status.get("pool", {})
     queue = status.get("queue", {})
@@ -50,6 +55,12 @@ def render_status(status: dict[str, Any]) -> str:
     cluster = status.get("cluster")
     if cluster:
         lines.append(cluster_line(cluster))
+    clients = [c for c in status.get("clients") or [] if c.get("queued") or c.get("running")]
+    if clients:  # fair share (docs/operations.md): only those with work in flight
+        lines.append("clients")
+        headers = ["client", "user", "weight", "queued", "running", "done", "share"]
+        rows = [client_row(c) for c in clients]
+        lines.extend("  " + line for line in table(headers, rows).splitlines())
     lines.extend(render_metrics(status.get("metrics") or {}))
     counters = status.get("counters") or {}
     if counters:

@@ -133,6 +133,33 @@ def gpu_families(gpus: list[dict[str, Any]]) -> Iterator[Metric]:
     yield retained
 
 
+def client_families(clients: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Each client's work and share (`status` "clients"; clients.py): one series per client the
+    daemon knows, which is bounded (clients.CLIENTS_MAX)."""
+    jobs = GaugeMetricFamily(
+        "workerd_client_jobs",
+        "Requests of a client in flight, by state (queued or running)",
+        labels=["client", "state"],
+    )
+    completed = CounterMetricFamily(
+        "workerd_client_completed", "Requests of a client answered", labels=["client"]
+    )
+    share = GaugeMetricFamily(
+        "workerd_client_share",
+        "The part of the workers a client's weight gives it among clients with work in flight",
+        labels=["client"],
+    )
+    for client in clients:
+        name = client["client"]
+        jobs.add_metric([name, "queued"], client["queued"])
+        jobs.add_metric([name, "running"], client["running"])
+        completed.add_metric([name], client["completed"])
+        share.add_metric([name], client["share"])
+    yield jobs
+    yield completed
+    yield share
+
+
 def families(snapshot: dict[str, Any]) -> Iterator[Metric]:
     """Prometheus metric families from a scrape snapshot (see Commands.scrape)."""
     metrics = snapshot["metrics"]
@@ -180,6 +207,7 @@ def families(snapshot: dict[str, Any]) -> Iterator[Metric]:
     yield uss
 
     yield from gpu_families(snapshot.get("gpus") or [])
+    yield from client_families(snapshot.get("clients") or [])
     for name, help_text in CACHE_HELP.items():
         yield CounterMetricFamily(
             f"workerd_pipeline_cache_{name}", help_text, value=metrics["pipeline_cache"][name]

@@ -188,6 +188,7 @@ class Commands:
                     "queue": queues,
                     "workers": memory_result["workers"],
                     "gpus": [gpu for gpu in memory_result["gpus"] if "pipelines" in gpu],
+                    "clients": master.clients.status(),
                 }
             )
 

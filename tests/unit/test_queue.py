@@ -13,7 +13,9 @@ from workerd.core.lifecycle import ASSIGNED, QUEUED, Job, Tenant
 from workerd.core.queue import JobQueue, level_of
 
 
-def make_job(n: int, key: str = "m", tenant: Tenant | None = None, priority: int = 0, client: bytes = b"c") -> Job:
+def make_job(
+    n: int, key: str = "m", tenant: Tenant | None = None, priority: int = 0, client: bytes = b"c"
+) -> Job:
     job = Job(
         id=n,
         client=client,
@@ -154,7 +156,8 @@ def test_three_clients_share_equally_whatever_they_queued() -> None:
 
 def test_a_client_whose_jobs_no_worker_takes_keeps_its_place() -> None:
     a, b = Tenant("a"), Tenant("b")
-    queue = queue_of(make_job(1, key="m", tenant=a), make_job(2, key="n", tenant=b), make_job(3, key="n", tenant=b))
+    queue = queue_of(make_job(1, key="m", tenant=a), make_job(2, key="n", tenant=b))
+    queue.push(make_job(3, key="n", tenant=b))
     assert queue.take(lambda key: key == "n").id == 2  # a's jobs are all for "m": b goes
     assert queue.take(anything).id == 1  # a kept its place at the front of the ring
     assert queue.take(anything).id == 3
@@ -165,7 +168,8 @@ def test_a_client_whose_jobs_no_worker_takes_keeps_its_place() -> None:
 
 def test_within_a_client_a_higher_priority_goes_first_even_above_its_cap() -> None:
     a = Tenant("a", max_priority=0)
-    low, high, mid = make_job(1, tenant=a, priority=-3), make_job(2, tenant=a, priority=9), make_job(3, tenant=a)
+    low, high = make_job(1, tenant=a, priority=-3), make_job(2, tenant=a, priority=9)
+    mid = make_job(3, tenant=a)
     queue = queue_of(low, high, mid)
     assert [level_of(job) for job in (low, high, mid)] == [-3, 0, 0]
     assert take_all(queue) == [high, mid, low]

@@ -31,7 +31,7 @@ from workerd.core.backoff import RESTART_FIRST_S, RESTART_MAX_S, Backoff
 from workerd.core.child import Child, frame_limit
 from workerd.core.lifecycle import ANSWERED, ASSIGNED, RUNNING, Job, Lane
 from workerd.core.processes import describe_exit
-from workerd.core.queue import JobQueue, passes
+from workerd.core.queue import JobQueue
 from workerd.core.transport import Channel
 from workerd.pool.generations import Generations
 from workerd.pool.plan import plan_workers
@@ -40,7 +40,8 @@ from workerd.pool.workers import (
     collect_garbage,
     holder,
     idle_worker,
-    running_since,
+    passed_in_its_lane,
+    room_for,
     slow,
     steal_deadline,
 )
@@ -313,25 +314,25 @@ class Pool:
             return
         self.queue.push(job)
         self.dispatch()  # now, not at the end of the turn: the queue's bound counts what waits
-        if self.queue and self.queue.shared():
-            self.make_room(job)
+        # Jobs sent ahead yield to one the fair order puts first (pool/workers.py, yielding).
+        if job.state is ASSIGNED:
+            choice = passed_in_its_lane(self.workers.values(), job)
+        else:
+            choice = room_for(self.workers.values(), job, self.can_run) if self.queue.shared() else None
+        if choice is not None:
+            self.yield_ahead(job, *choice)
 
-    def make_room(self, job: Job) -> None:
-        """Jobs sent ahead yield to one the fair order puts first (core/queue.py): a job of a
-        client with nothing sent ahead, or of a higher level, which otherwise would wait behind
-        every job prefetched before it came. The worker whose running job has run longest (the
-        likeliest to end first) gives back what it holds ahead, surely not started (withdraw),
-        and takes again in the fair order, so `job` waits for that running job only."""
-        held = [(w, w.lane.prefetched()) for w in self.workers.values() if w.serving]
-        if any(ahead.tenant is job.tenant and ahead.level >= job.level for _, jobs in held for ahead in jobs):
-            return  # its client's own jobs are sent ahead already: they keep their place
-        yielding = [(w, jobs) for w, jobs in held if jobs and any(passes(job, ahead) for ahead in jobs)]
-        if not yielding:
+    def yield_ahead(self, job: Job, worker: Worker, jobs: list[Job]) -> None:
+        """`worker` gives back `jobs` it holds ahead (those surely not started: withdraw), and
+        takes again in the fair order, `job` first."""
+        if not self.withdraw(worker, jobs):
             return
-        worker, jobs = min(yielding, key=lambda entry: running_since(entry[0]))
-        if self.withdraw(worker, jobs):
-            self.counters["prefetch_yielded"] += 1
-            self.dispatch()
+        self.counters["prefetch_yielded"] += 1
+        if self.queue.remove(job):  # still queued (what withdraw read did not dispatch it)
+            # Given to it here, not by dispatch, which sends nothing ahead to a worker whose
+            # job has run past STEAL_AFTER_S: the one that gave back is often that worker.
+            self.place(worker, job, time.monotonic())
+        self.dispatch()
 
     def unavailable(self) -> str:
         return (
@@ -356,10 +357,17 @@ class Pool:
                 job = self.queue.take(zygote.modules.__contains__)
                 if job is None:
                     continue
-                worker.lane.add(job, now)
-                worker.child.send([messages.RUN, b"%d" % job.id, job.body, *job.raw])
+                self.place(worker, job, now)
                 if not self.queue:
                     return
+
+    def can_run(self, worker: Worker, job: Job) -> bool:
+        zygote = self.generations.zygotes.get(worker.generation)
+        return worker.serving and zygote is not None and job.key in zygote.modules
+
+    def place(self, worker: Worker, job: Job, now: float) -> None:
+        worker.lane.add(job, now)
+        worker.child.send([messages.RUN, b"%d" % job.id, job.body, *job.raw])
 
     def steal(self, now: float) -> None:
         """Jobs held ahead by a worker stuck in a long job go back to the queue, for the idle

@@ -15,6 +15,7 @@ from workerd import messages
 from workerd.core.child import Child
 from workerd.core.fanout import gather
 from workerd.core.lifecycle import Job, Lane, shown_state
+from workerd.core.queue import passes
 
 # A worker whose running job has run this long is sent no job ahead, and the jobs it holds
 # ahead go to an idle worker. Prefetch pays for short tasks, where the master's round trip
@@ -57,12 +58,6 @@ def slow(worker: Worker, now: float) -> bool:
     return job is not None and now - job.started_at >= STEAL_AFTER_S
 
 
-def running_since(worker: Worker) -> float:
-    """When its running job started (never, with none running)."""
-    running = worker.lane.running
-    return running.started_at if running is not None else math.inf
-
-
 def idle_worker(workers: Iterable[Worker]) -> bool:
     return any(w.serving and not w.lane.jobs for w in workers)
 
@@ -78,6 +73,43 @@ def steal_deadline(workers: Iterable[Worker]) -> float:
         if w.serving and len(w.lane) > 1 and w.lane.running is not None
     ]
     return min(times, default=float("inf"))
+
+
+# -- yielding: what is sent ahead gives way to a job the fair order puts first -------------------
+#
+# A job sent ahead to a worker (prefetched) is out of the queue's sight: a client that comes
+# after a flood would wait behind every job prefetched before it came (4 per worker by default).
+# So a new job that the queue's order puts first (core/queue.passes: another client's, or a
+# higher level's) takes the place of such jobs, which go back to the queue; it then waits for
+# one running job only. With one client and no priorities nothing passes, and nothing yields.
+
+
+def passed_in_its_lane(workers: Iterable[Worker], job: Job) -> tuple[Worker, list[Job]] | None:
+    """`job` went to the last free place of a worker: the jobs ahead of it there that it passes."""
+    worker = next((w for w in workers if w.lane.jobs and w.lane.jobs[-1] is job), None)
+    if worker is None or len(worker.lane) <= 2:
+        return None
+    ahead = [other for other in worker.lane.prefetched() if other is not job and passes(job, other)]
+    return (worker, ahead) if ahead else None
+
+
+def room_for(
+    workers: Iterable[Worker], job: Job, can_run: Callable[[Worker, Job], bool]
+) -> tuple[Worker, list[Job]] | None:
+    """`job` waits in the queue with every place taken: the worker to give back all it holds
+    ahead, the one whose running job has run longest (the likeliest to end first); none if its
+    client's own jobs are sent ahead already (they keep their place)."""
+    held = [(w, w.lane.prefetched()) for w in workers if can_run(w, job)]
+    if any(ahead.tenant is job.tenant and ahead.level >= job.level for _, jobs in held for ahead in jobs):
+        return None
+    yielding = [(w, jobs) for w, jobs in held if jobs and any(passes(job, ahead) for ahead in jobs)]
+    return min(yielding, key=lambda entry: running_since(entry[0]), default=None)
+
+
+def running_since(worker: Worker) -> float:
+    """When its running job started (never, with none running)."""
+    running = worker.lane.running
+    return running.started_at if running is not None else math.inf
 
 
 def holder(workers: Iterable[Worker], job: Job) -> Worker | None:
