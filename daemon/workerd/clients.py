@@ -35,16 +35,15 @@ UNKNOWN = "unknown"
 def unit_of(cgroup_text: str) -> str:
     """The systemd unit in a /proc/PID/cgroup text: the innermost one of its cgroup path
     ("0::/system.slice/ingest.service" -> "ingest.service"), or "" outside any (a slice only,
-    or a container's root)."""
-    path = ""
+    or a container's root). Where systemd keeps a hierarchy of its own (cgroup v1, or the hybrid
+    layout) that one says; on a unified (v2) system, the one path there is."""
+    paths = {}
     for line in cgroup_text.splitlines():
         hierarchy, _, rest = line.partition(":")
         controllers, _, where = rest.partition(":")
-        if hierarchy == "0" and controllers == "":  # the unified (v2) hierarchy
-            path = where
-            break
-        if controllers == "name=systemd":  # v1: systemd's own hierarchy
-            path = where
+        if controllers == "name=systemd" or (hierarchy == "0" and controllers == ""):
+            paths[controllers] = where
+    path = paths.get("name=systemd", paths.get("", ""))
     for part in reversed(path.split("/")):
         if part.endswith((".service", ".scope")):
             return part

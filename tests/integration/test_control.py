@@ -220,6 +220,7 @@ def test_workerctl_usage_errors(daemon: Daemon) -> None:
         (["run", "m:f", "--task-timeout", "inf"], "--task-timeout", "must be a positive number of seconds"),
         (["run", "m:f", "--retries", "11"], "--retries", "must be an integer from 0 to 10, got '11'"),
         (["run", "m:f", "--retries", "x"], "--retries", "must be an integer from 0 to 10"),
+        (["run", "m:f", "--priority", "10"], "--priority", "must be an integer from -9 to 9, got '10'"),
         (["scale", "0"], "N", "must be an integer from 1 to 1024, got '0'"),
         (["scale", "1025"], "N", "must be an integer from 1 to 1024"),
         (["run", "m:f", "--chunksize", "10001"], "--chunksize", "must be an integer from 1 to 10000"),

@@ -28,6 +28,7 @@ import pytest
 
 from tests.conftest import Daemon, wait_until
 from tests.reliability.harness import report
+from workerctl import errors
 
 pytestmark = pytest.mark.skipif(
     os.getuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv to act as other users"
@@ -64,6 +65,7 @@ path = ["{tasks}"]
 enabled = "false"
 
 [fairness]
+identity = "{identity}"
 weights = {{{weights}}}
 max_priority = {{{caps}}}
 """
@@ -108,7 +110,8 @@ class Fair:
 
     def __init__(self, start: Callable[..., Daemon], directory: Path, **settings: Any) -> None:
         (directory / "fairtasks.py").write_text(TASKS)
-        options = {"stop": 10, "workers": 1, "prefetch": 0, "per_client": 0, "weights": "", "caps": ""}
+        options = {"stop": 10, "workers": 1, "prefetch": 0, "per_client": 0, "identity": "uid"}
+        options |= {"weights": "", "caps": ""}
         options.update(settings)
         self.sockets = tempfile.mkdtemp(prefix="workerd-fair-")
         os.chmod(self.sockets, 0o755)  # the socket's own mode (0660, group root) admits our clients
@@ -116,8 +119,11 @@ class Fair:
         self.daemon = start(config=config, socket=os.path.join(self.sockets, "workerd.sock"))
         self.clients: list[subprocess.Popen[str]] = []
 
-    def client(self, uid: int, requests: list[tuple[Any, ...]], **spec: Any) -> subprocess.Popen[str]:
-        """Start a client as `uid` sending (id, tag, seconds, priority) requests."""
+    def client(
+        self, uid: int, requests: list[tuple[Any, ...]], cgroup: Path | None = None, **spec: Any
+    ) -> subprocess.Popen[str]:
+        """Start a client as `uid` sending (id, tag, seconds, priority) requests; in `cgroup`
+        (of systemd's hierarchy) if given, moved there before it drops root."""
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), REPO])),
@@ -125,6 +131,8 @@ class Fair:
             "HOME": "/",
         }
         command = ["setpriv", f"--reuid={uid}", "--regid=0", "--clear-groups", sys.executable, "-c", CLIENT]
+        if cgroup is not None:
+            command = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh", *command]
         spec = {"requests": requests, **spec}
         arguments = [*command, self.daemon.socket, json.dumps(spec)]
         process = subprocess.Popen(arguments, stdout=subprocess.PIPE, text=True, env=env, cwd="/")
@@ -243,6 +251,38 @@ def test_a_client_past_its_own_limit_is_busy_while_others_get_in(fair: Callable[
     assert f"uid:{ALICE}" in busy[0]["message"] and "max_queue_per_client" in busy[0]["message"]
     assert answered_bob["1"]["result"]["tag"] == "b"
     assert sum(1 for entry in answered.values() if "tag" in entry["result"]) == 4
+    with setup.daemon.client() as client:  # execute's priority: an integer from -9 to 9
+        for bad in (10, -10, True, 1.5):
+            with pytest.raises(errors.BadRequest, match="'priority' must be an integer from -9 to 9"):
+                client.request("execute", name="fairtasks:stamp", args=["x"], kwargs={}, priority=bad)
+
+
+@pytest.mark.skipif(
+    not os.access("/sys/fs/cgroup/systemd", os.W_OK), reason="needs systemd's cgroup hierarchy, writable"
+)
+def test_with_identity_unit_a_client_is_its_systemd_unit(fair: Callable[..., Fair]) -> None:
+    """Two processes of one user, each in a unit of its own (a cgroup made for the test in
+    systemd's hierarchy): two clients, named and weighted by unit."""
+    units = [f"wdfair{os.getpid()}-{n}.service" for n in (1, 2)]
+    slice_dir = Path(f"/sys/fs/cgroup/systemd/wdfair{os.getpid()}.slice")
+    for unit in units:
+        (slice_dir / unit).mkdir(parents=True)
+    try:
+        setup = fair(identity="unit", weights=f'"unit:{units[0]}" = 4')
+        blocker = setup.client(ALICE, [("hold", "hold", 0.5, 0)])
+        wait_until(lambda: setup.clients_status().get(f"uid:{ALICE}", {}).get("running"))
+        first = setup.client(ALICE, [(1, "u1", 0.0, 0)], cgroup=slice_dir / units[0])
+        second = setup.client(ALICE, [(1, "u2", 0.0, 0)], cgroup=slice_dir / units[1])
+        wait_until(lambda: all(f"unit:{unit}" in setup.clients_status() for unit in units))
+        shown = setup.clients_status()
+        assert [shown[f"unit:{unit}"]["weight"] for unit in units] == [4, 1]
+        assert shown[f"unit:{units[0]}"]["user"] is None  # uid 40101 has no passwd entry
+        for process in (first, second, blocker):
+            results(process)
+    finally:
+        for unit in units:
+            (slice_dir / unit).rmdir()
+        slice_dir.rmdir()
 
 
 @pytest.mark.parametrize("event", ["reload", "stop"])
