@@ -87,15 +87,16 @@ def test_shipped_config_file_parses_and_matches_the_embedded_default() -> None:
     cfg = config.load(str(shipped))
     default = config.load(None)
     assert cfg.metrics.listen == ""
-    assert (cfg.daemon, cfg.pool, cfg.tasks, cfg.gpu, cfg.pipelines, cfg.access, cfg.metrics) == (
+    assert (cfg.daemon, cfg.pool, cfg.tasks, cfg.gpu, cfg.pipelines, cfg.access, cfg.fairness) == (
         default.daemon,
         default.pool,
         default.tasks,
         default.gpu,
         default.pipelines,
         default.access,
-        default.metrics,
+        default.fairness,
     )
+    assert cfg.metrics == default.metrics
 
 
 @pytest.mark.parametrize(
