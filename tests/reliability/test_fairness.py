@@ -41,9 +41,13 @@ TASKS = '''
 import time
 
 
-def stamp(tag: str, seconds: float = 0.0) -> dict:
-    """When a worker started this call (one monotonic clock for every process)."""
+def stamp(tag: str, seconds: float = 0.0, log: str = "") -> dict:
+    """When a worker started this call (one monotonic clock for every process); each run is
+    written to `log` too, if given (a job that ran twice shows there, whatever was replied)."""
     start = time.monotonic()
+    if log:
+        with open(log, "a") as runs:
+            print(tag, file=runs)
     time.sleep(seconds)
     return {"tag": tag, "start": start}
 '''
@@ -81,7 +85,7 @@ CLIENT = textwrap.dedent(
     counters = [Counter(path) for _ in range(spec.get("connections", 1))]
     sent = {}
     for n, (key, tag, seconds, priority) in enumerate(spec["requests"]):
-        fields = {"name": "fairtasks:stamp", "args": [tag, seconds], "kwargs": {}}
+        fields = {"name": "fairtasks:stamp", "args": [tag, seconds, spec.get("log", "")], "kwargs": {}}
         if priority:
             fields["priority"] = priority
         sent[key] = time.monotonic()
@@ -187,13 +191,16 @@ def test_a_trickle_waits_for_one_running_task_not_behind_a_flood(fair: Callable[
     """2 workers holding 4 jobs ahead each (the default prefetch): a flood of 50 ms tasks, and
     another client's request every 100 ms. FIFO would make each wait for the whole flood."""
     setup = fair(workers=2, prefetch=4)
-    flood = setup.client(ALICE, [(n, f"a{n}", 0.05, 0) for n in range(100)], timeout_s=60)
+    log = str(setup.daemon.directory / "runs.log")  # written by the workers (the daemon's user)
+    flood = setup.client(ALICE, [(n, f"a{n}", 0.05, 0) for n in range(100)], timeout_s=60, log=log)
     setup.wait_queued(f"uid:{ALICE}", 60)
-    trickle = setup.client(BOB, [(n, f"b{n}", 0.0, 0) for n in range(6)], gap_s=0.1)
+    trickle = setup.client(BOB, [(n, f"b{n}", 0.0, 0) for n in range(6)], gap_s=0.1, log=log)
     bob = results(trickle)
     waits = sorted(entry["result"]["start"] - entry["sent"] for entry in bob.values())
     alice = results(flood)
     assert len(alice) == 100 and all(entry["result"]["tag"].startswith("a") for entry in alice.values())
+    runs = Path(log).read_text().split()
+    assert len(runs) == len(set(runs)) == 106, sorted(tag for tag in set(runs) if runs.count(tag) > 1)
     report("trickle_beside_flood", bob_waits_ms=[round(w * 1000) for w in waits])
     # One 50 ms task to wait for at most (plus a loaded machine's slack); behind the flood each
     # would have waited seconds (60+ queued x 50 ms / 2 workers).

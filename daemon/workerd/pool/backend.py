@@ -161,6 +161,7 @@ class Pool:
     def worker_message(self, worker: Worker, frames: list[Any], now: float) -> None:
         kind = frames[0]
         if kind == messages.DONE:
+            worker.dropping.pop(int(frames[1]), None)
             job = worker.lane.done(int(frames[1]), now)
             if job is not None:
                 worker.tasks_done += 1
@@ -171,6 +172,8 @@ class Pool:
                 self.ledger.item(job, frames[2], frames[3:])
         elif kind == messages.DROPPED:
             for job_id in protocol.unpack(frames[1]):
+                if worker.dropping.pop(job_id, False):
+                    continue  # handed back when the drop was sent: in the lane now, it was sent again
                 job = worker.lane.find(job_id)
                 if job is not None and job.state is not ANSWERED:
                     worker.lane.remove(job, now)
@@ -261,11 +264,16 @@ class Pool:
             worker.child.read()  # a result on its way may settle what the caller decides
             return []
         worker.child.send([messages.DROP, protocol.pack([job.id for job in jobs])])
+        for job in jobs:
+            worker.dropping[job.id] = False
         if not worker.child.flush():
             return []  # not all written yet: the worker's "dropped" settles them
         worker.child.read()
         surely = [job for job in jobs if job.state is ASSIGNED and job in worker.lane.jobs]
         for job in surely:
+            # Its "dropped" will come, perhaps once the job is back in this worker's lane, sent
+            # again: that one is a new copy, and the worker runs it (it read the drop first).
+            worker.dropping[job.id] = True
             worker.lane.remove(job, time.monotonic())
             self.hand_back(job)
         return surely

@@ -32,6 +32,9 @@ class Worker:
     child: Child
     phase: str = "starting"  # starting | serving | stopping | gone
     tasks_done: int = 0
+    # Jobs a drop was sent for whose answer has not come (DROPPED, or DONE if it had started):
+    # True once handed back (pool.withdraw), so a late "dropped" leaves a copy sent again alone.
+    dropping: dict[int, bool] = dataclasses.field(default_factory=dict)
 
     @property
     def lane(self) -> Lane:
