@@ -39,10 +39,14 @@ def slow(marker, seconds):
 # Sends `count` requests (the first runs RUN_S, the rest would wait QUEUED_S each), says so,
 # and waits to be killed. One Client, one connection: the daemon sees one client.
 CLIENT = """\
+import signal
 import sys
 import time
 
 from workerctl import Client
+
+# A client as a terminal starts it: a runner under nohup would have it ignore SIGHUP.
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 socket, marker, count, die = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
 client = Client(socket, timeout=60)
