@@ -34,7 +34,20 @@ def workerctl(*args: str, user: str | None = None) -> subprocess.CompletedProces
 
 
 def start_workerctl(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([*WORKERCTL, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """workerctl as a terminal starts it: a test runner started in the background (SIGINT
+    ignored) or under nohup (SIGHUP ignored) must not make it ignore the signals sent to it."""
+    return subprocess.Popen(
+        [*WORKERCTL, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_signals,
+    )
+
+
+def default_signals() -> None:
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def status(daemon: Daemon) -> dict[str, Any]:
