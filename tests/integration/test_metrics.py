@@ -161,7 +161,8 @@ def test_pipeline_cache_and_gpu_memory(start_daemon: Callable[..., Daemon], tmp_
         samples = scrape(url)
         metrics = client.status()["metrics"]
     assert metrics["pipeline_cache"] == {
-        "hits": 1, "misses": 2, "wakes": 0, "parks": 0, "evictions": 1, "leak_reloads": 0
+        "hits": 1, "misses": 2, "wakes": 0, "parks": 0, "evictions": 1, "leak_reloads": 0,
+        "batch_reruns": 0,
     }  # fmt: skip
     assert sample(samples, "workerd_pipeline_cache_hits_total") == 1
     assert sample(samples, "workerd_pipeline_cache_misses_total") == 2

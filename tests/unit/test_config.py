@@ -55,6 +55,10 @@ def test_embedded_default_serves_the_examples() -> None:
             "[pipelines.x] devices: device 2 is not in [gpu] devices [0, 1]",
         ),
         ("[pipelines.x]\npath = '/p.py'\nbogus = 1\n", "[pipelines.x] unknown key 'bogus'"),
+        ("[pipelines.x]\npath = '/p.py'\nmax_batch = 0\n", "max_batch: expected an integer >= 1"),
+        ("[pipelines.x]\npath = '/p.py'\nmax_batch = 5000\n", "expected an integer from 1 to 1024"),
+        ("[pipelines.x]\npath = '/p.py'\nmax_batch = '8'\n", "[pipelines.x] max_batch"),
+        ("[pipelines.x]\npath = '/p.py'\nmax_wait_ms = -1\n", "max_wait_ms: expected a number >= 0"),
     ],
 )
 def test_errors_name_the_file_and_key(tmp_path: Path, text: str, fragment: str) -> None:
@@ -125,6 +129,7 @@ def test_host_tier_leak_watch_and_devices(tmp_path: Path) -> None:
     assert cfg.pipelines["y"].devices == () and config.load(None).gpu.devices is None
     settings = config.gpu_worker_settings(cfg, device="cuda:2")
     assert settings["device"] == "cuda:2" and settings["host_memory_budget_mb"] == 2048
-    assert settings["pipelines"]["x"] == {"name": "x", "module": "", "path": "/p.py", "max_retained_mb": 50}
+    x = {"name": "x", "module": "", "path": "/p.py", "max_retained_mb": 50, "max_batch": 1}
+    assert settings["pipelines"]["x"] == x
     path.write_text("[gpu]\ndevices = 'all'\n[pipelines.x]\npath = '/p.py'\ndevices = [5]\n")
     assert config.load(str(path)).gpu.devices == "all"  # pins are checked at start, against the devices found

@@ -40,6 +40,7 @@ from workerd.config import Config, gpu_worker_settings
 from workerd.core.backend import Services
 from workerd.core.fanout import gather
 from workerd.core.lifecycle import Job, JobQueue
+from workerd.gpu import batches
 from workerd.gpu.handle import Callback, GpuWorker
 from workerd.pipelines.placement import Slot, WorkerView, known_slots, place, worker_slots
 
@@ -54,6 +55,7 @@ class GpuWorkers:
         self.ledger, self.reactor, self.counters, self.stack_dir = services
         self.queue = JobQueue()
         self.stopping = False
+        self.wake_at = math.inf  # when a batch held for max_wait_ms is due
         self.failure: str | None = None  # why no pipeline can run: [gpu] devices does not fit the machine
         # The devices are laid out once: [gpu] devices (and device, with it) change on restart.
         self.layout = (config.gpu.device, config.gpu.devices)
@@ -192,24 +194,42 @@ class GpuWorkers:
                     self.ledger.fail(job, protocol.UNKNOWN_TASK, self.unplaceable(key))
 
     def dispatch(self) -> None:
-        """Each free worker takes the oldest run placed on it. Placed once per waiting pipeline
+        """Each free worker takes the oldest run placed on it, with the runs of its pipeline
+        that wait behind it up to max_batch (gpu/batches.py). Placed once per waiting pipeline
         and pass (a handful of comparisons per device), again after each run handed over, since
         that changes where the next one goes."""
+        self.wake_at = math.inf
         if not self.queue or self.counting:
             return
+        now = time.monotonic()
         free = [worker for worker in self.workers if worker.can_take()]
         while free and self.queue:
             views = [worker.view() for worker in self.serving()]
             where = {key: self.placement(key, views) for key in self.queue.waiting_keys()}
             for worker in free:
-                mine = {key for key, index in where.items() if index == worker.index}
+                placed = [key for key, index in where.items() if index == worker.index]
+                mine = {key for key in placed if not self.held(key, worker, now)}
                 job = self.queue.take(mine.__contains__) if mine else None
                 if job is not None:
-                    worker.run(job)
+                    self.run(worker, job)
                     free.remove(worker)
                     break
             else:
                 return
+
+    def run(self, worker: GpuWorker, job: Job) -> None:
+        pipeline = self.config.pipelines.get(job.key)
+        max_batch = pipeline.max_batch if pipeline is not None else 1
+        jobs = batches.take_batch(self.queue, job, max_batch)
+        self.ledger.metrics.batched(job.key, len(jobs))
+        worker.run(jobs, batched=max_batch > 1)
+
+    def held(self, key: str, worker: GpuWorker, now: float) -> bool:
+        """Does idle `worker` wait for a fuller batch of `key` ([pipelines.NAME] max_wait_ms)?"""
+        waiting = batches.waiting_runs(self.queue, key)
+        due = batches.hold_until(self.config.pipelines.get(key), waiting, worker.idle_since, now)
+        self.wake_at = min(self.wake_at, due or math.inf)
+        return due > 0
 
     def retry(self, job: Job) -> None:
         self.queue.push(job, front=True)
@@ -245,7 +265,7 @@ class GpuWorkers:
         return "unknown"
 
     def next_deadline(self) -> float:
-        return min((worker.next_deadline() for worker in self.workers), default=math.inf)
+        return min([self.wake_at, *(worker.next_deadline() for worker in self.workers)])
 
     def tick(self) -> None:
         now = time.monotonic()
@@ -265,6 +285,7 @@ class GpuWorkers:
                 "state": w.state,
                 "pid": w.pid,
                 "queue": per_device.get(w.index, 0),
+                "batch": len(w.lane),  # the runs it runs together now (0: none)
                 "cached": list(w.cached),
                 "parked": list(w.parked),
             }
@@ -273,7 +294,7 @@ class GpuWorkers:
         first = gpus[0] if gpus else {"state": "stopped", "pid": None, "device": None, "cached": []}
         gpu = {
             "enabled": self.enabled,
-            **{key: first[key] for key in ("state", "pid", "device", "cached")},
+            **{key: first.get(key) for key in ("state", "pid", "device", "cached", "batch")},
             "queue": len(self.queue),
             "error": self.failure,
         }
