@@ -49,7 +49,8 @@ def run_batch(model: torch.nn.Module, inputs: list[dict[str, Any]]) -> list[dict
     if bad:
         raise ValueError(f"bad input: seed {bad[0]}")
     with torch.inference_mode():
-        out = model(torch.stack([vector(int(given.get("seed", 0))) for given in inputs]))
+        batch = torch.stack([vector(int(given.get("seed", 0))) for given in inputs])
+        out = model(batch.to(next(model.parameters()).device)).cpu()
     outputs = [
         {"seed": given.get("seed", 0), "sum": float(row.sum()), "position": i}
         for i, (given, row) in enumerate(zip(inputs, out, strict=True))
