@@ -362,13 +362,9 @@ def gpu_worker_settings(config: Config, device: str | None = None) -> dict[str, 
         "host_memory_budget_mb": gpu.host_memory_budget_mb,
         "retained_warn_mb": gpu.retained_warn_mb,
         "pipelines": {
-            name: {
-                "name": p.name,
-                "module": p.module,
-                "path": p.path,
-                "max_retained_mb": p.max_retained_mb,
-                "max_batch": p.max_batch,
-            }
+            # Not max_batch: the master batches, and tells the worker with each batch (a reload
+            # that tunes it must not restart the workers, which would load every model again).
+            name: {"name": p.name, "module": p.module, "path": p.path, "max_retained_mb": p.max_retained_mb}
             for name, p in config.pipelines.items()
         },
     }

@@ -31,6 +31,7 @@ PIPELINES = {
     "mlp": {"max_batch": 4},
     "lone": {},  # max_batch 1: what keeps the worker busy, and the runs alone to compare with
     "waits": {"max_batch": 4, "max_wait_ms": 400},
+    "plain": {"module": '"workerd.examples.demo_pipeline"', "max_batch": 4},  # no run_batch
 }
 ids = itertools.count(1)
 
@@ -40,7 +41,7 @@ def batch_config(pipelines: dict[str, dict[str, Any]], *gpu_lines: str) -> str:
     lines += ["[gpu]", 'enabled = "auto"', 'device = "cpu"', "run_timeout_s = 30", 'start = "boot"']
     lines += gpu_lines
     for name, keys in pipelines.items():
-        lines += [f"[pipelines.{name}]", f'path = "{MLP}"']
+        lines += [f"[pipelines.{name}]", *([] if "module" in keys else [f'path = "{MLP}"'])]
         lines += [f"{key} = {value}" for key, value in keys.items()]
     return "\n".join(lines) + "\n"
 
@@ -83,6 +84,12 @@ class Batches:
         assert self.counter.tally.replies == self.counter.sent and not self.counter.tally.duplicates()
         return [self.counter.tally.results[key] for key in keys]
 
+    def __enter__(self) -> Batches:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.counter.close()
+
     def counters(self) -> dict[str, int]:
         with self.daemon.client() as client:
             return client.status()["counters"]  # type: ignore[no-any-return]
@@ -91,7 +98,7 @@ class Batches:
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     directory = tmp_path_factory.mktemp("batching")
-    daemon = Daemon(directory, batch_config(PIPELINES), [], {}, None)
+    daemon = Daemon(directory, batch_config(PIPELINES), [], {"WORKERD_DEMO_LOAD_S": "0"}, None)
     try:
         daemon.wait_ready()
         with daemon.client() as client:
@@ -105,11 +112,8 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 def batches(shared: Daemon, tmp_path: Path) -> Iterator[Batches]:
     with shared.client() as client:  # a check before may have killed the worker: back, and idle
         wait_until(lambda: gpu_idle(client), timeout=60)
-    batches = Batches(shared, tmp_path)
-    try:
+    with Batches(shared, tmp_path) as batches:
         yield batches
-    finally:
-        batches.counter.close()
 
 
 def test_runs_that_queue_go_together_in_order_and_each_gets_its_own_output(batches: Batches) -> None:
@@ -174,6 +178,12 @@ def test_a_failing_input_fails_only_its_own_request(batches: Batches) -> None:
     assert batches.counters()["pipeline_batch_reruns"] == reruns + 4
 
 
+def test_max_batch_without_run_batch_answers_each_run_why(batches: Batches) -> None:
+    [error] = batches.replies(batches.send("plain", prompt="a cat"))
+    assert error["code"] == "UNKNOWN_TASK"
+    assert error["message"] == "pipeline 'plain' has max_batch = 4 but no run_batch(model, inputs) function"
+
+
 def test_a_timeout_inside_a_batch_kills_it_once_and_requeues_the_rest(batches: Batches) -> None:
     with batches.daemon.client() as client:
         pid = client.status()["gpus"][0]["pid"]
@@ -222,28 +232,28 @@ def test_reload_and_stop_wait_for_the_batch(start_daemon: Callable[..., Daemon],
     with daemon.client() as client:
         wait_until(lambda: gpu_idle(client), timeout=60)
         pid = client.status()["gpus"][0]["pid"]
-    batches = Batches(daemon, tmp_path)
-    busy = batches.occupy()
-    mark = batches.mark()
-    keys = [batches.send(seed=60, sleep=1.0, mark=str(mark))] + [batches.send(seed=s) for s in (61, 62)]
-    wait_until(mark.exists, timeout=30)
-    daemon.config_path.write_text(batch_config({**PIPELINES, "mlp": {"max_batch": 2}}))
-    with daemon.client() as client:
-        client.reload()
-    # The batch ran to its end on the worker it started on; the new max_batch came with a new one.
-    assert [r["batch"] for r in batches.replies(busy, *keys)[1:]] == [3, 3, 3]
-    with daemon.client() as client:
-        wait_until(lambda: client.status()["gpus"][0]["pid"] not in (pid, None) and gpu_idle(client), 60)
-    mark = batches.mark()
-    busy = batches.occupy()
-    keys = [batches.send(seed=70, sleep=1.0, mark=str(mark))] + [batches.send(seed=s) for s in (71, 72)]
-    wait_until(mark.exists, timeout=30)
-    os.kill(daemon.proc.pid, signal.SIGTERM)  # mid-batch: the batch finishes, what waits is refused
-    results = batches.replies(busy, *keys)[1:]
-    assert [r.get("batch") for r in results[:2]] == [2, 2]
-    assert results[2]["code"] == "SHUTTING_DOWN"
-    assert daemon.stop() == 0
-    batches.counter.close()
+    with Batches(daemon, tmp_path) as batches:
+        busy = batches.occupy()
+        mark = batches.mark()
+        keys = [batches.send(seed=60, sleep=1.0, mark=str(mark))] + [batches.send(seed=s) for s in (61, 62)]
+        wait_until(mark.exists, timeout=30)
+        daemon.config_path.write_text(batch_config({**PIPELINES, "mlp": {"max_batch": 2}}))
+        with daemon.client() as client:
+            client.reload()
+        # The batch ran to its end; the new max_batch holds from the next batch, on the same worker
+        # (tuning it loads no model again).
+        assert [r["batch"] for r in batches.replies(busy, *keys)[1:]] == [3, 3, 3]
+        mark = batches.mark()
+        busy = batches.occupy()
+        keys = [batches.send(seed=70, sleep=1.0, mark=str(mark))] + [batches.send(seed=s) for s in (71, 72)]
+        wait_until(mark.exists, timeout=30)
+        os.kill(daemon.proc.pid, signal.SIGTERM)  # mid-batch: the batch finishes, what waits is refused
+        results = batches.replies(busy, *keys)[1:]
+        assert [r.get("batch") for r in results[:2]] == [2, 2]
+        assert results[2]["code"] == "SHUTTING_DOWN"
+        assert daemon.stop() == 0
+        log = daemon.log_path.read_text()
+        assert f"GPU worker starting (pid {pid})" in log and log.count("GPU worker starting") == 1
 
 
 def test_one_worker_per_device_batches_on_its_own(
@@ -253,13 +263,12 @@ def test_one_worker_per_device_batches_on_its_own(
     daemon = start_daemon(config=batch_config(pinned, "devices = [0, 1]"))
     with daemon.client() as client:
         wait_until(lambda: [g["state"] for g in client.status()["gpus"]] == ["idle", "idle"], timeout=60)
-    batches = Batches(daemon, tmp_path)
-    mark = batches.mark()
-    busy = batches.send("a", sleep=0.5, mark=str(mark))
-    wait_until(mark.exists, timeout=30)
-    queued = [batches.send("a", seed=s) for s in range(3)]
-    other = batches.send("b", seed=9)  # device 1 is idle: it runs at once, alone
-    results = batches.replies(busy, *queued, other)
-    ran = [(r["device"], r["batch"]) for r in results]
-    assert ran == [("cpu:0", 1)] + [("cpu:0", 3)] * 3 + [("cpu:1", 1)]
-    batches.counter.close()
+    with Batches(daemon, tmp_path) as batches:
+        mark = batches.mark()
+        busy = batches.send("a", sleep=0.5, mark=str(mark))
+        wait_until(mark.exists, timeout=30)
+        queued = [batches.send("a", seed=s) for s in range(3)]
+        other = batches.send("b", seed=9)  # device 1 is idle: it runs at once, alone
+        results = batches.replies(busy, *queued, other)
+        ran = [(r["device"], r["batch"]) for r in results]
+        assert ran == [("cpu:0", 1)] + [("cpu:0", 3)] * 3 + [("cpu:1", 1)]

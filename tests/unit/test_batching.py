@@ -107,7 +107,7 @@ def test_an_oom_in_a_batch_retries_at_half_its_size_before_evicting(tmp_path: Pa
     cache = PipelineCache(configs, "cpu", 1000)
     cache.run("other", [], {})
     time.sleep(0.002)
-    outcomes, info = run_batch(cache, "wide", [{"n": n} for n in range(8)])
+    outcomes, info = run_batch(cache, "wide", [{"n": n} for n in range(8)], 8)
     assert [value for _, value in outcomes] == [n * 10 for n in range(8)]
     assert cache.entries["wide"].module.calls == [8, 4, 2, 2, 4, 2, 2]
     assert (info["batch"], info["reruns"], cache.counts["batch_reruns"]) == (8, 6, 6)

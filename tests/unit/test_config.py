@@ -129,7 +129,6 @@ def test_host_tier_leak_watch_and_devices(tmp_path: Path) -> None:
     assert cfg.pipelines["y"].devices == () and config.load(None).gpu.devices is None
     settings = config.gpu_worker_settings(cfg, device="cuda:2")
     assert settings["device"] == "cuda:2" and settings["host_memory_budget_mb"] == 2048
-    x = {"name": "x", "module": "", "path": "/p.py", "max_retained_mb": 50, "max_batch": 1}
-    assert settings["pipelines"]["x"] == x
+    assert settings["pipelines"]["x"] == {"name": "x", "module": "", "path": "/p.py", "max_retained_mb": 50}
     path.write_text("[gpu]\ndevices = 'all'\n[pipelines.x]\npath = '/p.py'\ndevices = [5]\n")
     assert config.load(str(path)).gpu.devices == "all"  # pins are checked at start, against the devices found

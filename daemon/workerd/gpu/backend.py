@@ -222,7 +222,7 @@ class GpuWorkers:
         max_batch = pipeline.max_batch if pipeline is not None else 1
         jobs = batches.take_batch(self.queue, job, max_batch)
         self.ledger.metrics.batched(job.key, len(jobs))
-        worker.run(jobs, batched=max_batch > 1)
+        worker.run(jobs, max_batch)
 
     def held(self, key: str, worker: GpuWorker, now: float) -> bool:
         """Does idle `worker` wait for a fuller batch of `key` ([pipelines.NAME] max_wait_ms)?"""

@@ -62,9 +62,12 @@ def hold_until(
     return due if due > now else 0.0
 
 
-def batch_message(jobs: list[Job]) -> list[Any]:
-    """[BATCH, msgpack([[job id, raw count], ...]), body, *raw, ...] (pipelines/batching.py)."""
-    frames: list[Any] = [messages.BATCH, protocol.pack([[job.id, len(job.raw)] for job in jobs])]
+def batch_message(jobs: list[Job], max_batch: int) -> list[Any]:
+    """[BATCH, msgpack({"max_batch", "runs": [[job id, raw count], ...]}), body, *raw, ...]
+    (pipelines/batching.py). max_batch goes with each batch, not in the worker's settings: a
+    reload that changes it restarts no worker (no model is loaded again)."""
+    layout = {"max_batch": max_batch, "runs": [[job.id, len(job.raw)] for job in jobs]}
+    frames: list[Any] = [messages.BATCH, protocol.pack(layout)]
     for job in jobs:
         frames += [job.body, *job.raw]
     return frames

@@ -314,14 +314,14 @@ class GpuWorker:
 
     # -- runs ----------------------------------------------------------------------------------
 
-    def run(self, jobs: list[Job], batched: bool) -> None:
-        """Hand it a run, or a batch of runs of one pipeline (`batched`: it has max_batch > 1,
-        and its runs go to run_batch() however many there are)."""
+    def run(self, jobs: list[Job], max_batch: int) -> None:
+        """Hand it a run, or a batch of runs of one pipeline (with max_batch > 1 its runs go to
+        run_batch(), however many there are)."""
         now = time.monotonic()
         for job in jobs:
             self.lane.add(job, now)
-        if batched:
-            self.child.send(batches.batch_message(jobs))
+        if max_batch > 1:
+            self.child.send(batches.batch_message(jobs, max_batch))
         else:
             (job,) = jobs
             self.child.send([messages.RUN, b"%d" % job.id, job.body, *job.raw])

@@ -11,7 +11,8 @@ Messages (GPU worker <-> master, on the socketpair the master spawned us with; k
 messages.py):
 
     master -> gpu   [RUN, job id, request body, *raw]
-                    [BATCH, msgpack([[job id, raw count], ...]), body, *raw, body, *raw, ...]
+                    [BATCH, msgpack({"max_batch", "runs": [[job id, raw count], ...]}),
+                            body, *raw, body, *raw, ...]
                                                           runs of one pipeline, run together
                     [RESTORE, msgpack([names])]          load these, in the background
                     [CLEAR, token, level]                 after the run in progress
@@ -127,9 +128,10 @@ class Runner(threading.Thread):
         """A batch (pipelines/batching.py): all of its runs start now, each is answered alone."""
         from workerd.pipelines.batching import run_requests, split_frames
 
-        runs = split_frames(frames)
+        max_batch, runs = split_frames(frames)
         self.send([START, *(job for job, _, _ in runs)])
-        for job, kind, reply in run_requests(self.cache, runs, self.max_message_bytes, {"device": self.name}):
+        where = {"device": self.name}
+        for job, kind, reply in run_requests(self.cache, runs, max_batch, self.max_message_bytes, where):
             self.send(self.done(job, kind, reply))
 
     def done(self, job: bytes, kind: bytes, frames: list[Any]) -> list[Any]:

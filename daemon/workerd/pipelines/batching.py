@@ -27,7 +27,7 @@ from typing import Any
 from workerctl import protocol
 from workerd import tasks
 from workerd.pipelines.cache import PipelineCache
-from workerd.pipelines.loading import PipelineError, failure
+from workerd.pipelines.loading import PipelineError, check_run_batch, failure
 
 Failure = tuple[str, str, dict[str, Any]]  # an error reply's code, message, details
 Outcome = tuple[bool, Any]  # (True, output) or (False, Failure)
@@ -37,15 +37,16 @@ class WrongCount(PipelineError):
     """run_batch returned another number of outputs than it was given inputs."""
 
 
-def split_frames(frames: list[Any]) -> list[tuple[bytes, bytes, list[Any]]]:
-    """[BATCH, msgpack([[job id, raw count], ...]), body, *raw, body, *raw, ...] -> (job id,
-    body, raw) per run (gpu/batches.batch_message packs it)."""
+def split_frames(frames: list[Any]) -> tuple[int, list[tuple[bytes, bytes, list[Any]]]]:
+    """[BATCH, msgpack({"max_batch", "runs": [[job id, raw count], ...]}), body, *raw, body, *raw,
+    ...] -> (the pipeline's max_batch, (job id, body, raw) per run); gpu/batches.batch_message
+    packs it."""
     layout = protocol.unpack(frames[1])
     runs, at = [], 2
-    for job_id, raw_count in layout:
+    for job_id, raw_count in layout["runs"]:
         runs.append((b"%d" % job_id, frames[at], frames[at + 1 : at + 1 + raw_count]))
         at += 1 + raw_count
-    return runs
+    return int(layout["max_batch"]), runs
 
 
 def run_split(call: Callable[[list[Any]], Sequence[Any]], inputs: list[Any]) -> tuple[list[Outcome], int]:
@@ -74,11 +75,12 @@ def run_split(call: Callable[[list[Any]], Sequence[Any]], inputs: list[Any]) -> 
 
 
 def run_batch(
-    cache: PipelineCache, name: str, inputs: list[dict[str, Any]]
+    cache: PipelineCache, name: str, inputs: list[dict[str, Any]], max_batch: int
 ) -> tuple[list[Outcome], dict[str, Any]]:
     """One run of pipeline `name` on `inputs`: each input's outcome, and what every reply says
     of the run (how it started, its seconds, "batch", "reruns")."""
     entry, info = cache.begin(name)
+    check_run_batch(name, entry.module, max_batch)
 
     def call(chunk: list[Any]) -> Sequence[Any]:
         # Only a single input evicts other pipelines on out-of-memory: a bigger chunk is split.
@@ -104,7 +106,11 @@ def checked(name: str, outputs: Any, count: int) -> Sequence[Any]:
 
 
 def run_requests(
-    cache: PipelineCache, runs: list[tuple[bytes, bytes, list[Any]]], limit: int, where: dict[str, Any]
+    cache: PipelineCache,
+    runs: list[tuple[bytes, bytes, list[Any]]],
+    max_batch: int,
+    limit: int,
+    where: dict[str, Any],
 ) -> list[tuple[bytes, bytes, list[Any]]]:
     """The requests of one batch, each answered: (job id, kind, [reply body, *raw frames])."""
     answered: dict[bytes, tuple[bytes, list[Any]]] = {}
@@ -122,7 +128,7 @@ def run_requests(
     if batched:
         try:
             inputs = [request.get("kwargs", {}) for _, request in batched]
-            outcomes, info = run_batch(cache, batched[0][1]["name"], inputs)
+            outcomes, info = run_batch(cache, batched[0][1]["name"], inputs, max_batch)
         except Exception as exc:  # the pipeline did not load: every request is told why
             outcomes, info = [(False, failure(exc))] * len(batched), {}
         for (job, request), outcome in zip(batched, outcomes, strict=True):

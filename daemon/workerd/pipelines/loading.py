@@ -55,15 +55,19 @@ def import_pipeline(config: PipelineConfig, path: str) -> ModuleType:
             raise PipelineError(
                 protocol.UNKNOWN_TASK, f"pipeline {config.name!r} has no {function}() function"
             )
-    if config.max_batch > 1 and not callable(getattr(module, "run_batch", None)):
-        # Checked here, where the code is, since only here is it known: the master never imports
-        # a pipeline; `workerd --check-config` (importcheck.py) reports it with the key's name.
+    check_run_batch(config.name, module, config.max_batch)
+    return module
+
+
+def check_run_batch(name: str, module: ModuleType, max_batch: int) -> None:
+    """max_batch > 1 needs run_batch(). Checked where the code is, since only there is it known
+    (the master never imports a pipeline): by `workerd --check-config` (importcheck.py), which
+    names the key, and by the GPU worker when a batch comes (pipelines/batching.py)."""
+    if max_batch > 1 and not callable(getattr(module, "run_batch", None)):
         raise PipelineError(
             protocol.UNKNOWN_TASK,
-            f"pipeline {config.name!r} has max_batch = {config.max_batch} "
-            "but no run_batch(model, inputs) function",
+            f"pipeline {name!r} has max_batch = {max_batch} but no run_batch(model, inputs) function",
         )
-    return module
 
 
 def missing_module(name: str, module: str) -> PipelineError:
