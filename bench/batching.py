@@ -16,6 +16,7 @@ On CUDA the same script runs with --device cuda (bench/cuda_proof.sh).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -31,9 +32,27 @@ from workerctl import Client
 MLP = ROOT / "tests" / "integration" / "mlp_pipeline.py"
 SIZES = (1, 8, 32, 64)
 WINDOW = 64
-# The baseline's settings: TorchServe's two knobs. Its default max_batch_delay is 100 ms; 10 ms
-# is kinder to it at low load, and the same largest batch as ours.
-BASELINE_BATCH, BASELINE_DELAY_MS = 64, 10
+# The baselines: TorchServe's two knobs, batch_size as our largest, and max_batch_delay 10 ms
+# (its default is 100 ms: 10 is kinder to it at low load). The same loop with no delay is our
+# rule (take what waits when the worker is free) with the baseline's leaner path per request:
+# it tells the batching rule apart from what the rest of each path costs.
+BASELINE_BATCH = 64
+BASELINES = {
+    f"fixed delay (TorchServe-like: batch_size {BASELINE_BATCH}, max_batch_delay 10 ms)": 10,
+    "the same loop with no delay (workerd's rule)": 0,
+}
+
+
+def start_baseline(
+    stack: contextlib.ExitStack[None], directory: Path, delay_ms: int, device: str, env: dict[str, str]
+) -> str:
+    """Start bench/fixed_delay.py; its socket path."""
+    socket = str(directory / f"baseline-{delay_ms}.sock")
+    command = [sys.executable, str(Path(__file__).with_name("fixed_delay.py")), f"ipc://{socket}"]
+    process = subprocess.Popen([*command, str(BASELINE_BATCH), str(delay_ms), str(MLP), device], env=env)
+    stack.callback(process.wait, 10)
+    stack.callback(process.terminate)
+    return socket
 
 
 def config(device: str) -> str:
@@ -73,44 +92,41 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1024, help="per throughput measurement")
     parser.add_argument("--serial", type=int, default=200, help="requests per latency measurement")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--torch-threads", type=int, default=0, help="OMP_NUM_THREADS for the daemon and the baseline"
+    )
     parser.add_argument("--write", action="store_true", help="put the table in bench/RESULTS.md")
     args = parser.parse_args()
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    env = dict(os.environ)
+    if args.torch_threads:
+        env["OMP_NUM_THREADS"] = str(args.torch_threads)
     directory = Path(tempfile.mkdtemp(prefix="wbench-batching-"))
-    endpoint = f"ipc://{directory / 'baseline.sock'}"
-    baseline = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("fixed_delay.py")), endpoint,
-         str(BASELINE_BATCH), str(BASELINE_DELAY_MS), str(MLP), args.device]
-    )  # fmt: skip
     names = [f"mlp{size}" for size in SIZES]
-    rates: dict[str, list[float]] = {name: [] for name in [*names, "baseline"]}
+    rates: dict[str, list[float]] = {name: [] for name in [*names, *BASELINES]}
     p50: dict[str, list[float]] = {name: [] for name in rates}
     p99: dict[str, list[float]] = {name: [] for name in rates}
-    try:
-        with daemon(directory / "daemon", config(args.device), dict(os.environ)) as client, Client(
-            endpoint.removeprefix("ipc://"), timeout=600
-        ) as other:
-            for name in names:  # loaded, and torch's threads warm, before anything is timed
-                throughput(client, name, WINDOW * 2)
-            throughput(other, "baseline", WINDOW * 2)
-            for round_ in range(args.rounds):
-                for name in rates:
-                    target = other if name == "baseline" else client
-                    rates[name].append(throughput(target, name, args.requests))
-                    samples = latencies(target, name, args.serial)
-                    p50[name].append(percentile(samples, 50))
-                    p99[name].append(percentile(samples, 99))
-                print(f"round {round_ + 1}: " + ", ".join(f"{n} {rates[n][-1]:,.0f}/s" for n in rates))
-    finally:
-        baseline.terminate()
-        baseline.wait(10)
+    with contextlib.ExitStack() as stack:
+        # The baselines first: they are up by the time the daemon is.
+        device = args.device
+        sockets = {name: start_baseline(stack, directory, ms, device, env) for name, ms in BASELINES.items()}
+        ours = stack.enter_context(daemon(directory / "daemon", config(args.device), env))
+        clients = dict.fromkeys(names, ours)
+        for name, socket in sockets.items():
+            clients[name] = stack.enter_context(Client(socket, timeout=600))
+        for name, client in clients.items():  # loaded, and torch's threads warm, before timing
+            throughput(client, name, WINDOW * 2)
+        for round_ in range(args.rounds):
+            for name, client in clients.items():
+                rates[name].append(throughput(client, name, args.requests))
+                samples = latencies(client, name, args.serial)
+                p50[name].append(percentile(samples, 50))
+                p99[name].append(percentile(samples, 99))
+            print(f"round {round_ + 1}: " + ", ".join(f"{n} {rates[n][-1]:,.0f}/s" for n in rates))
     first = median(rates["mlp1"])
     rows = []
     for name in rates:
-        label = f"workerd, max_batch {name[3:]}" if name != "baseline" else (
-            f"fixed delay (TorchServe-like: batch_size {BASELINE_BATCH}, "
-            f"max_batch_delay {BASELINE_DELAY_MS} ms)"
-        )  # fmt: skip
+        label = f"workerd, max_batch {name[3:]}" if name in names else name
         rows.append([
             label,
             spread(rates[name]),
@@ -131,7 +147,8 @@ def main() -> None:
         f"throughput figure, {args.serial} per latency figure. Load average at the end: {load}.\n\n"
         + table(headers, rows)
     )
-    report("Batching", body, write=args.write, script="batching")
+    threads = f", OMP_NUM_THREADS={args.torch_threads}" if args.torch_threads else ""
+    report(f"Batching ({args.device}{threads})", body, write=args.write, script="batching")
 
 
 if __name__ == "__main__":
