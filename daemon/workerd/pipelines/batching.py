@@ -21,6 +21,7 @@ request of that call is answered TASK_ERROR, and nothing is split.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -81,6 +82,7 @@ def run_batch(
     of the run (how it started, its seconds, "batch", "reruns")."""
     entry, info = cache.begin(name)
     check_run_batch(name, entry.module, max_batch)
+    started = time.monotonic()
 
     def call(chunk: list[Any]) -> Sequence[Any]:
         # Only a single input evicts other pipelines on out-of-memory: a bigger chunk is split.
@@ -90,7 +92,7 @@ def run_batch(
 
     outcomes, reruns = run_split(call, inputs)
     cache.counts["batch_reruns"] += reruns
-    return outcomes, {**cache.end(entry, info, len(inputs)), "reruns": reruns}
+    return outcomes, {**cache.end(entry, info, len(inputs), started), "reruns": reruns}
 
 
 def checked(name: str, outputs: Any, count: int) -> Sequence[Any]:

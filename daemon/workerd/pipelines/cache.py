@@ -264,8 +264,9 @@ class PipelineCache:
 
     def run(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
         entry, info = self.begin(name)
+        started = time.monotonic()
         output = self.measure(entry, 1, lambda: entry.module.run(entry.obj, *args, **kwargs))
-        return {"output": output, **self.end(entry, info, 1)}
+        return {"output": output, **self.end(entry, info, 1, started)}
 
     def begin(self, name: str) -> tuple[Entry, dict[str, Any]]:
         """A run (of one request, or of a batch: batching.py) begins: its pipeline on the device,
@@ -275,7 +276,7 @@ class PipelineCache:
         if start != WOKEN:  # wakes are counted by wake()
             self.counts["hits" if start == WARM else "misses"] += 1
         start_s = time.monotonic() - started
-        info = {
+        return entry, {
             "pipeline": name,
             "sha256": entry.sha256,
             "start": start,
@@ -284,7 +285,6 @@ class PipelineCache:
             "load_s": start_s if start == COLD else 0.0,
             "device": self.device,
         }
-        return entry, {**info, "run_started": time.monotonic()}
 
     def measure(self, entry: Entry, size: int, step: Callable[[], Any], tries: int = 2) -> Any:
         """`step`, a call of the pipeline on `size` inputs, with room made for the peak measured
@@ -305,14 +305,14 @@ class PipelineCache:
             entry.record_peak(size, max(self.memory.peak() - base, 0))
         return output
 
-    def end(self, entry: Entry, info: dict[str, Any], size: int) -> dict[str, Any]:
-        """The run is over (a batch of `size` is one run, however many calls its splits took)."""
+    def end(self, entry: Entry, info: dict[str, Any], size: int, started: float) -> dict[str, Any]:
+        """The run begun at `started` is over (a batch of `size` is one run, however many calls
+        its splits took): what its reply says of it."""
         entry.batch_sizes[size] += 1
         entry.runs += 1
         entry.last_used = time.time()
         self.runs += 1
-        run_started = info.pop("run_started")
-        return {**info, "run_s": time.monotonic() - run_started, "batch": size}
+        return {**info, "run_s": time.monotonic() - started, "batch": size}
 
     # The leak watch, between runs.
 
