@@ -184,6 +184,13 @@ def test_max_batch_without_run_batch_answers_each_run_why(batches: Batches) -> N
     assert error["message"] == "pipeline 'plain' has max_batch = 4 but no run_batch(model, inputs) function"
 
 
+def test_a_batched_pipeline_takes_keyword_arguments_only(batches: Batches) -> None:
+    key = next(ids)
+    batches.counter.send(request(key, "execute", name="mlp", args=[3]))
+    [error] = batches.replies(key)
+    assert error["code"] == "BAD_REQUEST" and "pass keyword arguments, not args" in error["message"]
+
+
 def test_a_timeout_inside_a_batch_kills_it_once_and_requeues_the_rest(batches: Batches) -> None:
     with batches.daemon.client() as client:
         pid = client.status()["gpus"][0]["pid"]
