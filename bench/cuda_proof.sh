@@ -17,8 +17,10 @@
 #         tiers   bench/gpu.py --model-mb $MODEL_MB --parts tiers    -> bench-tiers.md  (210 s)
 #         suites  the GPU worker's suites with their unmarked tests,
 #                 which run on CUDA there ("auto" device)            -> pytest-cuda-suites.txt (90 s)
+#         batching  bench/batching.py --device cuda (issue 21)       -> bench-batching.md (120 s)
 #       and a one-line verdict per step in summary.txt. Each step runs under its time limit (in
-#       brackets; all five add up to 10 minutes, one device call); one that fails or times out
+#       brackets; the first five add up to 10 minutes, one device call; batching is a second
+#       call, or the first with STEPS named); one that fails or times out
 #       does not stop the others, and a second call can run the steps left, by name.
 #       MODEL_MB defaults to 6000.
 #
@@ -100,8 +102,11 @@ print(\"workerd\", workerd.__file__)'; free -g; nproc"
     tiers)
       step tiers 210 bench-tiers.md "$PY" bench/gpu.py --model-mb "$MODEL_MB" --parts tiers
       ;;
+    batching)
+      step batching 120 bench-batching.md "$PY" bench/batching.py --device cuda
+      ;;
     *)
-      echo "unknown step $name (steps: env marked suites warm tiers)" | tee -a "$SUMMARY"
+      echo "unknown step $name (steps: env marked suites warm tiers batching)" | tee -a "$SUMMARY"
       ;;
   esac
 done

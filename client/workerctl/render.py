@@ -51,7 +51,7 @@ def render_status(status: dict[str, Any]) -> str:
         lines.append(f"gpu     {len(each)} workers, {gpu.get('queue', 0)} waiting")
         lines.extend(f"  {g.get('device')}  {gpu_state(g)}" for g in each)
     elif gpu.get("enabled"):
-        lines.append(f"gpu     {gpu.get('state')} on {gpu.get('device') or '-'}, {gpu_state(gpu, 'state')}")
+        lines.append(f"gpu     {worker_state(gpu)} on {gpu.get('device') or '-'}, {gpu_state(gpu, 'state')}")
     cluster = status.get("cluster")
     if cluster:
         lines.append(cluster_line(cluster))
@@ -96,7 +96,7 @@ def cluster_line(cluster: dict[str, Any]) -> str:
 def gpu_state(gpu: dict[str, Any], *leave_out: str) -> str:
     """A GPU worker's line in `status`: state, pid, runs waiting, pipelines by tier."""
     parts = {
-        "state": str(gpu.get("state")),
+        "state": worker_state(gpu),
         "pid": f"pid {gpu.get('pid') or '-'}",
         "queue": f"{gpu.get('queue', 0)} waiting",
         "cached": f"cached: {', '.join(gpu.get('cached') or []) or '-'}",
@@ -104,6 +104,12 @@ def gpu_state(gpu: dict[str, Any], *leave_out: str) -> str:
     if gpu.get("parked"):
         parts["parked"] = f"parked: {', '.join(gpu['parked'])}"
     return ", ".join(text for key, text in parts.items() if key not in leave_out)
+
+
+def worker_state(gpu: dict[str, Any]) -> str:
+    """Its state, and the size of the batch it runs ("busy, batch of 8")."""
+    batch = gpu.get("batch") or 0
+    return f"{gpu.get('state')}, batch of {batch}" if batch > 1 else str(gpu.get("state"))
 
 
 def each_gpu(result: dict[str, Any]) -> list[dict[str, Any] | None]:

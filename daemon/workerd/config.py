@@ -101,6 +101,8 @@ ship_modules = false
 """
 
 EMBEDDED_SOURCE = "<embedded default>"
+# The largest batch a pipeline may ask for: one batch is one message to its GPU worker.
+MAX_BATCH = 1024
 PIPELINE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -164,6 +166,8 @@ class PipelineConfig:
     path: str = ""
     max_retained_mb: float = 0  # 0 = never reload for retained growth
     devices: tuple[int, ...] = ()  # () = any device
+    max_batch: int = 1  # > 1: queued runs go to its run_batch() together (gpu/batches.py)
+    max_wait_ms: float = 0  # how long an idle device may wait for a fuller batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,6 +339,8 @@ PIPELINE_KEYS: dict[str, Checker] = {
     "path": absolute_path,
     "max_retained_mb": number(0),
     "devices": device_indices,
+    "max_batch": integer(1, MAX_BATCH),
+    "max_wait_ms": number(0),
 }
 
 
@@ -390,6 +396,8 @@ def gpu_worker_settings(config: Config, device: str | None = None) -> dict[str, 
         "host_memory_budget_mb": gpu.host_memory_budget_mb,
         "retained_warn_mb": gpu.retained_warn_mb,
         "pipelines": {
+            # Not max_batch: the master batches, and tells the worker with each batch (a reload
+            # that tunes it must not restart the workers, which would load every model again).
             name: {"name": p.name, "module": p.module, "path": p.path, "max_retained_mb": p.max_retained_mb}
             for name, p in config.pipelines.items()
         },

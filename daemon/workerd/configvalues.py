@@ -36,10 +36,12 @@ class Principals:
 Checker = Callable[[Any], Any]
 
 
-def integer(minimum: int = 0) -> Checker:
+def integer(minimum: int = 0, maximum: int | None = None) -> Checker:
     def check(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"expected an integer >= {minimum}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"expected an integer from {minimum} to {maximum}")
         return value
 
     return check

@@ -95,6 +95,7 @@ CACHE_HELP = {  # one counter per key of metrics.CACHE_EVENTS
     "parks": "Pipelines moved to host memory to make room on the device",
     "evictions": "Pipelines dropped, from the device or host memory, to make room or after an out-of-memory",
     "leak_reloads": "Pipelines reloaded because their retained memory passed max_retained_mb",
+    "batch_reruns": "Calls of a pipeline's run_batch() again on half a batch, after it raised",
 }
 
 
@@ -159,6 +160,11 @@ def client_families(clients: list[dict[str, Any]]) -> Iterator[Metric]:
     yield completed
     yield share
 
+def buckets(histogram: dict[str, Any]) -> list[tuple[str, int]]:
+    """A metrics.Histogram snapshot's buckets as prometheus_client takes them."""
+    pairs = [(repr(float(bound)), count) for bound, count in histogram["buckets"]]
+    return [*pairs, ("+Inf", histogram["count"])]
+
 
 def families(snapshot: dict[str, Any]) -> Iterator[Metric]:
     """Prometheus metric families from a scrape snapshot (see Commands.scrape)."""
@@ -178,10 +184,17 @@ def families(snapshot: dict[str, Any]) -> Iterator[Metric]:
         labels=["command", "pool"],
     )
     for histogram in metrics["latency_seconds"]:
-        buckets = [(repr(float(bound)), count) for bound, count in histogram["buckets"]]
-        buckets.append(("+Inf", histogram["count"]))
-        latency.add_metric([histogram["command"], histogram["pool"]], buckets, histogram["sum"])
+        latency.add_metric([histogram["command"], histogram["pool"]], buckets(histogram), histogram["sum"])
     yield latency
+
+    sizes = HistogramMetricFamily(
+        "workerd_pipeline_batch_size",
+        "How many runs of a pipeline each GPU worker run took together (1: a run alone)",
+        labels=["pipeline"],
+    )
+    for histogram in metrics.get("batch_sizes", []):
+        sizes.add_metric([histogram["pipeline"]], buckets(histogram), histogram["sum"])
+    yield sizes
 
     depth = GaugeMetricFamily("workerd_queue_depth", "Requests waiting for a worker", labels=["queue"])
     for name, value in snapshot["queue"].items():

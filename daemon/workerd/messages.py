@@ -16,6 +16,7 @@ from __future__ import annotations
 
 # -- master -> child ---------------------------------------------------------------------------
 RUN = b"run"  # a job: [RUN, job id, (bridge: name,) request body, *raw]
+BATCH = b"batch"  # GPU worker: runs of one pipeline together: [BATCH, msgpack(layout), *bodies+raw]
 DROP = b"drop"  # CPU worker: do not start these jobs: [DROP, msgpack([job ids])]
 GC = b"gc"  # CPU worker: gc.collect(): [GC, token]; answered [GC, token, msgpack(result)]
 RESTORE = b"restore"  # GPU worker: load these pipelines in the background
@@ -26,7 +27,7 @@ STOP = b"stop"  # every child: exit once idle (jobs held and not started are dro
 
 # -- child -> master ---------------------------------------------------------------------------
 READY = b"ready"  # started (and, for the bridge, connected): [READY, msgpack(info)]
-START = b"start"  # GPU worker: this run begins now (its timeout too): [START, job id]
+START = b"start"  # GPU worker: this run (a batch's runs) begins now, its timeout too: [START, job id, ...]
 ITEM = b"item"  # a stream item: [ITEM, job id, reply frame, *raw]
 DONE = b"done"  # a job's end: [DONE, job id, OK | ERROR, reply frame, ...]
 DROPPED = b"dropped"  # CPU worker: the jobs it held and did not start: [DROPPED, msgpack([ids])]

@@ -46,7 +46,10 @@ CACHE_EVENTS = {
     "parks": "pipeline_parks",  # pipelines moved to host memory to make room
     "evictions": "pipeline_evictions",  # pipelines dropped, from either tier, to make room
     "leak_reloads": "pipeline_leak_reloads",  # reloaded past [pipelines.NAME] max_retained_mb
+    "batch_reruns": "pipeline_batch_reruns",  # calls of run_batch() again, on halves (the split rule)
 }
+# Upper bounds of the batch-size histograms: powers of two up to config.MAX_BATCH.
+BATCH_BUCKETS = tuple(2**n for n in range(11))
 RECYCLED = "recycled_"
 
 
@@ -59,23 +62,24 @@ def error_outcome(frame: bytes) -> str:
 
 
 class Histogram:
-    """Counts per latency bucket (not cumulative; the last slot is above every bound) and a sum."""
+    """Counts per bucket (not cumulative; the last slot is above every bound) and a sum."""
 
-    __slots__ = ("counts", "sum")
+    __slots__ = ("bounds", "counts", "sum")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS_S) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
 
-    def observe(self, seconds: float) -> None:
+    def observe(self, value: float) -> None:
         # bisect_left: a value equal to a bound belongs to that bucket (Prometheus's "le").
-        self.counts[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
-        self.sum += seconds
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
 
     def snapshot(self) -> dict[str, Any]:
         """{"count", "sum", "buckets": [[upper bound, cumulative count], ...]} (count is +Inf's)."""
         cumulative, buckets = 0, []
-        for bound, count in zip(LATENCY_BUCKETS_S, self.counts, strict=False):
+        for bound, count in zip(self.bounds, self.counts, strict=False):
             cumulative += count
             buckets.append([bound, cumulative])
         return {"count": cumulative + self.counts[-1], "sum": self.sum, "buckets": buckets}
@@ -86,11 +90,19 @@ class Metrics:
         self.events: collections.Counter[str] = collections.Counter()
         self.requests: collections.Counter[tuple[str, str, str]] = collections.Counter()
         self.latency: collections.defaultdict[tuple[str, str], Histogram] = collections.defaultdict(Histogram)
+        self.batches: dict[str, Histogram] = {}  # pipeline -> the sizes of the batches it ran in
 
     def answered(self, command: str, outcome: str, arrived_at: float, pool: str = "") -> None:
         """A request's final reply is going out now."""
         self.requests[(command, pool, outcome)] += 1
         self.latency[(command, pool)].observe(time.monotonic() - arrived_at)
+
+    def batched(self, pipeline: str, size: int) -> None:
+        """A GPU worker was handed `size` runs of `pipeline` together (1: a run alone)."""
+        histogram = self.batches.get(pipeline)
+        if histogram is None:
+            histogram = self.batches[pipeline] = Histogram(BATCH_BUCKETS)
+        histogram.observe(size)
 
     def snapshot(self) -> dict[str, Any]:
         events = self.events
@@ -111,4 +123,7 @@ class Metrics:
                 for key, (kind, reason) in RESTART_EVENTS.items()
             ],
             "pipeline_cache": {name: events[key] for name, key in CACHE_EVENTS.items()},
+            "batch_sizes": [
+                {"pipeline": name, **histogram.snapshot()} for name, histogram in sorted(self.batches.items())
+            ],
         }

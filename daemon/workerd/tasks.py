@@ -235,9 +235,12 @@ def run(body: dict[str, Any], allowed: frozenset[str], limit: int) -> Iterator[t
 
 
 def task_error(request_id: Any, exc: Exception) -> bytes:
-    return protocol.encode_error(
-        request_id, protocol.TASK_ERROR, f"{type(exc).__name__}: {exc}", error_details(exc)
-    )
+    return protocol.encode_error(request_id, *task_failure(exc))
+
+
+def task_failure(exc: Exception) -> tuple[str, str, dict[str, Any]]:
+    """A task's exception as an error reply's (code, message, details)."""
+    return protocol.TASK_ERROR, f"{type(exc).__name__}: {exc}", error_details(exc)
 
 
 def run_calls(function: Callable[..., Any], calls: list[list[Any]], compact: bool) -> dict[str, Any]:

@@ -300,6 +300,7 @@ def test_check_config_imports_the_code_and_reports_each_failure(tmp_path: Path) 
         f'[pipelines.half]\npath = "{tmp_path / "half.py"}"\n'
         f'[pipelines.gone]\npath = "{tmp_path / "gone.py"}"\n'
         '[pipelines.demo]\nmodule = "workerd.examples.demo_pipeline"\n'
+        '[pipelines.wide]\nmodule = "workerd.examples.demo_pipeline"\nmax_batch = 4\n'
     )
     result = subprocess.run(
         [sys.executable, "-m", "workerd", "--check-config", str(path)],
@@ -322,6 +323,8 @@ def test_check_config_imports_the_code_and_reports_each_failure(tmp_path: Path) 
         "pipeline 'half' has no run() function",
         f"{where}[pipelines.gone] path: '{tmp_path / 'gone.py'}' failed to import: FileNotFoundError: "
         f"[Errno 2] No such file or directory: '{tmp_path / 'gone.py'}'",
+        f"{where}[pipelines.wide] module: 'workerd.examples.demo_pipeline' is no pipeline: "
+        "pipeline 'wide' has max_batch = 4 but no run_batch(model, inputs) function",
     ]
     assert "imported loud" in result.stderr
     (tmp_path / "half.py").write_text("def load(device):\n    return None\n\ndef run(obj):\n    return 1\n")

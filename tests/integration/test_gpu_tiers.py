@@ -63,7 +63,8 @@ def test_park_wake_and_clear_through_the_daemon(start_daemon: Callable[..., Daem
         status = client.status()
         assert status["gpu"]["cached"] == ["c", "b"]  # the device tier, least recently used first
         assert status["metrics"]["pipeline_cache"] == {
-            "hits": 1, "misses": 3, "wakes": 1, "parks": 2, "evictions": 0, "leak_reloads": 0
+            "hits": 1, "misses": 3, "wakes": 1, "parks": 2, "evictions": 0, "leak_reloads": 0,
+            "batch_reruns": 0,
         }  # fmt: skip
 
         cleared = client.clear_memory("cache")["gpu"]

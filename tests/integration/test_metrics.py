@@ -161,11 +161,17 @@ def test_pipeline_cache_and_gpu_memory(start_daemon: Callable[..., Daemon], tmp_
         samples = scrape(url)
         metrics = client.status()["metrics"]
     assert metrics["pipeline_cache"] == {
-        "hits": 1, "misses": 2, "wakes": 0, "parks": 0, "evictions": 1, "leak_reloads": 0
+        "hits": 1, "misses": 2, "wakes": 0, "parks": 0, "evictions": 1, "leak_reloads": 0,
+        "batch_reruns": 0,
     }  # fmt: skip
     assert sample(samples, "workerd_pipeline_cache_hits_total") == 1
     assert sample(samples, "workerd_pipeline_cache_misses_total") == 2
     assert sample(samples, "workerd_pipeline_cache_evictions_total") == 1
+    # Each run went alone: a batch of 1 per run, by pipeline.
+    assert sample(samples, "workerd_pipeline_batch_size_count", pipeline="a") == 2
+    assert sample(samples, "workerd_pipeline_batch_size_bucket", pipeline="a", le="1.0") == 2
+    assert sample(samples, "workerd_pipeline_batch_size_sum", pipeline="b") == 1
+    assert sample(samples, "workerd_pipeline_cache_batch_reruns_total") == 0
     assert sample(samples, "workerd_requests_total", command="execute", pool="gpu", outcome="ok") == 3
     device: Any = next(
         dict(labels)["device"] for name, labels in samples if name == "workerd_gpu_allocated_bytes"

@@ -55,6 +55,10 @@ def test_embedded_default_serves_the_examples() -> None:
             "[pipelines.x] devices: device 2 is not in [gpu] devices [0, 1]",
         ),
         ("[pipelines.x]\npath = '/p.py'\nbogus = 1\n", "[pipelines.x] unknown key 'bogus'"),
+        ("[pipelines.x]\npath = '/p.py'\nmax_batch = 0\n", "max_batch: expected an integer >= 1"),
+        ("[pipelines.x]\npath = '/p.py'\nmax_batch = 5000\n", "expected an integer from 1 to 1024"),
+        ("[pipelines.x]\npath = '/p.py'\nmax_batch = '8'\n", "[pipelines.x] max_batch"),
+        ("[pipelines.x]\npath = '/p.py'\nmax_wait_ms = -1\n", "max_wait_ms: expected a number >= 0"),
     ],
 )
 def test_errors_name_the_file_and_key(tmp_path: Path, text: str, fragment: str) -> None:

@@ -632,7 +632,7 @@ def test_when_told_starts_a_job_only_when_the_worker_says_so() -> None:
     assert first.state is ASSIGNED and lane.running is None
     assert lane.next_deadline() == math.inf
     assert lane.prefetched() == [first, second]
-    assert lane.started(2, 1.0) is None  # not its head
+    assert lane.started(3, 1.0) is None  # not one of its jobs
     assert lane.started(1, 1.0) is first
     assert (first.state, first.deadline, first.attempts) == (RUNNING, 3.0, 1)
     assert lane.started(1, 2.0) is None  # said twice: the first one counts
@@ -663,6 +663,20 @@ def test_when_told_release_depends_on_whether_the_head_started() -> None:
         lane.add(job, 0.0)
     lane.started(1, 0.0)
     assert lane.release() == ([jobs[0]], [jobs[1]])
+
+
+def test_when_told_a_batch_starts_together_each_with_its_deadline_and_may_have_run() -> None:
+    lane = Lane(4, WHEN_TOLD)
+    jobs = [make_job(1, timeout_s=5.0), make_job(2, timeout_s=1.0), make_job(3, timeout_s=3.0)]
+    for job in [*jobs, make_job(4)]:
+        lane.add(job, 0.0)
+    for job in jobs:  # the worker said [START, 1, 2, 3]: a batch
+        assert lane.started(job.id, 10.0) is job
+    assert lane.next_deadline() == 11.0  # the earliest of the batch
+    assert lane.done(3, 12.0) is jobs[2]  # answered in any order
+    assert lane.next_deadline() == 11.0
+    may_have_run, never_ran = lane.release()
+    assert may_have_run == jobs[:2] and [job.id for job in never_ran] == [4]
 
 
 # -- Lane: WHEN_ASSIGNED (the Ray bridge) ----------------------------------------------------

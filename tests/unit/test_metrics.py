@@ -41,8 +41,19 @@ def test_snapshot_groups_requests_events_and_restarts() -> None:
     assert snapshot["recycles"] == {"max_tasks": 3}
     assert {"kind": "cpu", "reason": "died", "count": 2} in snapshot["restarts"]
     assert snapshot["pipeline_cache"] == {
-        "hits": 5, "misses": 0, "wakes": 4, "parks": 0, "evictions": 0, "leak_reloads": 0
+        "hits": 5, "misses": 0, "wakes": 4, "parks": 0, "evictions": 0, "leak_reloads": 0, "batch_reruns": 0
     }  # fmt: skip
+
+
+def test_batch_sizes_are_one_histogram_per_pipeline() -> None:
+    metrics = Metrics()
+    for size in (1, 3, 8, 8):
+        metrics.batched("mlp", size)
+    metrics.batched("other", 2000)  # above every bound: only in +Inf
+    mlp, other = metrics.snapshot()["batch_sizes"]
+    assert (mlp["pipeline"], mlp["count"], mlp["sum"]) == ("mlp", 4, 20)
+    assert [count for bound, count in mlp["buckets"] if bound in (1, 2, 4, 8)] == [1, 1, 2, 4]
+    assert other["count"] == 1 and other["buckets"][-1] == [1024, 0]
 
 
 def test_error_outcome_reads_the_code_of_an_error_reply() -> None:

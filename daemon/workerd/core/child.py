@@ -35,7 +35,7 @@ from typing import Any
 
 from workerd.core import processes
 from workerd.core.kill import KillWindow
-from workerd.core.lifecycle import Job, Lane, Ledger, settle
+from workerd.core.lifecycle import RUNNING, Job, Lane, Ledger, settle
 from workerd.core.reactor import Reactor
 from workerd.core.stacks import remove_stack
 from workerd.core.transport import Channel, ChannelError, channel_pair
@@ -199,19 +199,20 @@ class Child:
 
     # -- deadlines -------------------------------------------------------------------------------
 
-    def overdue(self, now: float) -> Job | None:
-        """The running job, if it is past its deadline and no kill window is open yet. A result
-        on its way settles it first: what has arrived is read."""
+    def overdue(self, now: float) -> list[Job]:
+        """The running jobs past their deadline (one, or several of a batch), if no kill window
+        is open yet. A result on its way settles them first: what has arrived is read."""
         if self.kill is not None or self.killed or self.lane.next_deadline() > now:
-            return None
+            return []
         self.read()
-        job = self.lane.running
-        return job if job is not None and job.deadline <= now and self.kill is None else None
+        if self.kill is not None:
+            return []
+        return [job for job in self.lane.jobs if job.state is RUNNING and job.deadline <= now]
 
-    def open_kill(self, job: Job, now: float) -> None:
-        """`job` ran past its deadline: its answer is TIMEOUT from now on (kill.py)."""
+    def open_kill(self, jobs: Sequence[Job], now: float) -> None:
+        """`jobs` ran past their deadline: their answer is TIMEOUT from now on (kill.py)."""
         if self.pid is not None:
-            self.kill = KillWindow(job, self.pid, self.what, now)
+            self.kill = KillWindow(jobs, self.pid, self.what, now)
 
     def close_kill(self, alive: bool) -> bool:
         """End the kill window, if one is open: SIGKILL (while `alive`) and the TIMEOUT."""

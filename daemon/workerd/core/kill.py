@@ -22,6 +22,7 @@ in the worker's lane, since a result arriving in the window takes it out of the 
 from __future__ import annotations
 
 import signal
+from collections.abc import Sequence
 
 from workerd.core import processes
 from workerd.core.lifecycle import Job, Ledger
@@ -32,18 +33,23 @@ STACK_DUMP_GRACE_S = 0.2
 
 
 class KillWindow:
-    def __init__(self, job: Job, pid: int, what: str, now: float) -> None:
-        self.job = job
+    """One window per child killed: for the job past its deadline, or for each job of a batch
+    that is (gpu/batches.py), since one kill ends them together."""
+
+    def __init__(self, jobs: Sequence[Job], pid: int, what: str, now: float) -> None:
+        self.jobs = list(jobs)
         self.pid = pid
         self.what = what
         self.kill_at = now + STACK_DUMP_GRACE_S
-        job.expired = True
+        for job in self.jobs:
+            job.expired = True
         processes.signal_quietly(pid, signal.SIGUSR1)
 
     def close(self, ledger: Ledger, stack_dir: str, alive: bool) -> bool:
-        """Kill the child (if it is still `alive`: a reaped pid may be reused) and answer the
-        job TIMEOUT with the stack it dumped. True if this sent the TIMEOUT (not sent before)."""
+        """Kill the child (if it is still `alive`: a reaped pid may be reused) and answer its
+        jobs TIMEOUT with the stack it dumped. True if this sent a TIMEOUT (not sent before)."""
         stack = read_stack(stack_dir, self.pid)
         if alive:
             processes.signal_quietly(self.pid, signal.SIGKILL)
-        return ledger.timed_out(self.job, self.pid, stack, self.what)
+        answered = [ledger.timed_out(job, self.pid, stack, self.what) for job in self.jobs]
+        return any(answered)

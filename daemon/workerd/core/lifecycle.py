@@ -22,6 +22,9 @@ by care in every backend:
     before it starts the next one; so of the jobs a lost worker held, only the first one not
     finished may have run, and the others go back to the queue untouched.
 
+A GPU worker running a batch (gpu/batches.py) says it started all of its jobs at once: each
+of them may have run, each has its own deadline, and they may finish in any order.
+
 The Ray bridge (cluster/) is the exception to run order: it runs every job it holds
 at once (a WHEN_ASSIGNED lane), so each job starts when assigned, has its own deadline, and if
 the bridge is lost every job it held may have run.
@@ -139,6 +142,12 @@ class Job:
             notify, self.on_start = self.on_start, None
             notify(self)
 
+    def unstart(self) -> None:
+        """Back to waiting: a retry, or a batch's run queued again (gpu/batches.py)."""
+        if self.state is RUNNING:
+            self.tenant.running -= 1
+        self.state = QUEUED
+
 
 class Ledger:
     """The jobs in flight, and the one place their terminal replies are sent."""
@@ -248,9 +257,7 @@ class Ledger:
             job.retries -= 1
             self.counters["retries"] += 1
             log.info("job %d: %s %s; retrying (%d retries left)", job.id, what, how, job.retries)
-            if job.state is RUNNING:
-                job.tenant.running -= 1
-            job.state = QUEUED
+            job.unstart()
             retry(job)
             return
         self.fail(
@@ -357,8 +364,9 @@ class Lane:
         return None
 
     def started(self, job_id: int, now: float) -> Job | None:
-        """The worker said it started `job_id` (WHEN_TOLD lanes)."""
-        job = self.head
+        """The worker said it started `job_id` (WHEN_TOLD lanes): its first job, or any job of
+        the batch it starts at once (gpu/batches.py)."""
+        job = self.find(job_id) if self.starts == WHEN_TOLD else self.head
         if job is None or job.id != job_id or job.state is not ASSIGNED:
             return None
         job.start(now)
@@ -366,8 +374,8 @@ class Lane:
 
     def done(self, job_id: int, now: float) -> Job | None:
         """The worker finished `job_id`, which must be its first job (any of them, in a
-        WHEN_ASSIGNED lane); the next one starts now."""
-        if self.starts == WHEN_ASSIGNED:
+        WHEN_ASSIGNED lane, or in a WHEN_TOLD lane running a batch); the next one starts now."""
+        if self.starts != AFTER_PREVIOUS:
             job = self.find(job_id)
             if job is not None:
                 self.jobs.remove(job)
@@ -396,18 +404,17 @@ class Lane:
         self.jobs.clear()
         if not jobs or self.starts == WHEN_ASSIGNED:
             return jobs, []  # all of them started, side by side
-        head, rest = jobs[0], jobs[1:]
-        if head.state is ASSIGNED and self.starts == WHEN_TOLD:
-            return [], jobs  # it never said it started
-        return [head], rest
+        if self.starts == WHEN_TOLD:  # what it said it started: its first job, or a whole batch
+            told = [job for job in jobs if job.state is not ASSIGNED]
+            return told, [job for job in jobs if job.state is ASSIGNED]
+        return jobs[:1], jobs[1:]
 
     def next_deadline(self) -> float:
         """When the running job's timeout ends (never, once it is answered); in a WHEN_ASSIGNED
-        lane, the first of its jobs' deadlines."""
+        lane, or of a batch running, the first of their deadlines."""
         if self.starts == WHEN_ASSIGNED:
             return min((job.deadline for job in self.jobs), default=math.inf)
-        job = self.running
-        return job.deadline if job is not None else math.inf
+        return min((job.deadline for job in self.jobs if job.state is RUNNING), default=math.inf)
 
     def overdue(self, now: float) -> list[Job]:
         """The jobs of a WHEN_ASSIGNED lane past their deadline, removed from it: the backend

@@ -209,7 +209,7 @@ class JobQueue:
         return self.count
 
     def push(self, job: Job) -> None:
-        job.state = QUEUED
+        job.unstart()
         cap = job.tenant.max_priority
         job.level = level = job.priority if job.priority < cap else cap  # level_of, inlined
         queue = self.levels.get(level)

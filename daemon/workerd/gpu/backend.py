@@ -7,7 +7,7 @@ Runs in: the master.
 all of them and are placed when a worker is free to take one, not when they arrive: the run goes
 to the worker placement.place picks from what each worker last reported (its pipeline on the
 device, then in host memory, else the most free budget; pins respected; dead workers passed
-over), and a free worker takes the oldest run placed on it.
+over), and a free worker takes the next run placed on it (core/queue.py's order).
 
 Why placing at dispatch and not at submit: a run placed on arrival is stuck with a picture that
 goes stale while it waits. Its worker may die (its runs would have to be moved), a second device
@@ -41,6 +41,7 @@ from workerd.core.backend import Services
 from workerd.core.fanout import gather
 from workerd.core.lifecycle import Job
 from workerd.core.queue import JobQueue
+from workerd.gpu import batches
 from workerd.gpu.handle import Callback, GpuWorker
 from workerd.pipelines.placement import Slot, WorkerView, known_slots, place, worker_slots
 
@@ -55,6 +56,7 @@ class GpuWorkers:
         self.ledger, self.reactor, self.counters, self.stack_dir = services
         self.queue = JobQueue()
         self.stopping = False
+        self.wake_at = math.inf  # when a batch held for max_wait_ms is due
         self.failure: str | None = None  # why no pipeline can run: [gpu] devices does not fit the machine
         # The devices are laid out once: [gpu] devices (and device, with it) change on restart.
         self.layout = (config.gpu.device, config.gpu.devices)
@@ -193,24 +195,45 @@ class GpuWorkers:
                     self.ledger.fail(job, protocol.UNKNOWN_TASK, self.unplaceable(key))
 
     def dispatch(self) -> None:
-        """Each free worker takes the oldest run placed on it. Placed once per waiting pipeline
+        """Each free worker takes the next run placed on it, with the runs of its pipeline
+        that wait behind it up to max_batch (gpu/batches.py). Placed once per waiting pipeline
         and pass (a handful of comparisons per device), again after each run handed over, since
         that changes where the next one goes."""
+        self.wake_at = math.inf
         if not self.queue or self.counting:
             return
+        now = time.monotonic()
         free = [worker for worker in self.workers if worker.can_take()]
         while free and self.queue:
             views = [worker.view() for worker in self.serving()]
             where = {key: self.placement(key, views) for key in self.queue.waiting_keys()}
             for worker in free:
-                mine = {key for key, index in where.items() if index == worker.index}
+                placed = [key for key, index in where.items() if index == worker.index]
+                mine = {key for key in placed if not self.held(key, worker, now)}
                 job = self.queue.take(mine.__contains__) if mine else None
                 if job is not None:
-                    worker.run(job)
+                    self.run(worker, job)
                     free.remove(worker)
                     break
             else:
                 return
+
+    def run(self, worker: GpuWorker, job: Job) -> None:
+        pipeline = self.config.pipelines.get(job.key)
+        max_batch = pipeline.max_batch if pipeline is not None else 1
+        jobs = batches.take_batch(self.queue, job, max_batch)
+        self.ledger.metrics.batched(job.key, len(jobs))
+        worker.run(jobs, max_batch)
+
+    def held(self, key: str, worker: GpuWorker, now: float) -> bool:
+        """Does idle `worker` wait for a fuller batch of `key` ([pipelines.NAME] max_wait_ms)?"""
+        pipeline = self.config.pipelines.get(key)
+        if pipeline is None or pipeline.max_wait_ms <= 0:
+            return False
+        oldest = min(job.accepted_at for job in self.queue.jobs() if job.key == key)
+        due = batches.hold_until(pipeline, self.queue.keys[key], oldest, worker.idle_since, now)
+        self.wake_at = min(self.wake_at, due or math.inf)
+        return due > 0
 
     def retry(self, job: Job) -> None:
         self.queue.push(job)
@@ -246,7 +269,7 @@ class GpuWorkers:
         return "unknown"
 
     def next_deadline(self) -> float:
-        return min((worker.next_deadline() for worker in self.workers), default=math.inf)
+        return min([self.wake_at, *(worker.next_deadline() for worker in self.workers)])
 
     def tick(self) -> None:
         now = time.monotonic()
@@ -266,6 +289,7 @@ class GpuWorkers:
                 "state": w.state,
                 "pid": w.pid,
                 "queue": per_device.get(w.index, 0),
+                "batch": len(w.lane),  # the runs it runs together now (0: none)
                 "cached": list(w.cached),
                 "parked": list(w.parked),
             }
@@ -274,7 +298,7 @@ class GpuWorkers:
         first = gpus[0] if gpus else {"state": "stopped", "pid": None, "device": None, "cached": []}
         gpu = {
             "enabled": self.enabled,
-            **{key: first[key] for key in ("state", "pid", "device", "cached")},
+            **{key: first.get(key) for key in ("state", "pid", "device", "cached", "batch")},
             "queue": len(self.queue),
             "error": self.failure,
         }

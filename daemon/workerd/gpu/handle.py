@@ -25,12 +25,13 @@ from typing import Any, Protocol
 
 from workerctl import protocol
 from workerd import memory, messages
-from workerd.config import Config, gpu_worker_settings
+from workerd.config import MAX_BATCH, Config, gpu_worker_settings
 from workerd.core.backoff import RESTART_FIRST_S, RESTART_MAX_S, Backoff
 from workerd.core.child import Child, frame_limit
-from workerd.core.lifecycle import STOP_MESSAGE, WHEN_TOLD, Job, Lane, Ledger, shown_state
+from workerd.core.lifecycle import ANSWERED, STOP_MESSAGE, WHEN_TOLD, Job, Lane, Ledger, shown_state
 from workerd.core.processes import describe_exit
 from workerd.core.reactor import Reactor
+from workerd.gpu import batches
 from workerd.metrics import CACHE_EVENTS
 from workerd.pipelines.placement import Slot, WorkerView, slot_name, worker_environment
 
@@ -76,7 +77,7 @@ class GpuWorker:
             owner.ledger,
             owner.stack_dir,
             "GPU worker",
-            Lane(1, WHEN_TOLD),
+            Lane(MAX_BATCH, WHEN_TOLD),  # one run, or one batch of runs (gpu/batches.py)
             self.message,
             owner.dispatch,
         )
@@ -93,6 +94,7 @@ class GpuWorker:
         self.free_bytes = 0
         self.restoring = False
         self.runs = 0
+        self.idle_since = 0.0  # when it last finished a run, or became ready: max_wait_ms counts from then
         self.stopping = False
         self.restart_pending = False
 
@@ -137,9 +139,8 @@ class GpuWorker:
         """What placement knows of it. The pipeline of the run it holds counts as on its device:
         it is, or will be once loaded, so more runs of it wait here rather than load elsewhere."""
         held = frozenset(self.cached).union(job.key for job in self.lane.jobs)
-        return WorkerView(
-            self.index, self.usable, held, frozenset(self.parked), self.free_bytes, len(self.lane)
-        )
+        runs = min(len(self.lane), 1)  # a batch is one run
+        return WorkerView(self.index, self.usable, held, frozenset(self.parked), self.free_bytes, runs)
 
     def can_take(self) -> bool:
         return self.state == "idle" and not self.restart_pending and not self.retired
@@ -250,7 +251,8 @@ class GpuWorker:
     def message(self, frames: list[Any], now: float) -> None:
         kind = frames[0]
         if kind == messages.START:
-            self.lane.started(int(frames[1]), now)
+            for job_id in frames[1:]:  # one run, or each of a batch
+                self.lane.started(int(job_id), now)
         elif kind == messages.DONE:
             job = self.lane.done(int(frames[1]), now)
             if job is not None:
@@ -273,6 +275,7 @@ class GpuWorker:
         self.device = info["device"]
         self.free_bytes = int(info.get("free_bytes", 0))
         self.down = False
+        self.idle_since = time.monotonic()
         if self.phase == "starting":
             self.phase = "serving"
         log.info("%s ready on %s (imports took %.2f s)", self.what(), self.device, info["import_s"])
@@ -302,26 +305,41 @@ class GpuWorker:
         for name, key in CACHE_EVENTS.items():  # this run's cache hits, misses and evictions
             self.owner.counters[key] += int(extra.get(name, 0))
         self.owner.ledger.result(job, outcome, frame, raw)
+        if self.lane.jobs:  # the rest of its batch is still to come
+            return
+        self.idle_since = time.monotonic()
         if self.stopping:
             self.stop_process()
         self.restart_if_idle()
 
     # -- runs ----------------------------------------------------------------------------------
 
-    def run(self, job: Job) -> None:
-        self.lane.add(job, time.monotonic())
-        self.child.send([messages.RUN, b"%d" % job.id, job.body, *job.raw])
+    def run(self, jobs: list[Job], max_batch: int) -> None:
+        """Hand it a run, or a batch of runs of one pipeline (with max_batch > 1 its runs go to
+        run_batch(), however many there are)."""
+        now = time.monotonic()
+        for job in jobs:
+            self.lane.add(job, now)
+        if max_batch > 1:
+            self.child.send(batches.batch_message(jobs, max_batch))
+        else:
+            (job,) = jobs
+            self.child.send([messages.RUN, b"%d" % job.id, job.body, *job.raw])
 
     def cancel(self, job: Job, terminate: bool) -> str:
-        """`cancel` for the run it holds: "running" (it may have begun it) unless terminated
-        with the worker; "unknown" past its deadline (its kill window answers TIMEOUT)."""
+        """`cancel` for a run it holds: "running" (it may have begun it) unless terminated;
+        "unknown" past its deadline (its kill window answers TIMEOUT). Terminated, the run is
+        answered CANCELLED now; its worker is killed once no run of its batch is left to answer
+        (the others' results are worth more than the time the cancelled one still takes)."""
         if job.expired:
             return "unknown"
         if not terminate or self.pid is None:
             return "running"
         job.cancelled = True
-        self.owner.ledger.cancel_reply(job, terminated=True)
-        self.child.kill_now()
+        kill = all(other is job or other.state is ANSWERED for other in self.lane.jobs)
+        self.owner.ledger.cancel_reply(job, terminated=kill)
+        if kill:
+            self.child.kill_now()
         return "cancelled"
 
     def next_deadline(self) -> float:
@@ -330,9 +348,13 @@ class GpuWorker:
     def tick(self, now: float) -> None:
         if self.child.tick(now):
             self.owner.counters["gpu_timeouts"] += 1
-        job = self.child.overdue(now)
-        if job is not None:
-            self.child.open_kill(job, now)
+        late = self.child.overdue(now)
+        if late:
+            self.child.open_kill(late, now)
+            rest = batches.withdraw_rest(self.lane, late, now)
+            self.owner.counters["batch_requeued"] += len(rest)
+            for job in reversed(rest):  # each to the front: in their order
+                self.owner.hand_back(job)
         if not self.stopping and self.respawn.ready(now):
             self.spawn()
 

@@ -11,13 +11,17 @@ Messages (GPU worker <-> master, on the socketpair the master spawned us with; k
 messages.py):
 
     master -> gpu   [RUN, job id, request body, *raw]
+                    [BATCH, msgpack({"max_batch", "runs": [[job id, raw count], ...]}),
+                            body, *raw, body, *raw, ...]
+                                                          runs of one pipeline, run together
                     [RESTORE, msgpack([names])]          load these, in the background
                     [CLEAR, token, level]                 after the run in progress
                     [MEMORY, token]                       answered at once
                     [STOP]
     gpu -> master   [READY, msgpack({"pid", "device", "import_s", "device_count",
                                             "cached", "parked", "free_bytes"})]
-                    [START, job id]                       the run begins now (its timeout too)
+                    [START, job id, ...]                  the run (each run of the batch)
+                                                          begins now, its timeout too
                     [DONE, job id, OK | ERROR, reply frame, msgpack(state)]
                     [RESTORED, msgpack({"loaded": [names], "failed": [names], "cached",
                                            "parked", "free_bytes"})]
@@ -55,7 +59,19 @@ from workerd.core.processes import kill_own_group, put_first_on_path, take_group
 from workerd.core.stacks import open_dump
 from workerd.core.transport import Channel
 from workerd.logs import setup_logging
-from workerd.messages import CLEAR, CLEARED, DONE, MEMORY, READY, RESTORE, RESTORED, RUN, START, STOP
+from workerd.messages import (
+    BATCH,
+    CLEAR,
+    CLEARED,
+    DONE,
+    MEMORY,
+    READY,
+    RESTORE,
+    RESTORED,
+    RUN,
+    START,
+    STOP,
+)
 
 log = logging.getLogger("workerd.gpu")
 
@@ -91,6 +107,9 @@ class Runner(threading.Thread):
                 self.send([START, frames[1]])
                 self.send(self.run_pipeline(frames[1], frames[2], frames[3:]))
                 self.cache.settle()  # the leak watch, once the reply is on its way
+            elif op == BATCH:
+                self.run_batch(frames)
+                self.cache.settle()
             elif op == RESTORE:
                 self.send([RESTORED, protocol.pack(self.restore(protocol.unpack(frames[1])))])
             elif op == CLEAR:
@@ -104,6 +123,16 @@ class Runner(threading.Thread):
 
         frames = run_request(self.cache, body, raw, self.max_message_bytes, {"device": self.name})
         return self.done(job, *frames)
+
+    def run_batch(self, frames: list[Any]) -> None:
+        """A batch (pipelines/batching.py): all of its runs start now, each is answered alone."""
+        from workerd.pipelines.batching import run_requests, split_frames
+
+        max_batch, runs = split_frames(frames)
+        self.send([START, *(job for job, _, _ in runs)])
+        where = {"device": self.name}
+        for job, kind, reply in run_requests(self.cache, runs, max_batch, self.max_message_bytes, where):
+            self.send(self.done(job, kind, reply))
 
     def done(self, job: bytes, kind: bytes, frames: list[Any]) -> list[Any]:
         return [DONE, job, kind, frames[0], protocol.pack(self.state()), *frames[1:]]

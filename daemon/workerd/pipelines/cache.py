@@ -36,7 +36,7 @@ from workerd.config import PipelineConfig
 from workerd.pipelines import tiers
 from workerd.pipelines.evictions import DEVICE, HOST, Entry, plan_evictions, plan_parking
 from workerd.pipelines.gpumemory import Memory, pick_device
-from workerd.pipelines.loading import PipelineError, import_pipeline, missing_module
+from workerd.pipelines.loading import PipelineError, failure, import_pipeline, missing_module
 from workerd.pipelines.sources import SourceError, Sources
 
 log = logging.getLogger("workerd.gpu")
@@ -73,7 +73,9 @@ class PipelineCache:
         self.entries: dict[str, Entry] = {}
         self.runs = 0
         # What runs found and did, for the daemon's metrics (restores are not counted).
-        self.counts = dict.fromkeys(("hits", "misses", "wakes", "parks", "evictions", "leak_reloads"), 0)
+        self.counts = dict.fromkeys(
+            ("hits", "misses", "wakes", "parks", "evictions", "leak_reloads", "batch_reruns"), 0
+        )
         # Footprint of each pipeline's last load: what to make room for before loading it again.
         self.footprint_history: dict[str, int] = {}
         # The last run's pipeline and probe before it, until settle() measures what it left.
@@ -225,9 +227,10 @@ class PipelineCache:
 
     # Running.
 
-    def with_oom_retry(self, step: Callable[[], Any], keep: str) -> Any:
-        """Run `step`; on out-of-memory free the device of other pipelines, retry once."""
-        for attempt in (1, 2):
+    def with_oom_retry(self, step: Callable[[], Any], keep: str, tries: int = 2) -> Any:
+        """Run `step`; on out-of-memory free the device of other pipelines, retry once. With
+        `tries` = 1 nothing is freed: a batch retries at half its size first (batching.py)."""
+        for attempt in range(1, tries + 1):
             out_of_memory = False
             try:
                 return step()
@@ -235,7 +238,7 @@ class PipelineCache:
                 # Leave the except block before freeing: the exception's traceback holds the
                 # frames, and their tensors, that we want the allocator to get back.
                 out_of_memory = True
-            if out_of_memory and attempt == 2:
+            if out_of_memory and attempt == tries:
                 break
             self.free_after_oom(keep)
             gc.collect()
@@ -260,12 +263,33 @@ class PipelineCache:
         self.send_off(victims, keep)
 
     def run(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+        entry, info = self.begin(name)
+        started = time.monotonic()
+        output = self.measure(entry, 1, lambda: entry.module.run(entry.obj, *args, **kwargs))
+        return {"output": output, **self.end(entry, info, 1, started)}
+
+    def begin(self, name: str) -> tuple[Entry, dict[str, Any]]:
+        """A run (of one request, or of a batch: batching.py) begins: its pipeline on the device,
+        and what its reply says of how it got there."""
         started = time.monotonic()
         entry, start = self.prepare(name)
         if start != WOKEN:  # wakes are counted by wake()
             self.counts["hits" if start == WARM else "misses"] += 1
         start_s = time.monotonic() - started
-        self.make_room(entry.peak_bytes, keep=name)
+        return entry, {
+            "pipeline": name,
+            "sha256": entry.sha256,
+            "start": start,
+            "start_s": start_s,
+            "warm": start == WARM,
+            "load_s": start_s if start == COLD else 0.0,
+            "device": self.device,
+        }
+
+    def measure(self, entry: Entry, size: int, step: Callable[[], Any], tries: int = 2) -> Any:
+        """`step`, a call of the pipeline on `size` inputs, with room made for the peak measured
+        at that size (evictions.Entry.peak_for), and its own peak recorded (CUDA only)."""
+        self.make_room(entry.peak_for(size), keep=entry.name)
         base = 0
 
         def attempt() -> Any:
@@ -273,28 +297,22 @@ class PipelineCache:
             base = self.memory.probe()  # again after an OOM retry moved others off the device
             self.pending = (entry, base)  # a run that raises is watched too
             self.memory.reset_peak()
-            return entry.module.run(entry.obj, *args, **kwargs)
+            return step()
 
-        run_started = time.monotonic()
-        output = self.with_oom_retry(attempt, keep=name)
+        output = self.with_oom_retry(attempt, keep=entry.name, tries=tries)
         if self.memory.cuda:
             torch.cuda.synchronize(self.device)
-            entry.peak_bytes = max(self.memory.peak() - base, 0)
-        run_s = time.monotonic() - run_started
+            entry.record_peak(size, max(self.memory.peak() - base, 0))
+        return output
+
+    def end(self, entry: Entry, info: dict[str, Any], size: int, started: float) -> dict[str, Any]:
+        """The run begun at `started` is over (a batch of `size` is one run, however many calls
+        its splits took): what its reply says of it."""
+        entry.batch_sizes[size] += 1
         entry.runs += 1
         entry.last_used = time.time()
         self.runs += 1
-        return {
-            "output": output,
-            "pipeline": name,
-            "sha256": entry.sha256,
-            "start": start,
-            "start_s": start_s,
-            "warm": start == WARM,
-            "load_s": start_s if start == COLD else 0.0,
-            "run_s": run_s,
-            "device": self.device,
-        }
+        return {**info, "run_s": time.monotonic() - started, "batch": size}
 
     # The leak watch, between runs.
 
@@ -400,7 +418,5 @@ def run_request(
             request_id,
             limit,
         )
-    except PipelineError as exc:
-        return tasks.ERROR, [protocol.encode_error(request_id, exc.code, exc.message, exc.details)]
     except Exception as exc:
-        return tasks.ERROR, [tasks.task_error(request_id, exc)]
+        return tasks.ERROR, [protocol.encode_error(request_id, *failure(exc))]

@@ -6,6 +6,7 @@ Runs in: the GPU worker and the cluster's pipeline hosts (pipelines/cache.py ask
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections.abc import Iterable
@@ -34,6 +35,24 @@ class Entry:
     wakes: int = 0
     wake_s: float = 0.0  # the last wake's seconds (the move back alone)
     park_s: float = 0.0  # the last park's seconds
+    batch_peaks: dict[int, int] = dataclasses.field(default_factory=dict)  # batch size -> its last peak
+    batch_sizes: collections.Counter[int] = dataclasses.field(default_factory=collections.Counter)
+
+    def record_peak(self, size: int, peak: int) -> None:
+        self.peak_bytes = peak
+        self.batch_peaks[size] = peak
+
+    def peak_for(self, size: int) -> int:
+        """What a run on `size` inputs is expected to need beyond `bytes`: its last peak at that
+        size, else the largest smaller size's scaled up (activations grow about linearly with
+        the batch; too high costs an eviction, too low an OOM and a retry at half the size)."""
+        if size in self.batch_peaks:
+            return self.batch_peaks[size]
+        smaller = [known for known in self.batch_peaks if known < size]
+        if not smaller:
+            return self.peak_bytes
+        known = max(smaller)
+        return self.batch_peaks[known] * size // known
 
     @property
     def device_bytes(self) -> int:
@@ -60,6 +79,8 @@ class Entry:
             "load_s": self.load_s,
             "wake_s": self.wake_s,
             "park_s": self.park_s,
+            # runs by batch size since the load (one pipeline's histogram; metrics has the daemon's)
+            "batch_sizes": {str(size): n for size, n in sorted(self.batch_sizes.items())},
         }
 
 

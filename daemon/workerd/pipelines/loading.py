@@ -1,5 +1,6 @@
-"""A pipeline's code: imported afresh for each load, checked for load() and run(), and the one
-line said when it needs a module this environment lacks.
+"""A pipeline's code: imported afresh for each load, checked for load() and run() (and for
+run_batch() with max_batch > 1), and the one line said when it needs a module this environment
+lacks.
 
 Runs in: the GPU worker, the cluster's pipeline hosts, and `workerd --check-config`.
 """
@@ -13,6 +14,7 @@ from types import ModuleType
 from typing import Any
 
 from workerctl import protocol
+from workerd import tasks
 from workerd.config import PipelineConfig
 
 
@@ -24,6 +26,13 @@ class PipelineError(Exception):
         self.code = code
         self.message = message
         self.details = details or {}
+
+
+def failure(exc: Exception) -> tuple[str, str, dict[str, Any]]:
+    """What a failed load or run is answered with: (code, message, details)."""
+    if isinstance(exc, PipelineError):
+        return exc.code, exc.message, exc.details
+    return tasks.task_failure(exc)
 
 
 # What a missing module is installed with, where workerd itself brings it (the gpu extra).
@@ -46,7 +55,19 @@ def import_pipeline(config: PipelineConfig, path: str) -> ModuleType:
             raise PipelineError(
                 protocol.UNKNOWN_TASK, f"pipeline {config.name!r} has no {function}() function"
             )
+    check_run_batch(config.name, module, config.max_batch)
     return module
+
+
+def check_run_batch(name: str, module: ModuleType, max_batch: int) -> None:
+    """max_batch > 1 needs run_batch(). Checked where the code is, since only there is it known
+    (the master never imports a pipeline): by `workerd --check-config` (importcheck.py), which
+    names the key, and by the GPU worker when a batch comes (pipelines/batching.py)."""
+    if max_batch > 1 and not callable(getattr(module, "run_batch", None)):
+        raise PipelineError(
+            protocol.UNKNOWN_TASK,
+            f"pipeline {name!r} has max_batch = {max_batch} but no run_batch(model, inputs) function",
+        )
 
 
 def missing_module(name: str, module: str) -> PipelineError:

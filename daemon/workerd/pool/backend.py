@@ -425,9 +425,9 @@ class Pool:
         for worker in list(self.workers.values()):
             if worker.child.tick(now):
                 self.counters["timeouts"] += 1
-            job = worker.child.overdue(now)
-            if job is not None:
-                self.start_kill(worker, job, now)
+            late = worker.child.overdue(now)  # a CPU worker runs one job at a time
+            if late:
+                self.start_kill(worker, late[0], now)
         self.steal(now)
         self.forks.ready(now)  # the back-off is over: manage_workers below forks what is missing
         self.generations.tick(now)
@@ -439,7 +439,7 @@ class Pool:
         window (core/kill.py): from now on its answer is TIMEOUT, whatever else happens."""
         self.withdraw(worker, worker.lane.prefetched())
         if job.state is RUNNING:  # not answered by what withdraw read
-            worker.child.open_kill(job, now)
+            worker.child.open_kill([job], now)
             self.manage_workers()  # start its replacement now
 
     # -- control -------------------------------------------------------------------------------
