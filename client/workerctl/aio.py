@@ -19,7 +19,7 @@ import zmq.asyncio
 from . import core, errors, paths, protocol
 from .client import DEFAULT_RECONNECT_TIMEOUT, DEFAULT_TIMEOUT, DEFAULT_WINDOW, probe_socket
 from .core import result_of
-from .frames import RCVMORE, readable
+from .frames import readable, receive_waiting
 from .protocol import Buffer
 
 
@@ -123,14 +123,8 @@ class AsyncClient:
                 return
 
     def _drain(self) -> None:
-        sock, feed = self._sync, self._core.feed
-        while readable(sock):
-            frames: list[Buffer] = [sock.recv()]
-            if sock.getsockopt(RCVMORE):
-                frames.append(sock.recv())
-                while sock.getsockopt(RCVMORE):
-                    frames.append(sock.recv(copy=False).buffer)
-            feed(frames)
+        while receive_waiting(self._sync, self._core.feed, 1000) == 1000:
+            pass  # more may wait: a burst of over 1000 replies
 
     # -- the one request path ------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import zmq
 
 from . import core, errors, paths, protocol
 from .core import result_of
-from .frames import RCVMORE, readable, send_frames
+from .frames import readable, receive_waiting, send_frames
 from .protocol import Buffer
 
 DEFAULT_TIMEOUT = 30.0
@@ -259,18 +259,7 @@ class Client:
 
     def _drain(self, limit: int = 1000) -> bool:
         """Feed up to `limit` waiting messages to the core; True if there was one."""
-        sock, feed = self._socket, self._core.feed
-        count = 0
-        while count < limit and readable(sock):
-            frames: list[Buffer] = [sock.recv()]
-            if sock.getsockopt(RCVMORE):
-                frames.append(sock.recv())
-                # Raw frames are taken without a copy: an array is then a view of the message.
-                while sock.getsockopt(RCVMORE):
-                    frames.append(sock.recv(copy=False).buffer)
-            feed(frames)
-            count += 1
-        return count > 0
+        return receive_waiting(self._socket, self._core.feed, limit) > 0
 
     def _next(
         self, inbox: core.Inbox, deadline: float | None, timeout: float | None

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 import threading
+import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workerd.core.transport import LARGE_FRAME, Channel, ChannelError, channel_pair, header
+from workerd.core.transport import JOIN_MAX, LARGE_FRAME, Channel, ChannelError, channel_pair, header
 
 frames_st = st.lists(
     st.one_of(st.binary(max_size=300), st.integers(LARGE_FRAME - 2, LARGE_FRAME + 3).map(os.urandom)),
@@ -88,3 +90,43 @@ def test_oversized_frame_is_refused() -> None:
         master.receive()
     master.close()
     worker.close()
+
+
+def test_small_messages_go_joined_and_big_frames_by_reference() -> None:
+    """Under JOIN_MAX a message is one buffer (any buffer type, a float array's bytes included);
+    a frame of a bigger message is queued as a view of the caller's own buffer, not copied."""
+    master, worker_sock = channel_pair(max_frame=1 << 20)
+    worker = Channel(worker_sock, max_frame=1 << 20, blocking=True)
+    floats = array.array("d", [1.5, -2.0])
+    master.send([b"run", memoryview(floats), bytearray(b"x")])
+    assert len(master.out) == 1
+    big = bytearray(JOIN_MAX)
+    master.send([b"big", big])
+    assert len(master.out) == 4 and master.out[-1].obj is big  # header, b"big", big
+    assert master.flush()
+    got: list[list[bytes]] = []
+    while len(got) < 2:
+        messages = worker.receive(block=True)
+        assert messages is not None
+        got.extend([bytes(f) for f in m] for m in messages)
+    assert got == [[b"run", floats.tobytes(), b"x"], [b"big", bytes(big)]]
+    master.close()
+    worker.close()
+
+
+def test_a_blocking_end_waits_for_a_whole_message_across_short_reads() -> None:
+    """A recv that empties the socket ends the read, but a blocking end that has no whole
+    message yet reads on: receive(block=True) never returns empty-handed."""
+    ours, theirs = socket.socketpair()
+    worker = Channel(ours, max_frame=1024, blocking=True)
+    message = header([b"abc", b"defg"]) + b"abcdefg"
+    got: list[list[bytes]] = []
+    thread = threading.Thread(target=lambda: got.extend(worker.receive(block=True) or []))
+    thread.start()
+    for byte in message:
+        theirs.send(bytes([byte]))
+        time.sleep(0.002)
+    thread.join(5)
+    assert [[bytes(f) for f in m] for m in got] == [[b"abc", b"defg"]]
+    worker.close()
+    theirs.close()

@@ -15,10 +15,15 @@ also needs no context in the worker (a forked worker must never inherit one), le
 poller watch each worker's fd directly, and gives EOF when the worker is gone.
 
 The master's end is non-blocking: `send` only queues, `flush` writes what the kernel takes (one
-sendmsg for everything queued, the raw buffers passed by reference, never joined), and the rest
-waits for POLLOUT. A worker's end blocks: it has nothing else to do. Reading takes whatever has
-arrived in one recv and splits it into messages; a frame of LARGE_FRAME bytes or more is read
-straight into a buffer of its own instead of being copied out of the receive buffer.
+sendmsg for everything queued), and the rest waits for POLLOUT. A worker's end blocks: it has
+nothing else to do. A small message is joined into one buffer when it is queued (one copy of a
+few hundred bytes costs less than the memoryview and iovec entry per frame); one of JOIN_MAX
+bytes or more goes by reference, its frames never copied.
+
+Reading takes whatever has arrived in one recv and splits it into messages; a frame of
+LARGE_FRAME bytes or more is read straight into a buffer of its own instead of being copied out
+of the receive buffer. A recv that returned less than it had room for emptied the socket: no
+second recv is made just to be told EAGAIN.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ Message = list[Buffer]
 U32 = struct.Struct("<I")
 RECV_SIZE = 256 * 1024
 LARGE_FRAME = 64 * 1024
+JOIN_MAX = 16 * 1024  # a message under this many bytes is sent as one joined buffer
 # sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call.
 MAX_IOV = 1000
 MAX_FRAMES = 4096
@@ -52,9 +58,27 @@ def channel_pair(max_frame: int) -> tuple[Channel, socket.socket]:
     return Channel(ours, max_frame, blocking=False), theirs
 
 
+# What one recv did (Channel._read).
+EOF_, NOTHING, FILLED, DRAINED = None, 0, 1, 2
+
+# The header's Struct per frame count: "<{n + 1}I", compiled once.
+HEADERS: dict[int, struct.Struct] = {}
+
+
+def header_struct(count: int) -> struct.Struct:
+    layout = HEADERS.get(count)
+    if layout is None:
+        layout = HEADERS[count] = struct.Struct(f"<{count + 1}I")
+    return layout
+
+
+def sizes_of(frames: Sequence[Any]) -> list[int]:
+    return [f.nbytes if isinstance(f, memoryview) else len(f) for f in frames]
+
+
 def header(frames: Sequence[Any]) -> bytes:
-    sizes = [len(f) if not isinstance(f, memoryview) else f.nbytes for f in frames]
-    return struct.pack(f"<{len(sizes) + 1}I", len(sizes), *sizes)
+    sizes = sizes_of(frames)
+    return header_struct(len(sizes)).pack(len(sizes), *sizes)
 
 
 class Channel:
@@ -81,7 +105,14 @@ class Channel:
 
     def send(self, frames: Sequence[Any]) -> None:
         """Queue one message; a blocking channel writes it at once."""
-        self.out.append(memoryview(header(frames)))
+        sizes = sizes_of(frames)
+        head = header_struct(len(sizes)).pack(len(sizes), *sizes)
+        if sum(sizes) < JOIN_MAX:
+            self.out.append(memoryview(b"".join((head, *frames))))
+            if self.blocking:
+                self.flush()
+            return
+        self.out.append(memoryview(head))
         for frame in frames:
             view = frame if isinstance(frame, memoryview) else memoryview(frame)
             if view.nbytes:
@@ -127,15 +158,18 @@ class Channel:
         self._parse(messages)  # what an earlier read left complete
         for _ in range(MAX_READS):
             got = self._read(wait=block and not messages)
-            if got is None:
+            if got is EOF_:
                 return messages or None
-            if not got:
+            if got == NOTHING:
                 break
             self._parse(messages)
+            if got == DRAINED and (messages or not block):
+                break
         return messages
 
-    def _read(self, wait: bool) -> bool | None:
-        """One recv; True if bytes arrived, False if none are there, None at EOF."""
+    def _read(self, wait: bool) -> int | None:
+        """One recv: FILLED (it filled its room: more may wait), DRAINED (it took less, so the
+        socket is empty now), NOTHING (EAGAIN), or EOF_."""
         if self._large is not None:
             target = self._large[self._large_at :]
         else:
@@ -147,17 +181,17 @@ class Channel:
             else:
                 count = self.sock.recv_into(target, 0, socket.MSG_DONTWAIT)
         except BlockingIOError:
-            return False
+            return NOTHING
         except ConnectionResetError:
             count = 0
         if count == 0:
             self.closed = True
-            return None
+            return EOF_
         if self._large is not None:
             self._large_at += count
         else:
             self._end += count
-        return True
+        return FILLED if count == target.nbytes else DRAINED
 
     def _make_room(self) -> None:
         if self._start == self._end:
@@ -216,7 +250,7 @@ class Channel:
             if 4 + 4 * count > len(self._buf):  # pragma: no cover - bounded by MAX_FRAMES
                 raise ChannelError("header larger than the receive buffer")
             return False
-        sizes = list(struct.unpack_from(f"<{count}I", self._buf, self._start + 4))
+        sizes = list(header_struct(count).unpack_from(self._buf, self._start)[1:])
         if max(sizes) > self.max_frame:
             raise ChannelError(f"a frame of {max(sizes)} bytes, over the limit of {self.max_frame}")
         self._start += 4 + 4 * count

@@ -353,10 +353,14 @@ class Pool:
         ahead to a worker stuck in a long job (see steal)."""
         if not self.queue:
             return
-        serving = [w for w in self.workers.values() if w.serving]
+        places = 1 + self.config.pool.prefetch
+        # Most calls find every lane full (a flood's steady state): say so in one pass.
+        open_lanes = [w for w in self.workers.values() if w.serving and len(w.lane) < places]
+        if not open_lanes:
+            return
         now = time.monotonic()
-        for depth in range(1 + self.config.pool.prefetch):
-            for worker in serving:
+        for depth in range(places):
+            for worker in open_lanes:
                 if len(worker.lane) != depth or (depth and slow(worker, now)):
                     continue
                 zygote = self.generations.zygotes.get(worker.generation)
@@ -387,9 +391,6 @@ class Pool:
             if worker.serving and slow(worker, now) and worker.lane.prefetched():
                 self.counters["prefetch_taken_back"] += len(self.withdraw(worker, worker.lane.prefetched()))
 
-    def steal_deadline(self) -> float:
-        return steal_deadline(self.workers.values())
-
     def depth(self) -> int:
         """Jobs accepted and not started: queued here, or prefetched by a worker."""
         return len(self.queue) + sum(len(w.lane.prefetched()) for w in self.workers.values())
@@ -416,7 +417,7 @@ class Pool:
     # -- time ----------------------------------------------------------------------------------
 
     def next_deadline(self) -> float:
-        times = [self.generations.restarts.due, self.steal_deadline(), self.forks.due]
+        times = [self.generations.restarts.due, steal_deadline(self.workers.values()), self.forks.due]
         times.extend(worker.child.next_deadline() for worker in self.workers.values())
         return min(times)
 
