@@ -1,7 +1,8 @@
 """The floor: a bare broker of workerd's own shape, measured beside workerd and Pool in one run.
 
     .venv/bin/python bench/floor.py [--rounds 5] [--calls 40000] [--chunksizes 1,16,100]
-                                    [--window 64] [--workers 2] [--baseline DIR ...] [--no-write]
+                                    [--window 64] [--workers 2] [--serial 2000] [--baseline DIR ...]
+                                    [--no-write]
 
 The floor is what workerd's design costs with nothing else in it: a ROUTER in front, a socketpair
 per forked worker, prefetch 2, compact chunk replies, and no checks, no bookkeeping, no limits,
@@ -46,7 +47,7 @@ import psutil
 import zmq
 
 import benchlib
-from benchlib import spread, table
+from benchlib import percentile, spread, table
 from throughput import echo, payload
 from workerctl import Client
 
@@ -197,6 +198,11 @@ class Served:
         )
         assert len(results) == calls
 
+    def serial(self, count: int) -> list[float]:
+        """Seconds each of `count` execute calls took, one in flight."""
+        call = self.client.call
+        return benchlib.timed(lambda: call(ECHO, [payload()]), count)
+
 
 class PoolRun:
     name = "multiprocessing.Pool"
@@ -246,6 +252,7 @@ def main() -> None:
     parser.add_argument("--chunksizes", default="1,16,100")
     parser.add_argument("--window", type=int, default=64, help="messages in flight (imap_unordered's window)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--serial", type=int, default=2000, help="serial execute calls per round and daemon")
     parser.add_argument(
         "--baseline", type=Path, action="append", default=[], help="another checkout's root (repeatable)"
     )
@@ -270,6 +277,7 @@ def main() -> None:
             system.run(2_000, 16, args.window)
         figures: dict[tuple[str, int], list[dict[str, float]]] = collections.defaultdict(list)
         loads = []
+        latency: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
         for round_index in range(args.rounds):
             loads.append(os.getloadavg()[0])
             for chunksize in sizes:
@@ -277,6 +285,10 @@ def main() -> None:
                 for system in turn:
                     calls = args.calls if chunksize > 1 else args.calls // 4
                     figures[(system.name, chunksize)].append(measure(system, calls, chunksize, args.window))
+            for system in systems:
+                if isinstance(system, Served) and args.serial:
+                    samples = system.serial(args.serial)
+                    latency[system.name].append((percentile(samples, 50), percentile(samples, 99)))
             print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
     finally:
         for system in systems:
@@ -288,7 +300,20 @@ def main() -> None:
         pool.pool.terminate()
 
     body = report(figures, sizes, [system.name for system in systems], args, loads)
+    if latency:
+        body += "\n\nSerial execute, one call in flight, µs (each round's p50 and p99; median, spread)\n\n"
+        body += serial_table(latency)
     benchlib.report("floor", body, write=not args.no_write, script="bench/floor.py")
+
+
+def serial_table(latency: dict[str, list[tuple[float, float]]]) -> str:
+    floor = statistics.median(p50 for p50, _ in latency["floor"])
+    rows = []
+    for name, pairs in latency.items():
+        p50s, p99s = [p50 for p50, _ in pairs], [p99 for _, p99 in pairs]
+        ratio = statistics.median(p50s) / floor
+        rows.append([name, spread(p50s, 0, 1e6), spread(p99s, 0, 1e6), f"{ratio:.2f}x"])
+    return table(["system", "p50 (spread)", "p99 (spread)", "p50 vs floor"], rows)
 
 
 def report(
