@@ -16,7 +16,7 @@ import zmq
 from .protocol import Buffer
 
 # Plain ints: pyzmq's constants are enums, and enum arithmetic costs microseconds per message.
-EVENTS, RCVMORE, POLLIN, SNDMORE = int(zmq.EVENTS), int(zmq.RCVMORE), int(zmq.POLLIN), int(zmq.SNDMORE)
+EVENTS, POLLIN, SNDMORE = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.SNDMORE)
 NOBLOCK = int(zmq.NOBLOCK)
 
 
@@ -33,16 +33,16 @@ def receive_waiting(sock: zmq.Socket[Any], feed: Callable[[list[Buffer]], Any], 
     the one exception at the end of a drain costs less than asking `readable` before each of
     the many replies that arrive together."""
     count = 0
-    recv, more = sock.recv, sock.getsockopt
+    recv = sock.recv
     while count < limit:
         try:
-            frames: list[Buffer] = [recv(NOBLOCK)]
+            frame = recv(NOBLOCK, copy=False)
         except zmq.Again:
             break
-        if more(RCVMORE):
-            frames.append(recv())
-            while more(RCVMORE):
-                frames.append(recv(copy=False).buffer)
+        frames: list[Buffer] = [frame.bytes]
+        while frame.more:  # Frame.more, not getsockopt(RCVMORE): pyzmq makes an enum of each option
+            frame = recv(copy=False)
+            frames.append(frame.bytes if len(frames) < 2 else frame.buffer)
         feed(frames)
         count += 1
     return count

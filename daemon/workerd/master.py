@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from workerctl import protocol
-from workerctl.frames import RCVMORE, readable
+from workerctl.frames import readable
 from workerctl.paths import resolve_socket_path
 from workerd import config as configuration
 from workerd import control, memory
@@ -241,10 +241,12 @@ class Master:
         The routing id comes as a zmq.Frame, which carries the connection's metadata (the
         peer's credentials, for [access]); delimiter and body as bytes, which is what decoding
         needs; raw frames as zmq.Frames again, forwarded to a worker without a copy."""
-        sock = self.control
-        frames: list[Any] = [sock.recv(copy=False)]
-        while sock.getsockopt(RCVMORE):
-            frames.append(sock.recv(copy=len(frames) < 3))
+        recv = self.control.recv
+        frame = recv(copy=False)
+        frames: list[Any] = [frame]
+        while frame.more:  # Frame.more, not getsockopt(RCVMORE): pyzmq makes an enum of each option
+            frame = recv(copy=False)
+            frames.append(frame.bytes if len(frames) < 3 else frame)
         return frames
 
     def handle_request(self, frames: list[Any]) -> None:

@@ -212,21 +212,32 @@ class Channel:
                 self._large = None
             if self._sizes is None and not self._read_header():
                 return
-            assert self._sizes is not None
-            while len(self._frames) < len(self._sizes):
-                size = self._sizes[len(self._frames)]
-                available = self._end - self._start
-                if size >= LARGE_FRAME:
-                    self._start_large(size, available)
-                    if self._large is not None:
-                        return
-                    continue
-                if available < size:
-                    return
-                self._frames.append(bytes(self._view[self._start : self._start + size]))
-                self._start += size
+            if not self._take_frames():
+                return
             messages.append(self._frames)
             self._frames, self._sizes = [], None
+
+    def _take_frames(self) -> bool:
+        """Cut the frames of the message being read out of the buffer; True once it is whole.
+        (Locals, not attributes, in the loop: it runs for every frame the master receives.)"""
+        sizes, frames, view = self._sizes, self._frames, self._view
+        assert sizes is not None
+        start, end = self._start, self._end
+        for size in sizes[len(frames) :] if frames else sizes:
+            if size >= LARGE_FRAME:
+                self._start = start
+                self._start_large(size, end - start)
+                if self._large is not None:
+                    return False
+                start = self._start
+            elif end - start < size:
+                self._start = start
+                return False
+            else:
+                frames.append(bytes(view[start : start + size]))
+                start += size
+        self._start = start
+        return True
 
     def _start_large(self, size: int, available: int) -> None:
         """Give a large frame a buffer of its own, with what has arrived of it already."""
