@@ -303,7 +303,7 @@ def main() -> None:
     if latency:
         body += "\n\nSerial execute, one call in flight, µs (each round's p50 and p99; median, spread)\n\n"
         body += serial_table(latency)
-    benchlib.report("floor", body, write=not args.no_write, script="bench/floor.py")
+    benchlib.report("floor", body, write=not args.no_write)
 
 
 def serial_table(latency: dict[str, list[tuple[float, float]]]) -> str:
@@ -358,7 +358,6 @@ def report(
         for size in sizes
     ]
     return (
-        f"{benchlib.environment()}\n"
         f"{args.rounds} rounds, interleaved; {args.calls} calls per run ({args.calls // 4} at chunksize 1), "
         f"window {args.window}, {args.workers} workers; median (spread); CPU per call of each role, "
         f"all threads, from /proc. Load average (1 min) at each round: "
