@@ -178,6 +178,23 @@ def test_a_failing_input_fails_only_its_own_request(batches: Batches) -> None:
     assert batches.counters()["pipeline_batch_reruns"] == reruns + 4
 
 
+def test_an_output_that_cannot_be_sent_fails_only_its_own_request(batches: Batches) -> None:
+    """An output msgpack cannot encode is its request's TASK_ERROR, at once: the batch's other
+    requests get their outputs, and the worker goes on (it once lost the whole batch's replies,
+    which then timed out, and its worker was killed)."""
+    with batches.daemon.client() as client:
+        pid = client.status()["gpus"][0]["pid"]
+    busy = batches.occupy()
+    keys = [batches.send(seed=s, opaque=s == 81) for s in range(80, 83)]
+    started = time.monotonic()
+    results = batches.replies(busy, *keys)[1:]
+    assert time.monotonic() - started < 5
+    assert [(r["output"]["seed"], r["batch"]) for r in (results[0], results[2])] == [(80, 3), (82, 3)]
+    assert results[1]["code"] == "TASK_ERROR" and "cannot serialize" in results[1]["message"]
+    with batches.daemon.client() as client:
+        assert client.status()["gpus"][0]["pid"] == pid
+
+
 def test_max_batch_without_run_batch_answers_each_run_why(batches: Batches) -> None:
     [error] = batches.replies(batches.send("plain", prompt="a cat"))
     assert error["code"] == "UNKNOWN_TASK"
@@ -223,6 +240,7 @@ def test_cancel_reaches_one_run_of_a_batch(batches: Batches) -> None:
     results = batches.replies(busy, *running, queued, "cancel-running")
     first, cancelled, last, dropped, answer = results[1:]
     assert cancelled["code"] == "CANCELLED" and cancelled["details"]["terminated"] is False
+    assert cancelled["message"] == "cancelled by the client (its batch runs on; its output is dropped)"
     assert dropped["code"] == "CANCELLED"
     assert answer["cancelled"] == [running[1]]
     assert [(r["output"]["seed"], r["batch"]) for r in (first, last)] == [(40, 3), (42, 3)]

@@ -281,7 +281,12 @@ class Ledger:
             if self.finish(job, b"", DEPARTED):
                 self.counters["departed_killed" if terminated else "departed_dropped"] += 1
             return
-        how = "its worker was killed" if terminated else "it had not started"
+        if terminated:
+            how = "its worker was killed"
+        elif job.state is RUNNING:  # one run of a batch (gpu/handle.py): the others run on
+            how = "its batch runs on; its output is dropped"
+        else:
+            how = "it had not started"
         self.fail(job, protocol.CANCELLED, f"cancelled by the client ({how})", {"terminated": terminated})
 
 

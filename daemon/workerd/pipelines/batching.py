@@ -146,5 +146,8 @@ def reply(
     if not ok:
         return tasks.ERROR, [protocol.encode_error(request_id, *value)]
     tuples = request.get("tuples") is True
-    frames = protocol.encode_result_frames(request_id, {"output": value, **info}, tuples)
+    try:
+        frames = protocol.encode_result_frames(request_id, {"output": value, **info}, tuples)
+    except Exception as exc:  # an output msgpack cannot encode: this request's error, not the batch's
+        return tasks.ERROR, [protocol.encode_error(request_id, *failure(exc))]
     return tasks.bounded_frames(tasks.OK, frames, request_id, limit)
