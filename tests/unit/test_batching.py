@@ -11,9 +11,10 @@ import pytest
 
 from tests.unit.test_queue import make_job
 from workerd.config import PipelineConfig
-from workerd.core.lifecycle import Tenant
+from workerd.core.lifecycle import WHEN_TOLD, Lane, Tenant
 from workerd.core.queue import JobQueue
-from workerd.gpu.batches import hold_until, take_batch
+from workerd.gpu import batches
+from workerd.gpu.batches import REQUEUES_ALONE, hold_until, take_batch
 from workerd.pipelines.batching import WrongCount, run_batch, run_split
 from workerd.pipelines.cache import PipelineCache
 from workerd.pipelines.evictions import Entry
@@ -134,3 +135,30 @@ def test_a_batch_takes_its_runs_in_the_queues_fair_order() -> None:
     batch = take_batch(queue, first, 4)
     assert [job.id for job in batch] == [1, 7, 2, 3]
     assert queue.keys == {"p": 2, "other": 1}
+
+
+def test_a_run_put_back_twice_by_others_timeouts_runs_alone() -> None:
+    """withdraw_rest counts each put-back; at REQUEUES_ALONE a run goes in a batch of its own,
+    first or met on the way (then the batch ends before it, and it waits at the front)."""
+    lane = Lane(8, WHEN_TOLD)
+    late, patient = make_job(1, key="p"), make_job(2, key="p")
+    for job in (late, patient):
+        lane.add(job, 0.0)
+        lane.started(job.id, 0.0)
+    for _ in range(REQUEUES_ALONE):
+        assert batches.withdraw_rest(lane, [late], 1.0) == [patient]
+        lane.add(patient, 1.0)
+        lane.started(patient.id, 1.0)
+    assert patient.requeues == REQUEUES_ALONE and late.requeues == 0
+    queue = JobQueue()
+    for job in (make_job(3, key="p"), make_job(5, key="p")):
+        queue.push(job)
+    queue.push(patient)
+    first = queue.take(lambda key: True)
+    assert first is patient and take_batch(queue, first, 8) == [patient]
+    queue.push(patient)
+    fresh = make_job(0, key="p")
+    queue.push(fresh)
+    first = queue.take(lambda key: True)
+    assert first is fresh and take_batch(queue, first, 8) == [fresh]  # the patient one is next
+    assert queue.take(lambda key: True) is patient

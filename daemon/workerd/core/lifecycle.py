@@ -116,6 +116,7 @@ class Job:
     deadline: float = math.inf
     attempts: int = 0
     items_sent: int = 0
+    requeues: int = 0  # times another run's timeout put it back from a batch (gpu/batches.py)
     expired: bool = False  # ran past its deadline: answered TIMEOUT, whatever comes later
     cancelled: bool = False  # terminated by `cancel`: answered CANCELLED, its worker killed
     cancel_requested: bool = False  # `cancel` asked while it was prefetched: CANCELLED if handed back

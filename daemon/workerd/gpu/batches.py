@@ -17,7 +17,9 @@ started them all (START with every id), each is answered alone through Ledger.fi
 reaches one of them, a death settles each (core.lifecycle.settle: each may have run). A batch
 past its earliest deadline is one kill window (core/kill.py) for the runs past theirs; the
 others are taken out of the lane and queued again at the front, not failed: a job is re-queued
-only when another one of its batch is answered TIMEOUT, so the re-queues always make progress.
+only when another one of its batch is answered TIMEOUT, so the re-queues always make progress;
+and a run put back REQUEUES_ALONE times runs alone next, so no run is put back for ever (a
+patient run batched again and again with fresh runs that time out).
 """
 
 from __future__ import annotations
@@ -31,14 +33,24 @@ from workerd.config import PipelineConfig
 from workerd.core.lifecycle import RUNNING, Job, Lane
 from workerd.core.queue import JobQueue
 
+# A run put back this many times by other runs' timeouts runs alone next: whatever its batch
+# partners do, it then gets its own reply (the re-queues of one run are bounded).
+REQUEUES_ALONE = 2
+
 
 def take_batch(queue: JobQueue, first: Job, max_batch: int) -> list[Job]:
     """`first` and the next runs of its pipeline in the queue's order (core/queue.py: level, then
-    a fair share between clients, then age), up to `max_batch` in all."""
+    a fair share between clients, then age), up to `max_batch` in all; a run put back
+    REQUEUES_ALONE times goes alone."""
     jobs = [first]
+    if first.requeues >= REQUEUES_ALONE:
+        return jobs
     while len(jobs) < max_batch:
         job = queue.take(lambda key: key == first.key)
         if job is None:
+            break
+        if job.requeues >= REQUEUES_ALONE:
+            queue.push(job)  # it waits for a batch of its own, next
             break
         jobs.append(job)
     return jobs
@@ -75,5 +87,6 @@ def withdraw_rest(lane: Lane, late: Sequence[Job], now: float) -> list[Job]:
     rest = [job for job in lane.jobs if job.state is RUNNING and job not in late]
     for job in rest:
         lane.remove(job, now)
+        job.requeues += 1
     return rest
 
