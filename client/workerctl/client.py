@@ -44,19 +44,24 @@ def probe_socket(path: str) -> None:
     problem = paths.why_untrusted(path)
     if problem is not None:
         raise errors.UntrustedSocket(f"refusing to connect to workerd at {path}: {problem}")
+    missing = errors.DaemonUnreachable(
+        f"cannot connect to workerd at {path}: no socket there; is it running? (systemctl status workerd)"
+    )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
     except FileNotFoundError:
-        raise errors.DaemonUnreachable(
-            f"cannot connect to workerd at {path}: no socket there; is it running? (systemctl status workerd)"
-        ) from None
+        raise missing from None
     except PermissionError:
         raise errors.ConnectionDenied(
             f"permission denied on {path}: join the socket's group (e.g. 'workerd') or ask its owner"
         ) from None
     except ConnectionRefusedError:
-        if not stat.S_ISSOCK(os.stat(path).st_mode):
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:  # gone since the connect: a daemon starting removes a stale one
+            raise missing from None
+        if not stat.S_ISSOCK(mode):
             raise errors.DaemonUnreachable(
                 f"cannot connect to workerd at {path}: that is not a socket (wrong --socket?)"
             ) from None
