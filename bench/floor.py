@@ -224,12 +224,7 @@ def daemon_pids(daemon: benchlib.Daemon) -> tuple[int, list[int]]:
 
 
 def cpu(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            times = psutil.Process(pid).cpu_times()
-            total += times.user + times.system
-    return total
+    return sum(benchlib.cpu_seconds(pids).values())
 
 
 def measure(system: Any, calls: int, chunksize: int, window: int) -> dict[str, float]:

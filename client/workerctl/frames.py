@@ -1,8 +1,8 @@
 """Multipart send and receive without pyzmq's per-call overhead, for the client and the daemon.
 
-pyzmq's constants are enums, and send_multipart does enum arithmetic for every frame. A drain
-asks `readable` (getsockopt) before a single message, but not before each of a burst: one
-zmq.Again at the end of a burst costs less than a getsockopt per message.
+pyzmq's constants are enums, and send_multipart does enum arithmetic for every frame; so does
+getsockopt, for its option. A drain recvs NOBLOCK until zmq.Again and reads Frame.more: one
+exception at the end of a burst costs less than a getsockopt per message and per frame.
 These few lines are on every message's path, on both sides of the socket.
 """
 

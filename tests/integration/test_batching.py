@@ -186,9 +186,7 @@ def test_an_output_that_cannot_be_sent_fails_only_its_own_request(batches: Batch
         pid = client.status()["gpus"][0]["pid"]
     busy = batches.occupy()
     keys = [batches.send(seed=s, opaque=s == 81) for s in range(80, 83)]
-    started = time.monotonic()
     results = batches.replies(busy, *keys)[1:]
-    assert time.monotonic() - started < 5
     assert [(r["output"]["seed"], r["batch"]) for r in (results[0], results[2])] == [(80, 3), (82, 3)]
     assert results[1]["code"] == "TASK_ERROR" and "cannot serialize" in results[1]["message"]
     with batches.daemon.client() as client:

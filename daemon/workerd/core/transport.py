@@ -76,9 +76,12 @@ def sizes_of(frames: Sequence[Any]) -> list[int]:
     return [f.nbytes if isinstance(f, memoryview) else len(f) for f in frames]
 
 
-def header(frames: Sequence[Any]) -> bytes:
-    sizes = sizes_of(frames)
+def pack_header(sizes: list[int]) -> bytes:
     return header_struct(len(sizes)).pack(len(sizes), *sizes)
+
+
+def header(frames: Sequence[Any]) -> bytes:
+    return pack_header(sizes_of(frames))
 
 
 class Channel:
@@ -106,17 +109,15 @@ class Channel:
     def send(self, frames: Sequence[Any]) -> None:
         """Queue one message; a blocking channel writes it at once."""
         sizes = sizes_of(frames)
-        head = header_struct(len(sizes)).pack(len(sizes), *sizes)
+        head = pack_header(sizes)
         if sum(sizes) < JOIN_MAX:
             self.out.append(memoryview(b"".join((head, *frames))))
-            if self.blocking:
-                self.flush()
-            return
-        self.out.append(memoryview(head))
-        for frame in frames:
-            view = frame if isinstance(frame, memoryview) else memoryview(frame)
-            if view.nbytes:
-                self.out.append(view if view.format == "B" and view.ndim == 1 else view.cast("B"))
+        else:
+            self.out.append(memoryview(head))
+            for frame in frames:
+                view = frame if isinstance(frame, memoryview) else memoryview(frame)
+                if view.nbytes:
+                    self.out.append(view if view.format == "B" and view.ndim == 1 else view.cast("B"))
         if self.blocking:
             self.flush()
 
@@ -223,7 +224,7 @@ class Channel:
         sizes, frames, view = self._sizes, self._frames, self._view
         assert sizes is not None
         start, end = self._start, self._end
-        for size in sizes[len(frames) :] if frames else sizes:
+        for size in sizes[len(frames) :]:
             if size >= LARGE_FRAME:
                 self._start = start
                 self._start_large(size, end - start)

@@ -27,7 +27,7 @@ from typing import Any
 
 from workerctl import protocol
 from workerd import tasks
-from workerd.pipelines.cache import PipelineCache
+from workerd.pipelines.cache import PipelineCache, result_reply
 from workerd.pipelines.loading import PipelineError, check_run_batch, failure
 
 Failure = tuple[str, str, dict[str, Any]]  # an error reply's code, message, details
@@ -141,13 +141,7 @@ def run_requests(
 def reply(
     request: dict[str, Any], outcome: Outcome, info: dict[str, Any], limit: int
 ) -> tuple[bytes, list[Any]]:
-    request_id = request.get("id")
     ok, value = outcome
     if not ok:
-        return tasks.ERROR, [protocol.encode_error(request_id, *value)]
-    tuples = request.get("tuples") is True
-    try:
-        frames = protocol.encode_result_frames(request_id, {"output": value, **info}, tuples)
-    except Exception as exc:  # an output msgpack cannot encode: this request's error, not the batch's
-        return tasks.ERROR, [protocol.encode_error(request_id, *failure(exc))]
-    return tasks.bounded_frames(tasks.OK, frames, request_id, limit)
+        return tasks.ERROR, [protocol.encode_error(request.get("id"), *value)]
+    return result_reply(request, {"output": value, **info}, limit)  # one output's failure is its own

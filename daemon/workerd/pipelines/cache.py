@@ -408,15 +408,20 @@ def run_request(
     request, error = tasks.decode(body, raw)
     if request is None:
         return tasks.ERROR, [error]
-    request_id = request.get("id")
     try:
         result = cache.run(request["name"], request.get("args", []), request.get("kwargs", {}))
-        result.update(where or {})
-        return tasks.bounded_frames(
-            tasks.OK,
-            protocol.encode_result_frames(request_id, result, request.get("tuples") is True),
-            request_id,
-            limit,
-        )
+    except Exception as exc:
+        return tasks.ERROR, [protocol.encode_error(request.get("id"), *failure(exc))]
+    return result_reply(request, {**result, **(where or {})}, limit)
+
+
+def result_reply(request: dict[str, Any], result: dict[str, Any], limit: int) -> tuple[bytes, list[Any]]:
+    """A run's result as its reply: (tasks.OK, frames), bounded by `limit`; or, for a result
+    msgpack cannot encode (a tensor, say), that request's TASK_ERROR (pipelines/batching.py
+    answers each run of a batch through this too)."""
+    request_id = request.get("id")
+    try:
+        frames = protocol.encode_result_frames(request_id, result, request.get("tuples") is True)
     except Exception as exc:
         return tasks.ERROR, [protocol.encode_error(request_id, *failure(exc))]
+    return tasks.bounded_frames(tasks.OK, frames, request_id, limit)
