@@ -238,28 +238,47 @@ def measure(system: Any, calls: int, chunksize: int, window: int) -> dict[str, f
     return out
 
 
+def chunk_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(size) for size in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return sizes
+
+
+def checkout(text: str) -> Path:
+    """A checkout's root: without its daemon/ and client/ the daemon would quietly be this one."""
+    root = Path(text).resolve()
+    if not (root / "daemon" / "workerd").is_dir() or not (root / "client" / "workerctl").is_dir():
+        missing = "no daemon/workerd or client/workerctl"
+        raise argparse.ArgumentTypeError(f"{text}: not a workerd checkout ({missing})")
+    return root
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=40_000)
-    parser.add_argument("--chunksizes", default="1,16,100")
+    parser.add_argument("--chunksizes", type=chunk_sizes, default="1,16,100", help="e.g. 1,16,100")
     parser.add_argument("--window", type=int, default=64, help="messages in flight (imap_unordered's window)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--serial", type=int, default=2000, help="serial execute calls per round and daemon")
     parser.add_argument(
-        "--baseline", type=Path, action="append", default=[], help="another checkout's root (repeatable)"
+        "--baseline", type=checkout, action="append", default=[], help="another checkout's root (repeatable)"
     )
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    sizes = [int(size) for size in args.chunksizes.split(",")]
+    sizes = args.chunksizes
 
     pool = PoolRun(args.workers)  # forked first, before this process has a ZeroMQ context
     floor = Floor(args.workers)
     daemons = [benchlib.Daemon(workers=args.workers)]
     for root in args.baseline:
-        path = [root.resolve() / "daemon", root.resolve() / "client"]
+        path = [root / "daemon", root / "client"]
         daemons.append(benchlib.Daemon(workers=args.workers, extra_pythonpath=path, label=root.name))
     systems: list[Any] = [pool, Served("floor", floor.socket, floor.pid, floor.workers)]
     try:
