@@ -36,7 +36,7 @@ from workerd.cluster.backend import Cluster
 from workerd.config import Config
 from workerd.core.backend import Backend
 from workerd.core.fanout import Ask, gather
-from workerd.core.lifecycle import ANSWERED, STOP_MESSAGE, Job, Ledger
+from workerd.core.lifecycle import ANSWERED, STOP_MESSAGE, Job, Ledger, Tenant
 from workerd.gpu.backend import GpuWorkers
 from workerd.metrics import Metrics
 from workerd.pool.backend import Pool
@@ -210,6 +210,12 @@ class Commands:
         gather([*asks, functools.partial(master.cluster.clear, level)], done)
         return DEFERRED
 
+    def still_waiting(self, tenant: Tenant) -> int:
+        """Its requests waiting once the CPU pool placed what it can: the pool places new jobs
+        once a turn (Pool.submit), and one an idle worker is about to start is not waiting."""
+        self.master.pool.dispatch()
+        return tenant.waiting
+
     def execute(self, msg: Incoming) -> object:
         master = self.master
         if master.state == "stopping":
@@ -239,7 +245,7 @@ class Commands:
             )
         tenant = master.clients.of(msg.origin)
         limit = master.config.pool.max_queue_per_client
-        if limit and tenant.waiting >= limit:
+        if limit and tenant.waiting >= limit and self.still_waiting(tenant) >= limit:
             raise RequestRejected(
                 protocol.BUSY,
                 f"client {tenant.name} has {tenant.waiting} requests waiting, its limit "

@@ -182,9 +182,7 @@ class Cluster:
             self.message(bridge, frames)
 
         lane = Lane(MIN_IN_FLIGHT, starts=WHEN_ASSIGNED)
-        child = Child(
-            self.reactor, self.ledger, self.private_dir, "the Ray bridge", lane, on_message, self.dispatch
-        )
+        child = Child(self.reactor, self.ledger, self.private_dir, "the Ray bridge", lane, on_message)
         try:
             child.spawn(
                 "workerd.cluster.bridge", [json.dumps(settings)], frame_limit(settings["max_message_bytes"])

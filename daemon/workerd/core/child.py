@@ -9,7 +9,8 @@ for one holds for all:
 
   * the channel (transport.py): spawned with the child, or received from the zygote that forked
     it; watched in the reactor; messages queued by `send` go out at the end of the loop's turn
-    (Reactor.flush), the rest on POLLOUT; a child that breaks the framing is killed;
+    (Reactor.flush), the rest on POLLOUT; a child that breaks the framing is killed. What a
+    read frees is filled by the owner's dispatch, once a turn (master.poll_once), not per read;
   * the jobs it holds (lifecycle.Lane), settled once when it is gone (lifecycle.settle), after
     its last messages have been read: a result written just before an exit is a result, not a
     death;
@@ -63,7 +64,6 @@ class Child:
         what: str,
         lane: Lane,
         on_message: OnMessage,
-        after_read: Callable[[], None],
     ) -> None:
         self.reactor = reactor
         self.ledger = ledger
@@ -71,7 +71,6 @@ class Child:
         self.what = what  # how logs and errors name it: "worker 812", "GPU worker", "the Ray bridge"
         self.lane = lane
         self.on_message = on_message
-        self.after_read = after_read  # after each batch of messages: the owner dispatches
         self.pid: int | None = None  # None once reaped: a reaped pid may be reused, never signal it
         self.channel: Channel | None = None
         self.kill: KillWindow | None = None
@@ -98,7 +97,7 @@ class Child:
 
     def attach(self, pid: int, channel: Channel) -> None:
         self.pid, self.channel, self.killed = pid, channel, False
-        self.reactor.watch(channel.fileno(), self.readable)
+        self.reactor.watch(channel.fileno(), self.read)
 
     @property
     def killing(self) -> bool:
@@ -131,10 +130,6 @@ class Child:
             channel.out.clear()
         self.reactor.want_write(channel.fileno(), None if done else self.flush)
         return done
-
-    def readable(self) -> None:
-        self.read()
-        self.after_read()
 
     def read(self) -> None:
         """Act on everything the child has sent. At EOF stop watching (its exit is reported

@@ -38,12 +38,12 @@ from workerd.pool.plan import plan_workers
 from workerd.pool.workers import (
     Worker,
     collect_garbage,
+    describe,
     holder,
     idle_worker,
-    passed_in_its_lane,
-    room_for,
     slow,
     steal_deadline,
+    yielding,
 )
 from workerd.pool.zygotes import ZygoteHandle
 
@@ -61,6 +61,7 @@ class Pool:
         self.generations = Generations(self, config, self.stack_dir, self.reactor, self.counters)
         self.workers: dict[int, Worker] = {}
         self.queue = JobQueue()
+        self.arrived: list[Job] = []  # submitted since the last dispatch (make_room)
         self.stopping = False
         self.forks = Backoff(RESTART_FIRST_S, RESTART_MAX_S)  # after a fork or a start failed
 
@@ -88,9 +89,7 @@ class Pool:
             self.worker_message(worker, frames, now)
 
         lane = Lane(1 + self.config.pool.prefetch)
-        child = Child(
-            self.reactor, self.ledger, self.stack_dir, f"worker {pid}", lane, on_message, self.dispatch
-        )
+        child = Child(self.reactor, self.ledger, self.stack_dir, f"worker {pid}", lane, on_message)
         worker = Worker(pid, zygote.generation, child)
         self.workers[pid] = worker
         child.attach(pid, channel)
@@ -317,18 +316,13 @@ class Pool:
     # -- jobs ----------------------------------------------------------------------------------
 
     def submit(self, job: Job) -> None:
+        """Queued; placed by the turn's one dispatch (master.poll_once) with every job the turn
+        brought, or by `depth` first."""
         if self.generations.failure is not None:
             self.ledger.fail(job, protocol.INTERNAL, self.unavailable())
             return
         self.queue.push(job)
-        self.dispatch()  # now, not at the end of the turn: the queue's bound counts what waits
-        # Jobs sent ahead yield to one the fair order puts first (pool/workers.py, yielding).
-        if job.state is ASSIGNED:
-            choice = passed_in_its_lane(self.workers.values(), job)
-        else:
-            choice = room_for(self.workers.values(), job, self.can_run) if self.queue.shared() else None
-        if choice is not None:
-            self.yield_ahead(job, *choice)
+        self.arrived.append(job)
 
     def yield_ahead(self, job: Job, worker: Worker, jobs: list[Job]) -> None:
         """`worker` gives back `jobs` it holds ahead (those surely not started: withdraw), and
@@ -349,8 +343,19 @@ class Pool:
         )
 
     def dispatch(self) -> None:
-        """Give queued jobs to workers: idle ones first, then to hold one more job each, but never
-        ahead to a worker stuck in a long job (see steal)."""
+        """Give queued jobs to workers; then what they hold ahead yields to each new job the
+        fair order puts first (pool/workers.py, yielding). A new job is looked at once, after
+        the dispatch that placed it or left it queued: jobs a yield hands back never yield."""
+        self.place_queued()
+        arrived, self.arrived = self.arrived, []  # a yield dispatches again
+        for job in arrived:
+            choice = yielding(self.workers.values(), job, self.queue.shared(), self.can_run)
+            if choice is not None:
+                self.yield_ahead(job, *choice)
+
+    def place_queued(self) -> None:
+        """Idle workers first, then to hold one more job each, but never ahead to a worker
+        stuck in a long job (see steal)."""
         if not self.queue:
             return
         places = 1 + self.config.pool.prefetch
@@ -392,12 +397,14 @@ class Pool:
                 self.counters["prefetch_taken_back"] += len(self.withdraw(worker, worker.lane.prefetched()))
 
     def depth(self) -> int:
-        """Jobs accepted and not started: queued here, or prefetched by a worker."""
+        """Jobs accepted and not started: queued here, or prefetched by a worker. What an idle
+        worker can take goes first (it would go at the end of this turn), so a job that is
+        about to start is not counted as waiting: max_queue's BUSY is exact."""
+        self.dispatch()
         return len(self.queue) + sum(len(w.lane.prefetched()) for w in self.workers.values())
 
     def full(self, limit: int) -> bool:
-        """Do `limit` jobs wait already? (`depth` costs a walk of the workers: most of the
-        time the queue alone says no.)"""
+        """Do `limit` jobs wait already? (Most of the time the queue alone says no.)"""
         held = len(self.workers) * self.config.pool.prefetch
         return len(self.queue) + held >= limit and self.depth() >= limit
 
@@ -417,6 +424,8 @@ class Pool:
     # -- time ----------------------------------------------------------------------------------
 
     def next_deadline(self) -> float:
+        if self.arrived:  # submitted after this turn's dispatch (the cluster's fallback): now
+            return 0.0
         times = [self.generations.restarts.due, steal_deadline(self.workers.values()), self.forks.due]
         times.extend(worker.child.next_deadline() for worker in self.workers.values())
         return min(times)
@@ -458,17 +467,7 @@ class Pool:
         collect_garbage(sorted((w for w in self.workers.values() if w.serving), key=lambda w: w.pid), done)
 
     def snapshot(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "pid": w.pid,
-                "kind": "cpu",
-                "state": w.state,
-                "tasks_done": w.tasks_done,
-                "generation": w.generation,
-                "jobs": len(w.lane),
-            }
-            for w in sorted(self.workers.values(), key=lambda w: w.pid)
-        ]
+        return [describe(w) for w in sorted(self.workers.values(), key=lambda w: w.pid)]
 
     def memory(self) -> list[dict[str, Any]]:
         return [{**entry, **memory.process_memory(entry["pid"])} for entry in self.snapshot()]

@@ -14,7 +14,7 @@ from typing import Any
 from workerd import messages
 from workerd.core.child import Child
 from workerd.core.fanout import gather
-from workerd.core.lifecycle import Job, Lane, shown_state
+from workerd.core.lifecycle import ASSIGNED, QUEUED, Job, Lane, shown_state
 from workerd.core.queue import passes
 
 # A worker whose running job has run this long is sent no job ahead, and the jobs it holds
@@ -55,6 +55,18 @@ class Worker:
         return self.phase == "serving" and not self.child.killing
 
 
+def describe(worker: Worker) -> dict[str, Any]:
+    """A worker as `status` shows it."""
+    return {
+        "pid": worker.pid,
+        "kind": "cpu",
+        "state": worker.state,
+        "tasks_done": worker.tasks_done,
+        "generation": worker.generation,
+        "jobs": len(worker.lane),
+    }
+
+
 def slow(worker: Worker, now: float) -> bool:
     """Has its running job run long enough that jobs sent ahead would wait behind it?"""
     job = worker.lane.running
@@ -85,6 +97,18 @@ def steal_deadline(workers: Iterable[Worker]) -> float:
 # So a new job that the queue's order puts first (core/queue.passes: another client's, or a
 # higher level's) takes the place of such jobs, which go back to the queue; it then waits for
 # one running job only. With one client and no priorities nothing passes, and nothing yields.
+
+
+def yielding(
+    workers: Iterable[Worker], job: Job, shared: bool, can_run: Callable[[Worker, Job], bool]
+) -> tuple[Worker, list[Job]] | None:
+    """What gives way to a new job once it is placed, or left queued with `shared` a queue
+    that holds several clients' jobs or levels: the worker, and the jobs it holds ahead."""
+    if job.state is ASSIGNED:
+        return passed_in_its_lane(workers, job)
+    if job.state is QUEUED and shared:
+        return room_for(workers, job, can_run)
+    return None
 
 
 def passed_in_its_lane(workers: Iterable[Worker], job: Job) -> tuple[Worker, list[Job]] | None:
