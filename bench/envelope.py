@@ -1,5 +1,6 @@
 """What the master's decode of one request costs: `protocol.decode_request`, the call it makes on
-every message, for a small execute and for chunks of 100 calls.
+every message, for small executes and for chunks of 4 to 100 calls. Beside it the envelope path
+alone (`unpack_envelope`, which decode_request takes above WHOLE_DECODE_MAX bytes).
 
     .venv/bin/python bench/envelope.py [--repeats 9] [--number 2000]
 
@@ -26,8 +27,18 @@ import msgpack
 from workerctl import protocol
 
 ECHO = "workerd.examples.tasks:echo"
+
+def dicts(count: int) -> list[Any]:
+    """`count` calls of bench/throughput.py's payload: a small dict each."""
+    payloads = ({"user": f"user{n}", "n": n, "tags": ["a", "b", str(n)], "ok": True} for n in range(count))
+    return [[[payload], {}] for payload in payloads]
+
+
 BODIES = {
     "small execute": {"v": 1, "id": 7, "cmd": "execute", "name": ECHO, "args": [1], "kwargs": {}},
+    "one dict": {"v": 1, "id": 7, "cmd": "execute", "name": ECHO, "args": dicts(1)[0][0], "kwargs": {}},
+    "chunk of 4 dicts": {"v": 1, "id": 7, "cmd": "execute", "name": ECHO, "calls": dicts(4)},
+    "chunk of 16 dicts": {"v": 1, "id": 7, "cmd": "execute", "name": ECHO, "calls": dicts(16)},
     "chunk of 100 [[i], {}]": {
         "v": 1,
         "id": 8,
@@ -96,13 +107,14 @@ def main() -> None:
     options = parser.parse_args()
     full = lambda data: msgpack.unpackb(data, raw=False, strict_map_key=True)  # noqa: E731
     print(f"protocol: {protocol.__file__}")
-    print("| body | bytes | decode_request µs | msgpack.unpackb µs | Python walk µs |")
-    print("|---|---|---|---|---|")
+    print(f"decode_request decodes a body whole up to {protocol.WHOLE_DECODE_MAX} bytes")
+    print("| body | bytes | decode_request µs | unpack_envelope µs | msgpack.unpackb µs | Python walk µs |")
+    print("|---|---|---|---|---|---|")
     for name, body in BODIES.items():
         data = protocol.pack(body)
         cells = [
             timed(f, data, options.repeats, options.number)
-            for f in (protocol.decode_request, full, walked_envelope)
+            for f in (protocol.decode_request, protocol.unpack_envelope, full, walked_envelope)
         ]
         print(f"| {name} | {len(data)} | {' | '.join(cells)} |")
 

@@ -440,6 +440,25 @@ def check_bulky(data: bytes, body: dict[str, Any]) -> None:
         unpack(data[at:end])
 
 
+# At most this size a body is decoded whole: cheaper than reading its envelope around the bulky
+# fields (an Unpacker and a call per key). bench/envelope.py: 1.0 against 3.2 µs at 98 bytes (one
+# dict), 2.2 against 2.8 at 196, dearer at 618 (7.0 against 4.7). Decoded with strict keys, a
+# body that decodes breaks §3 nowhere; one that does not takes the envelope path and its errors.
+WHOLE_DECODE_MAX = 256
+
+
+def decode_small(data: bytes) -> dict[Any, Any] | None:
+    """A small body decoded whole when it is a sound map; None otherwise, and then
+    unpack_envelope says what is wrong, as it does for a large body."""
+    if len(data) > WHOLE_DECODE_MAX:
+        return None
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception:  # msgpack raises ValueError, TypeError, ExtraData...
+        return None
+    return body if type(body) is dict else None
+
+
 def readable_id(data: bytes) -> int | str | None:
     """The id of a request whose map is sound msgpack, though a key or a string in it breaks §3;
     None when there is none to read: not a map, a broken structure, no valid id.
@@ -469,16 +488,18 @@ def readable_id(data: bytes) -> int | str | None:
 def decode_request(data: bytes) -> dict[str, Any]:
     """Decode and check the envelope of a request; command fields are checked by its handler.
 
-    args, kwargs and calls come back as Bulk (see unpack_envelope). A body that breaks §3 is
-    answered with its id when readable_id can read one, so that a client with many requests in
-    flight can tell which one it was."""
-    try:
-        body = unpack_envelope(data)
-        if body.get("cmd") != "execute":
-            check_bulky(data, body)
-    except ProtocolError as exc:
-        exc.request_id = readable_id(data)
-        raise
+    args, kwargs and calls come back as Bulk (see unpack_envelope), or decoded in a body of at
+    most WHOLE_DECODE_MAX bytes. A body that breaks §3 is answered with its id when readable_id
+    can read one, so that a client with many requests in flight can tell which one it was."""
+    body = decode_small(data)
+    if body is None:
+        try:
+            body = unpack_envelope(data)
+            if body.get("cmd") != "execute":
+                check_bulky(data, body)
+        except ProtocolError as exc:
+            exc.request_id = readable_id(data)
+            raise
     request_id = body.get("id")
     if not is_valid_id(request_id):
         raise ProtocolError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import msgpack
 import pytest
 from hypothesis import given, settings
@@ -245,10 +247,41 @@ def test_a_body_whose_id_cannot_be_read_is_refused_with_id_null(data: bytes) -> 
 
 def test_bulky_fields_come_back_counted_and_bin_keys_pass() -> None:
     body = {"v": 1, "id": 5, "cmd": "ping", "args": [1, "é"], "kwargs": {b"k": 1}, "calls": 3}
-    decoded = protocol.decode_request(msgpack.packb(body, use_bin_type=True))
+    big = {**body, "pad": "x" * protocol.WHOLE_DECODE_MAX}  # a small body is decoded whole
+    decoded = protocol.decode_request(msgpack.packb(big, use_bin_type=True))
     assert repr(decoded["args"]) == "Bulk('array', 2)"
     assert repr(decoded["kwargs"]) == "Bulk('map', 1)"  # §3 admits bin keys; kwargs' are the worker's
     assert repr(decoded["calls"]) == "Bulk('other', 0)"
+    assert protocol.decode_request(msgpack.packb(body, use_bin_type=True)) == body
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["id", "cmd", "name", "args", "kwargs", "calls", "x"]), values))
+def test_a_small_body_decoded_whole_reads_as_its_envelope_does(body: dict[str, object]) -> None:
+    """decode_request's two paths agree: the same refusal, or the same fields, a bulky one
+    decoded (a small body, decoded whole) where the envelope path counts it."""
+    data = msgpack.packb({"v": 1, **body}, use_bin_type=True)
+    whole = decoded_or_refused(data)
+    with mock.patch.object(protocol, "WHOLE_DECODE_MAX", -1):
+        envelope = decoded_or_refused(data)
+    if not isinstance(envelope, dict) or not isinstance(whole, dict):
+        assert whole == envelope
+        return
+    assert whole.keys() == envelope.keys()
+    for key, value in whole.items():
+        counted = envelope[key]
+        if isinstance(counted, protocol.Bulk) and not isinstance(value, protocol.Bulk):
+            kind = "array" if isinstance(value, list) else "map" if isinstance(value, dict) else "other"
+            assert (kind, len(value) if kind != "other" else 0) == (counted.kind, counted.count)
+        else:
+            assert value == counted or repr(value) == repr(counted)
+
+
+def decoded_or_refused(data: bytes) -> object:
+    try:
+        return protocol.decode_request(data)
+    except protocol.ProtocolError as exc:
+        return (exc.code, exc.message, exc.request_id)
 
 
 # -- tuples (ext 3, opt-in) and start notices ---------------------------------------------------
