@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import select
 import socket
 import struct
 from collections.abc import Sequence
@@ -100,6 +101,13 @@ class Channel:
         self._frames: Message = []  # its frames read so far
         self._large: memoryview | None = None  # a large frame being filled in place
         self._large_at = 0
+        # A blocking end asks whether anything came before it reads without waiting: poll(0)
+        # costs 0.5 µs, a recv that ends in EAGAIN 2.2 µs (its exception), and a worker asks
+        # before each prefetched job, where nothing has come most of the time.
+        self._poll: Any = None
+        if blocking:
+            self._poll = select.poll()
+            self._poll.register(sock, select.POLLIN)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -176,11 +184,10 @@ class Channel:
         else:
             self._make_room()
             target = self._view[self._end :]
+        if self.blocking and not wait and not self._poll.poll(0):
+            return NOTHING
         try:
-            if wait or not self.blocking:
-                count = self.sock.recv_into(target)
-            else:
-                count = self.sock.recv_into(target, 0, socket.MSG_DONTWAIT)
+            count = self.sock.recv_into(target)  # waits only when asked to (a blocking end)
         except BlockingIOError:
             return NOTHING
         except ConnectionResetError:
