@@ -267,6 +267,10 @@ class ClientLimits:
                 return  # disconnected: nobody to answer
             raise
         last = len(frames) - 1
+        if last == 1 and type(frames[1]) is bytes and len(frames[1]) < TRACKED_BYTES:
+            self.sock.send(frames[0], SNDMORE)  # [b"", body]: most replies, nothing to track
+            self.sock.send(frames[1])
+            return
         for index, frame in enumerate(frames):
             flags = SNDMORE if index < last else 0
             size = frame_size(frame)
