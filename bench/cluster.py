@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/cluster.py            # ~4 min on 2 cores; writes the "Cluster" section
     .venv/bin/python bench/cluster.py --quick    # ~1.5 min, fewer rounds (figures noisier)
+    .venv/bin/python bench/cluster.py --parts cost --cases trivial --rounds 5 --no-write   # ~20 s
 
 Four parts, every Ray process on 127.0.0.1:
 
@@ -74,6 +75,13 @@ def sleep(seconds: float) -> float:
     return seconds
 
 
+# --cases: (label, task name, its kwargs, the same task for Ray direct, its argument, tasks a round)
+COST_CASES = {
+    "trivial": ("trivial (echo)", "workerd.examples.tasks:echo", {"value": 1}, echo, 1, 1000),
+    "sleep": ("50 ms sleep", "workerd.examples.tasks:sleep", {"seconds": 0.05}, sleep, 0.05, 200),
+}
+
+
 def direct(remote: Any, arg: Any, count: int) -> float:
     """Seconds per task, `count` tasks, IN_FLIGHT at a time, through Ray alone."""
     started = time.perf_counter()
@@ -111,7 +119,7 @@ def spent(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(after[pid] - before[pid] for pid in after if pid in before)
 
 
-def bridge_cost(rounds: int) -> tuple[str, list[dict[str, Any]]]:
+def bridge_cost(rounds: int, kinds: list[str]) -> tuple[str, list[dict[str, Any]]]:
     daemon = start(1, cluster_section("local", "all"))
     rows, csv, cpu_rows = [], [], []
     try:
@@ -119,10 +127,7 @@ def bridge_cost(rounds: int) -> tuple[str, list[dict[str, Any]]]:
         assert status is not None
         bridge = status["cluster"]["pid"]
         ray.init(address=status["cluster"]["address"], _node_ip_address="127.0.0.1", log_to_driver=False)
-        cases = [
-            ("trivial (echo)", "workerd.examples.tasks:echo", {"value": 1}, echo, 1, 1000),
-            ("50 ms sleep", "workerd.examples.tasks:sleep", {"seconds": 0.05}, sleep, 0.05, 200),
-        ]
+        cases = [COST_CASES[kind] for kind in kinds]
         with daemon.client() as client:
             for label, name, kwargs, remote, arg, count in cases:
                 through_workerd(client, name, kwargs, count // 4)  # warm both paths' workers
@@ -416,13 +421,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--parts", default="cost,overflow,startup,death", help="which parts, comma-separated")
+    parser.add_argument("--rounds", type=int, help="the bridge's cost: rounds a case (8; --quick 2)")
+    parser.add_argument(
+        "--cases", default="trivial,sleep", help=f"the bridge's cost: which tasks ({', '.join(COST_CASES)})"
+    )
     args = parser.parse_args()
     rounds, runs, count = (2, 1, 200) if args.quick else (8, 3, 400)
+    rounds = args.rounds or rounds
+    unknown = set(args.cases.split(",")) - set(COST_CASES)
+    if unknown:
+        parser.error(f"--cases: unknown {', '.join(sorted(unknown))}")
     chosen = args.parts.split(",")
     parts = [
         run()
         for part, run in [
-            ("cost", lambda: bridge_cost(rounds)),
+            ("cost", lambda: bridge_cost(rounds, args.cases.split(","))),
             ("overflow", lambda: overflow(count)),
             ("startup", lambda: startup(runs)),
             ("death", lambda: node_death(runs)),

@@ -231,7 +231,7 @@ class Bridge:
         if isinstance(value, BaseException):
             self.report_failure(job_id, value)
             return
-        generator, messages = value
+        generator, messages = protocol.unpack(value) if type(value) is bytes else value
         if generator:
             self.generators.add(name)
         for kind, frames in messages:
