@@ -114,6 +114,7 @@ class Commands:
 
     def status(self, msg: Incoming) -> dict[str, Any]:
         master, pool = self.master, self.master.pool
+        depth = pool.depth()  # first: it places what can go, which the workers' states then show
         workers = pool.snapshot()
         return {
             **self.ping(msg),
@@ -136,8 +137,8 @@ class Commands:
                 "workers": workers,
             },
             "queue": {
-                "depth": pool.depth(),
-                "prefetched": pool.depth() - len(pool.queue),
+                "depth": depth,
+                "prefetched": depth - len(pool.queue),
                 "max": master.config.daemon.max_queue,
             },
             **master.gpu.status(),  # "gpu" (the first device, as with one) and "gpus" (each)

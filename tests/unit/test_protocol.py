@@ -256,11 +256,12 @@ def test_bulky_fields_come_back_counted_and_bin_keys_pass() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(["id", "cmd", "name", "args", "kwargs", "calls", "x"]), values))
+@given(st.dictionaries(st.sampled_from(["name", "args", "kwargs", "calls", "x", "id", "cmd"]), values))
 def test_a_small_body_decoded_whole_reads_as_its_envelope_does(body: dict[str, object]) -> None:
     """decode_request's two paths agree: the same refusal, or the same fields, a bulky one
-    decoded (a small body, decoded whole) where the envelope path counts it."""
-    data = msgpack.packb({"v": 1, **body}, use_bin_type=True)
+    decoded (a small body, decoded whole) where the envelope path counts it. (A drawn id or cmd
+    replaces the valid one: mostly a refusal.)"""
+    data = msgpack.packb({"v": 1, "id": 5, "cmd": "execute", **body}, use_bin_type=True)
     whole = decoded_or_refused(data)
     with mock.patch.object(protocol, "WHOLE_DECODE_MAX", -1):
         envelope = decoded_or_refused(data)

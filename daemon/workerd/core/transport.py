@@ -104,9 +104,8 @@ class Channel:
         # A blocking end asks whether anything came before it reads without waiting: poll(0)
         # costs 0.5 µs, a recv that ends in EAGAIN 2.2 µs (its exception), and a worker asks
         # before each prefetched job, where nothing has come most of the time.
-        self._poll: Any = None
-        if blocking:
-            self._poll = select.poll()
+        self._poll = select.poll() if blocking else None
+        if self._poll is not None:
             self._poll.register(sock, select.POLLIN)
 
     def fileno(self) -> int:
@@ -184,7 +183,7 @@ class Channel:
         else:
             self._make_room()
             target = self._view[self._end :]
-        if self.blocking and not wait and not self._poll.poll(0):
+        if not wait and self._poll is not None and not self._poll.poll(0):
             return NOTHING
         try:
             count = self.sock.recv_into(target)  # waits only when asked to (a blocking end)

@@ -61,7 +61,7 @@ class Pool:
         self.generations = Generations(self, config, self.stack_dir, self.reactor, self.counters)
         self.workers: dict[int, Worker] = {}
         self.queue = JobQueue()
-        self.arrived: list[Job] = []  # submitted since the last dispatch (make_room)
+        self.arrived: list[Job] = []  # submitted since the last dispatch, which checks their yields
         self.stopping = False
         self.forks = Backoff(RESTART_FIRST_S, RESTART_MAX_S)  # after a fork or a start failed
 
