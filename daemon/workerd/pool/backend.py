@@ -281,7 +281,9 @@ class Pool:
         """`cancel` for one job of this pool, by what will happen to it (protocol.md, cancel):
         "cancelled" (answered CANCELLED before this returns), "running" (it runs on to its own
         reply) or "unknown" (its reply is decided already: a result, or a TIMEOUT owed by its
-        kill window)."""
+        kill window). What the turn's dispatch would place goes first, as for `depth`: a job an
+        idle worker takes this turn has started, as it had when submit placed it at once."""
+        self.dispatch()
         if self.queue.remove(job):
             self.ledger.cancel_reply(job)
             return "cancelled"
