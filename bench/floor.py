@@ -291,7 +291,7 @@ def main() -> None:
             system.run(2_000, 16, args.window)
         figures: dict[tuple[str, int], list[dict[str, float]]] = collections.defaultdict(list)
         loads = []
-        latency: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+        latency: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
         for round_index in range(args.rounds):
             loads.append(os.getloadavg()[0])
             for chunksize in sizes:
@@ -301,8 +301,7 @@ def main() -> None:
                     figures[(system.name, chunksize)].append(measure(system, calls, chunksize, args.window))
             for system in systems:
                 if isinstance(system, Served) and args.serial:
-                    samples = system.serial(args.serial)
-                    latency[system.name].append((percentile(samples, 50), percentile(samples, 99)))
+                    latency[system.name].append(measure_serial(system, args.serial))
             print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
     finally:
         for system in systems:
@@ -315,19 +314,37 @@ def main() -> None:
 
     body = report(figures, sizes, [system.name for system in systems], args, loads)
     if latency:
-        body += "\n\nSerial execute, one call in flight, µs (each round's p50 and p99; median, spread)\n\n"
+        body += (
+            "\n\nSerial execute, one call in flight, µs (each round's p50 and p99; median, spread), "
+            "and the CPU per call of each role, all threads, from /proc\n\n"
+        )
         body += serial_table(latency)
     benchlib.report("floor", body, write=not args.no_write)
 
 
-def serial_table(latency: dict[str, list[tuple[float, float]]]) -> str:
-    floor = statistics.median(p50 for p50, _ in latency["floor"])
+def measure_serial(system: Served, count: int) -> dict[str, float]:
+    """p50 and p99 in seconds, and the CPU per call of each role in µs, one call in flight."""
+    before = {role: cpu(pids) for role, pids in system.roles.items()}
+    samples = system.serial(count)
+    out = {"p50": percentile(samples, 50), "p99": percentile(samples, 99)}
+    for role, pids in system.roles.items():
+        out[role] = (cpu(pids) - before[role]) / count * 1e6
+    return out
+
+
+def serial_table(latency: dict[str, list[dict[str, float]]]) -> str:
+    floor = statistics.median(run["p50"] for run in latency["floor"])
     rows = []
-    for name, pairs in latency.items():
-        p50s, p99s = [p50 for p50, _ in pairs], [p99 for _, p99 in pairs]
+    for name, runs in latency.items():
+        p50s, p99s = [run["p50"] for run in runs], [run["p99"] for run in runs]
+        roles = [statistics.median(run[role] for run in runs) for role in ("client", "master", "workers")]
         ratio = statistics.median(p50s) / floor
-        rows.append([name, spread(p50s, 0, 1e6), spread(p99s, 0, 1e6), f"{ratio:.2f}x"])
-    return table(["system", "p50 (spread)", "p99 (spread)", "p50 vs floor"], rows)
+        rows.append(
+            [name, spread(p50s, 0, 1e6), spread(p99s, 0, 1e6), f"{ratio:.2f}x", *(f"{v:.0f}" for v in roles)]
+        )
+    headers = ["system", "p50 (spread)", "p99 (spread)", "p50 vs floor"]
+    headers += ["client µs", "master µs", "workers µs"]
+    return table(headers, rows)
 
 
 def report(
