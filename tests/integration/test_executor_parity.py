@@ -19,6 +19,7 @@ import textwrap
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Future
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -29,6 +30,7 @@ from workerctl import Executor, errors
 
 TASKS = textwrap.dedent("""
     import collections
+    import os
     import time
 
     Point = collections.namedtuple("Point", "x y")
@@ -41,6 +43,13 @@ TASKS = textwrap.dedent("""
 
     def sleep(seconds, value=None):
         time.sleep(seconds)
+        return value
+
+    def hold(gate=None, value=None):
+        # Until the file `gate` exists (at once for None; 60 s at most, should a test hang).
+        deadline = time.monotonic() + 60
+        while gate is not None and not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
         return value
 
     def sleep_and_raise(seconds):
@@ -75,8 +84,18 @@ def tasks(served: tuple[Daemon, ModuleType]) -> ModuleType:
     return served[1]
 
 
+@pytest.fixture
+def gate(tmp_path: Path) -> str:
+    """A path for tasks.hold: a call held on it runs until `make` opens it (creates the file) at
+    the end of the test. A call that must still be running when the test looks runs so, however
+    slow the machine, and the shutdown after the test need not wait out a long sleep."""
+    return str(tmp_path / "gate")
+
+
 @pytest.fixture(params=["ProcessPoolExecutor", "workerctl.Executor"])
-def make(request: pytest.FixtureRequest, served: tuple[Daemon, ModuleType]) -> Iterator[MakeExecutor]:
+def make(
+    request: pytest.FixtureRequest, served: tuple[Daemon, ModuleType], gate: str
+) -> Iterator[MakeExecutor]:
     made: list[concurrent.futures.Executor] = []
 
     def factory(max_workers: int = 2) -> concurrent.futures.Executor:
@@ -90,6 +109,7 @@ def make(request: pytest.FixtureRequest, served: tuple[Daemon, ModuleType]) -> I
         return executor
 
     yield factory
+    Path(gate).touch()
     for executor in made:
         executor.shutdown(wait=True, cancel_futures=True)
 
@@ -110,9 +130,10 @@ def cancelled_and_notified() -> Future[Any]:
     return future
 
 
-def occupied(executor: concurrent.futures.Executor, tasks: Any, seconds: float) -> list[Future[Any]]:
-    """Two calls running: every worker of the pool (2) busy for `seconds`."""
-    blockers = [executor.submit(tasks.sleep, seconds, i) for i in range(2)]
+def occupied(executor: concurrent.futures.Executor, task: Any, arg: Any) -> list[Future[Any]]:
+    """Two calls running: every worker of the pool (2) busy with task(arg, i) (tasks.sleep for
+    a time, tasks.hold until the gate opens)."""
+    blockers = [executor.submit(task, arg, i) for i in range(2)]
     wait_until(lambda: all(f.running() for f in blockers), timeout=30)
     return blockers
 
@@ -156,11 +177,11 @@ def test_map_exception(make: MakeExecutor, tasks: Any, chunksize: int) -> None:
         next(results)
 
 
-def test_map_timeout(make: MakeExecutor, tasks: Any) -> None:
+def test_map_timeout(make: MakeExecutor, tasks: Any, gate: str) -> None:
     executor = make()
     results = []
     with pytest.raises(TimeoutError):
-        for value in executor.map(tasks.sleep, [0, 0, 2], timeout=0.5):
+        for value in executor.map(tasks.hold, [None, None, gate], timeout=0.5):
             results.append(value)
     assert results == [None, None]
 
@@ -246,7 +267,7 @@ def test_running_and_cancel_of_a_started_call(make: MakeExecutor, tasks: Any) ->
 
 def test_cancel_of_pending_calls(make: MakeExecutor, tasks: Any) -> None:
     executor = make()
-    blockers = occupied(executor, tasks, 1.0)
+    blockers = occupied(executor, tasks.sleep, 1.0)
     later = [executor.submit(tasks.sleep, 1.0, i) for i in range(6)]
     answers = [f.cancel() for f in later]
     assert sum(answers) >= 5  # ProcessPoolExecutor has handed one more to its call queue
@@ -264,7 +285,9 @@ def test_a_call_cancelled_while_pending_is_done_for_wait_and_as_completed(
     make: MakeExecutor, tasks: Any
 ) -> None:
     executor = make()
-    occupied(executor, tasks, 1.0)
+    # Sleeps, not held calls: ProcessPoolExecutor notifies a cancelled call only when its queue
+    # moves up to it, as the calls ahead of it end.
+    occupied(executor, tasks.sleep, 1.0)
     later = [executor.submit(tasks.sleep, 1.0) for _ in range(6)]
     cancelled = later[-1]
     assert cancelled.cancel()
@@ -296,10 +319,10 @@ def test_done_callbacks(make: MakeExecutor, tasks: Any) -> None:
     assert seen == [42, 43]
 
 
-def test_done_callback_of_a_cancelled_call(make: MakeExecutor, tasks: Any) -> None:
+def test_done_callback_of_a_cancelled_call(make: MakeExecutor, tasks: Any, gate: str) -> None:
     executor = make()
-    occupied(executor, tasks, 0.5)
-    later = [executor.submit(tasks.sleep, 0.5) for _ in range(4)]
+    occupied(executor, tasks.hold, gate)
+    later = [executor.submit(tasks.hold, gate) for _ in range(4)]
     calls: list[bool] = []
     later[-1].add_done_callback(lambda f: calls.append(f.cancelled()))
     assert later[-1].cancel()
@@ -337,10 +360,10 @@ def test_result_and_exception_time_out(make: MakeExecutor, tasks: Any) -> None:
 # -- wait ------------------------------------------------------------------------------------------
 
 
-def test_first_completed(make: MakeExecutor, tasks: Any) -> None:
+def test_first_completed(make: MakeExecutor, tasks: Any, gate: str) -> None:
     executor = make()
     future1 = executor.submit(tasks.mul, 21, 2)
-    future2 = executor.submit(tasks.sleep, 1.5)
+    future2 = executor.submit(tasks.hold, gate)
     not_notified: Future[Any] = Future()
     not_notified.cancel()  # CANCELLED, not notified: not done for wait()
     done, not_done = concurrent.futures.wait([not_notified, future1, future2], return_when=FIRST_COMPLETED)
@@ -348,28 +371,28 @@ def test_first_completed(make: MakeExecutor, tasks: Any) -> None:
     assert not_done == {not_notified, future2}
 
 
-def test_first_completed_some_already_completed(make: MakeExecutor, tasks: Any) -> None:
+def test_first_completed_some_already_completed(make: MakeExecutor, tasks: Any, gate: str) -> None:
     executor = make()
-    future1 = executor.submit(tasks.sleep, 1.5)
+    future1 = executor.submit(tasks.hold, gate)
     ready = [cancelled_and_notified(), finished(42)]
     done, not_done = concurrent.futures.wait([*ready, future1], return_when=FIRST_COMPLETED)
     assert done == set(ready) and not_done == {future1}
 
 
-def test_first_exception(make: MakeExecutor, tasks: Any) -> None:
+def test_first_exception(make: MakeExecutor, tasks: Any, gate: str) -> None:
     executor = make()
     future1 = executor.submit(tasks.mul, 2, 21)
     future2 = executor.submit(tasks.sleep_and_raise, 0.5)
-    future3 = executor.submit(tasks.sleep, 3)
+    future3 = executor.submit(tasks.hold, gate)
     done, not_done = concurrent.futures.wait([future1, future2, future3], return_when=FIRST_EXCEPTION)
     assert done == {future1, future2}
     assert not_done == {future3}
     assert str(future2.exception()) == "this is an exception"
 
 
-def test_first_exception_one_already_failed(make: MakeExecutor, tasks: Any) -> None:
+def test_first_exception_one_already_failed(make: MakeExecutor, tasks: Any, gate: str) -> None:
     executor = make()
-    future1 = executor.submit(tasks.sleep, 1.5)
+    future1 = executor.submit(tasks.hold, gate)
     failed = finished(exception=OSError())
     done, not_done = concurrent.futures.wait([failed, future1], return_when=FIRST_EXCEPTION)
     assert done == {failed} and not_done == {future1}
@@ -385,10 +408,10 @@ def test_all_completed(make: MakeExecutor, tasks: Any) -> None:
     assert isinstance(future1.exception(), ZeroDivisionError) and future2.result() == 42
 
 
-def test_wait_timeout(make: MakeExecutor, tasks: Any) -> None:
+def test_wait_timeout(make: MakeExecutor, tasks: Any, gate: str) -> None:
     executor = make()
     future1 = executor.submit(tasks.mul, 6, 7)
-    future2 = executor.submit(tasks.sleep, 2)
+    future2 = executor.submit(tasks.hold, gate)
     future1.result(timeout=30)
     done, not_done = concurrent.futures.wait([future1, future2], timeout=0.3, return_when=ALL_COMPLETED)
     assert done == {future1} and not_done == {future2}
@@ -406,9 +429,9 @@ def test_as_completed(make: MakeExecutor, tasks: Any) -> None:
     assert completed == {*ready, future1, future2}
 
 
-def test_as_completed_zero_timeout(make: MakeExecutor, tasks: Any) -> None:
+def test_as_completed_zero_timeout(make: MakeExecutor, tasks: Any, gate: str) -> None:
     executor = make()
-    future1 = executor.submit(tasks.sleep, 2)
+    future1 = executor.submit(tasks.hold, gate)
     ready = [finished(42), cancelled_and_notified()]
     completed = set()
     with pytest.raises(TimeoutError):
