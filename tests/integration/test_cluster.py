@@ -336,7 +336,7 @@ def test_overflow_spills_only_past_spill_queue(start_daemon: Callable[..., Daemo
 
 
 def test_a_reload_serves_new_work_on_a_new_bridge_while_the_old_one_drains(
-    start_daemon: Callable[..., Daemon],
+    start_daemon: Callable[..., Daemon], tmp_path: Path
 ) -> None:
     """A reload retires the bridge and starts a new one at once: a request sent after it is
     answered by the new bridge's head while the old bridge still runs the jobs it holds (as a
@@ -345,17 +345,23 @@ def test_a_reload_serves_new_work_on_a_new_bridge_while_the_old_one_drains(
     old = cluster_status(daemon)
     old_head = ray_processes(old["pid"])
     count = old["capacity"]  # every job held by the old bridge, none left waiting in the daemon
-    seconds = [0.1, 0.5, 0.5, 0.5, 0.5]
+    # The old jobs wait on the gate, opened once the new request is answered (or has had a
+    # minute): so the old bridge surely still runs them all while the new head starts and
+    # serves, however long that takes (0.1-0.5 s sleeps left that to timing: ~13 s of them).
+    gate = tmp_path / "gate"
     with Counter(daemon.socket) as counter:
         for n in range(count):
-            args = [seconds[n % len(seconds)]]
-            counter.send(request(n, "execute", name="tests.cluster_tasks:where", args=args))
+            counter.send(request(n, "execute", name="tests.cluster_tasks:where", kwargs={"gate": str(gate)}))
         wait_until(lambda: cluster_status(daemon)["running"] == count, 30, 0.1)
         with daemon.client() as client:
             client.reload()
             during = client.status()["cluster"]
         counter.send(request("new", "execute", name="tests.cluster_tasks:where"))
         order: list[Any] = []
+        deadline = time.monotonic() + 60
+        while "new" not in order and time.monotonic() < deadline:
+            order += counter.receive(0.2)
+        gate.touch()
         deadline = time.monotonic() + 120
         while len(order) < count + 1 and time.monotonic() < deadline:
             order += counter.receive(0.2)
@@ -363,8 +369,8 @@ def test_a_reload_serves_new_work_on_a_new_bridge_while_the_old_one_drains(
         tally = counter.tally
     assert tally.replies == count + 1 and not tally.duplicates() and tally.codes == {"OK": count + 1}
     after_new = len(order) - 1 - order.index("new")
-    # Before: 0 (the new request waited for every old job). Measured on 2 shared cores: 46 of 64.
-    assert after_new >= count // 8, f"only {after_new} of {count} old jobs were answered after the new one"
+    # Before: 0 (the new request waited for every old job, which waited for the gate).
+    assert after_new == count, f"only {after_new} of {count} old jobs were answered after the new one"
     assert during["pid"] != old["pid"] and during["retiring"][0]["pid"] == old["pid"]
     assert during["retiring"][0]["running"] > 0
     old_raylets = {tally.results[n]["parent"] for n in range(count)}
@@ -376,7 +382,7 @@ def test_a_reload_serves_new_work_on_a_new_bridge_while_the_old_one_drains(
 
 
 def test_a_retiring_bridge_that_dies_has_its_jobs_retried_on_the_new_one(
-    start_daemon: Callable[..., Daemon],
+    start_daemon: Callable[..., Daemon], tmp_path: Path
 ) -> None:
     """The death of a retiring bridge is its own: its jobs are settled (every one may have run;
     these asked for a retry, which the new bridge runs) and the serving bridge serves on, the
@@ -384,16 +390,23 @@ def test_a_retiring_bridge_that_dies_has_its_jobs_retried_on_the_new_one(
     daemon = start_daemon(config=cluster_config(), env=environment())
     old = cluster_status(daemon)
     count = old["capacity"]
+    # Every job waits on the gate, so the old bridge surely holds them all when it is killed
+    # (0.5 s sleeps did so only while the new head took longer to start than the old one took
+    # to run them, and then the retries ran 0.5 s each: ~14 s); the gate opens after the kill.
+    gate = str(tmp_path / "gate")
     with Counter(daemon.socket) as counter:
         for n in range(count):
-            counter.send(request(n, "execute", name="tests.cluster_tasks:where", args=[0.5], retries=1))
+            where = request(n, "execute", name="tests.cluster_tasks:where", kwargs={"gate": gate}, retries=1)
+            counter.send(where)
         wait_until(lambda: cluster_status(daemon)["running"] == count, 30, 0.1)
         with daemon.client() as client:
             client.reload()
         wait_until(lambda: cluster_status(daemon)["state"] == "ready", 60, 0.2)  # the new one connected
         new = cluster_status(daemon)
-        assert new["retiring"][0]["pid"] == old["pid"] and new["retiring"][0]["running"] > 0
+        assert new["retiring"][0]["pid"] == old["pid"] and new["retiring"][0]["running"] == count
         os.kill(old["pid"], signal.SIGKILL)
+        wait_until(lambda: cluster_status(daemon)["retiring"] == [], 30, 0.1)  # its jobs settled
+        Path(gate).touch()
         assert counter.wait_replies(count, timeout_s=120)
         counter.settle(1.0)
         tally = counter.tally
