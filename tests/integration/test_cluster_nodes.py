@@ -45,7 +45,12 @@ def ray_cluster() -> Iterator[Any]:
         patch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         patch.setenv("PYTHONPATH", PYTHONPATH)  # the nodes' workers import tests.cluster_tasks
         loopback = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
-        cluster = Cluster(initialize_head=True, head_node_args={**loopback, "include_dashboard": False})
+        # The GCS finds a removed node dead after `failure_threshold` failed health checks,
+        # `period_ms` apart: 5 x 3 s by Ray's default, which was most of the node-removal test.
+        # 3 x 0.5 s here; a live node still has each check's full timeout (10 s) to answer.
+        checks = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
+        head = {**loopback, "include_dashboard": False, "_system_config": checks}
+        cluster = Cluster(initialize_head=True, head_node_args=head)
         try:
             for _ in range(2):
                 cluster.add_node(**loopback)
@@ -97,6 +102,11 @@ def test_three_loopback_nodes_and_tasks_land_on_several(nodes_daemon: Daemon) ->
     assert {psutil.Process(pid).name() for pid in parents} == {"raylet"}
 
 
+def retries(daemon: Daemon) -> int:
+    with daemon.client() as client:
+        return int(client.status()["counters"].get("retries", 0))
+
+
 @pytest.mark.cluster_slow
 def test_a_node_removed_mid_batch_gives_each_request_one_reply(
     nodes_daemon: Daemon, ray_cluster: Any, tmp_path: Path
@@ -106,22 +116,29 @@ def test_a_node_removed_mid_batch_gives_each_request_one_reply(
     count = 9
     started = tmp_path / "started"
     started.mkdir()
+    # Every job waits on the gate, opened once the daemon has retried the removed node's job:
+    # that job cannot end first (its Ray worker may outlive its raylet a moment, and would), as
+    # a 1.5 s sleep might have, and the rest need not sleep after.
+    gate = tmp_path / "gate"
     with Counter(nodes_daemon.socket) as counter:
         for n in range(count):
-            args = [1.5, str(started)]
-            counter.send(request(n, "execute", name="tests.cluster_tasks:where", args=args, retries=2))
+            where = {"args": [0, str(started)], "kwargs": {"gate": str(gate)}, "retries": 2}
+            counter.send(request(n, "execute", name="tests.cluster_tasks:where", **where))
         # Once every node runs one (each node leaves a file), the one removed surely loses a task.
         wait_until(lambda: len(os.listdir(started)) >= 3, 30)
         victim = ray_cluster.list_all_nodes()[-1]
         ray_cluster.remove_node(victim, allow_graceful=False)
+        try:
+            wait_until(lambda: retries(nodes_daemon) >= 1, 60, 0.1)
+        finally:
+            gate.touch()
         assert counter.wait_replies(count, timeout_s=90)
         counter.settle(1.0)
         tally = counter.tally
     try:
         assert tally.replies == count and not tally.duplicates()
         assert tally.codes == {"OK": count}, tally.codes
-        with nodes_daemon.client() as client:
-            assert client.status()["counters"].get("retries", 0) >= 1
+        assert retries(nodes_daemon) >= 1
     finally:
         ray_cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
         ray_cluster.wait_for_nodes()
