@@ -297,14 +297,20 @@ def test_a_client_whose_reply_queue_fills_is_cut_off_not_dropped(
     pings = limits.CLIENT_SNDHWM + 8_000  # the queue, and what the kernel's buffers take
     with non_reader(daemon.socket) as sock:
         monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # Once cut, our own queue fills (this client is not reading): a send that waits 0.2 s
+        # asks whether the cut came, rather than waiting out the socket's 10 s (a daemon that
+        # stops reading without a cut fails below, after 30 s).
+        sock.setsockopt(zmq.SNDTIMEO, 200)
+        deadline = time.monotonic() + 30
         try:
             sent = 0
-            try:
-                for n in range(pings):
-                    sock.send_multipart(request(n, "ping"))
+            while sent < pings:
+                try:
+                    sock.send_multipart(request(sent, "ping"))
                     sent += 1
-            except zmq.Again:  # once cut, our own queue fills: this client is not reading
-                pass
+                except zmq.Again:
+                    if cut_offs(daemon) or time.monotonic() > deadline:
+                        break
             wait_until(lambda: cut_offs(daemon) == 1, timeout=30)
             received = 0
             while sock.poll(200):  # reading again: the replies that made it, then the cut
