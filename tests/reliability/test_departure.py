@@ -23,21 +23,27 @@ from tests.conftest import Daemon, wait_until
 from tests.reliability.harness import Counter
 from tests.reliability.test_seams import code, execute, seams_config, wait_for, wait_replies
 
-# `slow(marker, seconds)` writes its marker only once it has run to its end: a job that was
-# dropped or killed leaves none.
+# `slow(marker, seconds, gate)` writes its marker only once it has run to its end: a job that
+# was dropped or killed leaves none. With `gate`, a path, it then runs on until that file exists
+# (a minute at most): a running job the test ends when it has seen what it looks for, neither
+# before (as a sleep might on a slow machine) nor seconds after.
 DEPARTING = """\
+import os
 import time
 
 
-def slow(marker, seconds):
+def slow(marker, seconds, gate=None):
     time.sleep(seconds)
+    deadline = time.monotonic() + 60
+    while gate is not None and not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
     with open(marker, "w") as handle:
         handle.write("done")
     return marker
 """
 
-# Sends `count` requests (the first runs RUN_S, the rest would wait QUEUED_S each), says so,
-# and waits to be killed. One Client, one connection: the daemon sees one client.
+# Sends `count` requests (the first runs until the gate opens, the rest would run QUEUED_S
+# each), says so, and waits to be killed. One Client, one connection: the daemon sees one client.
 CLIENT = """\
 import signal
 import sys
@@ -48,17 +54,17 @@ from workerctl import Client
 # A client as a terminal starts it: a runner under nohup would have it ignore SIGHUP.
 signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
-socket, marker, count, die = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+socket, marker, count, die, gate = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5]
 client = Client(socket, timeout=60)
 fields = {"die_with_client": True} if die else {}
 for n in range(count):
-    seconds = RUN_S if n == 0 else QUEUED_S
-    client.send("execute", name="departing:slow", args=[f"{marker}.{n}", seconds], **fields)
+    args = [f"{marker}.{n}", 0, gate] if n == 0 else [f"{marker}.{n}", QUEUED_S]
+    client.send("execute", name="departing:slow", args=args, **fields)
 print("sent", flush=True)
 time.sleep(600)
 """
-RUN_S, QUEUED_S = 3.0, 5.0
-JOBS = 12  # one running, one prefetched, ten queued: two minutes of work on one worker
+QUEUED_S = 5.0
+JOBS = 12  # one running, one prefetched, ten queued: a minute of work on one worker
 SIGNALS = [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL]
 GONE_WITHIN_S = 5.0  # measured: the disconnect is seen in about 2 ms
 
@@ -82,14 +88,16 @@ def start(start_daemon: Callable[..., Daemon], tmp_path: Path, workers: int = 1)
 
 
 def spawn_client(
-    clients: list[subprocess.Popen[str]], daemon: Daemon, marker: Path, die: bool, count: int = JOBS
+    clients: list[subprocess.Popen[str]],
+    daemon: Daemon,
+    marker: Path,
+    die: bool,
+    gate: Path,
+    count: int = JOBS,
 ) -> subprocess.Popen[str]:
-    source = CLIENT.replace("RUN_S", repr(RUN_S)).replace("QUEUED_S", repr(QUEUED_S))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", source, daemon.socket, str(marker), str(count), "1" if die else "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    source = CLIENT.replace("QUEUED_S", repr(QUEUED_S))
+    command = [sys.executable, "-c", source, daemon.socket, str(marker), str(count), "1" if die else "0"]
+    proc = subprocess.Popen([*command, str(gate)], stdout=subprocess.PIPE, text=True)
     clients.append(proc)
     assert proc.stdout is not None and proc.stdout.readline() == "sent\n"
     return proc
@@ -133,8 +141,8 @@ def test_a_killed_clients_waiting_jobs_are_dropped_and_its_running_job_goes_on(
     the running one runs to its end (its marker appears) on the same worker. Before: the queue
     went on for a minute after its client."""
     daemon = start(start_daemon, tmp_path)
-    marker = tmp_path / "marker"
-    proc = spawn_client(clients, daemon, marker, die=False)
+    marker, gate = tmp_path / "marker", tmp_path / "gate"
+    proc = spawn_client(clients, daemon, marker, die=False, gate=gate)
     wait_until(lambda: all_accepted(daemon, JOBS - 1), 20)
     running = busy_pids(daemon)
     kill(proc, sig)
@@ -143,7 +151,8 @@ def test_a_killed_clients_waiting_jobs_are_dropped_and_its_running_job_goes_on(
     assert now.get("departed_dropped") == JOBS - 1, now
     assert now.get("clients_departed") == 1, now
     assert "departed_killed" not in now, now
-    wait_until(lambda: Path(f"{marker}.0").exists(), RUN_S + 10)
+    gate.touch()  # the running job, which outlived its client, may end now
+    wait_until(lambda: Path(f"{marker}.0").exists(), 10)
     wait_until(lambda: counter(daemon, "execute_ok") == 1, 5)
     assert {w["pid"] for w in status(daemon)["pool"]["workers"]} == running  # never replaced
     time.sleep(1.0)  # nothing else starts: the dropped jobs are gone for good
@@ -158,8 +167,8 @@ def test_die_with_client_kills_its_running_job_and_replaces_the_worker(
     """The same with `die_with_client: true` on every request: the running job's worker is
     killed (departed_killed 1) and replaced, so its task never reaches its end (no marker)."""
     daemon = start(start_daemon, tmp_path)
-    marker = tmp_path / "marker"
-    proc = spawn_client(clients, daemon, marker, die=True)
+    marker, gate = tmp_path / "marker", tmp_path / "gate"
+    proc = spawn_client(clients, daemon, marker, die=True, gate=gate)
     wait_until(lambda: all_accepted(daemon, JOBS - 1), 20)
     running = busy_pids(daemon)
     kill(proc, sig)
@@ -172,7 +181,8 @@ def test_die_with_client_kills_its_running_job_and_replaces_the_worker(
         return len(pids) == 1 and not pids & running
 
     wait_until(replaced, 20)
-    time.sleep(RUN_S + 0.5)  # past the end the killed task would have reached
+    gate.touch()
+    time.sleep(0.5)  # past the end the killed task would have reached, the gate open
     assert not list(tmp_path.glob("marker.*"))
     assert counter(daemon, "execute_ok") == 0
 
@@ -185,12 +195,12 @@ def test_another_clients_jobs_are_untouched(
     Killed, its jobs go, its worker is killed; the other's running job finishes on the worker it
     ran on and its three waiting ones run, each answered once."""
     daemon = start(start_daemon, tmp_path, workers=2)
-    mine = tmp_path / "mine"
+    mine, gate = tmp_path / "mine", tmp_path / "gate"
     with Counter(daemon.socket) as other:
-        other.send(execute("running", "departing:slow", f"{mine}.running", RUN_S))
+        other.send(execute("running", "departing:slow", f"{mine}.running", 0, str(gate)))
         wait_until(lambda: status(daemon)["pool"]["busy"] == 1, 10)
         other_pid = busy_pids(daemon)
-        proc = spawn_client(clients, daemon, tmp_path / "marker", die=True)
+        proc = spawn_client(clients, daemon, tmp_path / "marker", die=True, gate=gate)
         # Both busy, the departing client's first job on the other worker; one prefetched each.
         wait_until(lambda: all_accepted(daemon, JOBS - 1, busy=2), 20)
         waiting = [f"waiting{n}" for n in range(3)]
@@ -199,7 +209,8 @@ def test_another_clients_jobs_are_untouched(
         wait_until(lambda: all_accepted(daemon, JOBS - 1 + 3, busy=2), 20)
         kill(proc, signal.SIGKILL)
         wait_until(lambda: counter(daemon, "departed_killed") == 1, GONE_WITHIN_S)
-        wait_replies(other, 4, RUN_S + 20)
+        gate.touch()  # the other's running job, which went on, may end now
+        wait_replies(other, 4, 20)
         assert {code(other, n) for n in ["running", *waiting]} == {"OK"}, other.tally.results
         assert wait_for(other, "running") == f"{mine}.running"
         assert not other.tally.duplicates()
@@ -242,9 +253,10 @@ import time
 
 from workerctl import Executor
 
-socket, marker = sys.argv[1], sys.argv[2]
+socket, marker, gate = sys.argv[1], sys.argv[2], sys.argv[3]
 executor = Executor(socket)
-futures = [executor.submit("departing:slow", f"{marker}.{n}", 3.0 if n == 0 else 5.0) for n in range(4)]
+futures = [executor.submit("departing:slow", f"{marker}.0", 0, gate)]
+futures += [executor.submit("departing:slow", f"{marker}.{n}", 5.0) for n in range(1, 4)]
 while not futures[0].running():
     time.sleep(0.01)
 print("sent", flush=True)
@@ -259,13 +271,13 @@ def test_an_executors_calls_die_with_its_process(
     the Executor asks for die_with_client, so the running call's worker is killed too and no
     call reaches its end, as a ProcessPoolExecutor's workers die with their parent."""
     daemon = start(start_daemon, tmp_path)
-    marker = tmp_path / "marker"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", EXECUTOR_CLIENT, daemon.socket, str(marker)], stdout=subprocess.PIPE, text=True
-    )
+    marker, gate = tmp_path / "marker", tmp_path / "gate"
+    command = [sys.executable, "-c", EXECUTOR_CLIENT, daemon.socket, str(marker), str(gate)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     clients.append(proc)
     assert proc.stdout is not None and proc.stdout.readline() == "sent\n"
     kill(proc, signal.SIGKILL)
     wait_until(lambda: queue_gone(daemon) and counter(daemon, "departed_killed") == 1, GONE_WITHIN_S)
-    time.sleep(3.5)  # past the end the killed call would have reached
+    gate.touch()
+    time.sleep(0.5)  # past the end the killed call would have reached, the gate open
     assert not list(tmp_path.glob("marker.*"))
