@@ -29,7 +29,7 @@ def load(device):
     time.sleep({load_s})
     return torch.ones(int(SIZE_MB * 1024 * 1024 / 4), device=device)
 
-def run(weights, sleep=0.0, oom=False, crash=False, mark=""):
+def run(weights, sleep=0.0, oom=False, crash=False, mark="", gate=""):
     if mark:  # the run has begun (its worker said so): a test may kill the worker now
         open(mark, "w").close()
     if crash:
@@ -39,6 +39,8 @@ def run(weights, sleep=0.0, oom=False, crash=False, mark=""):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         raise MemoryError()
     time.sleep(sleep)
+    while gate and not os.path.exists(gate):  # held until the test opens it ([gpu] run_timeout_s)
+        time.sleep(0.01)
     return {{"version": VERSION, "sum": float(weights[:10].sum())}}
 """
 
@@ -118,16 +120,20 @@ def test_budget_evicts_least_recently_used(start_daemon: Callable[..., Daemon], 
         assert all(p["bytes"] >= 30 * 1024 * 1024 for p in stats["pipelines"])
 
 
-def test_memory_status_answers_during_a_long_run(gpu_daemon: Daemon) -> None:
+def test_memory_status_answers_during_a_long_run(gpu_daemon: Daemon, tmp_path: Path) -> None:
+    # The run is held on the gate until memory_status has answered (a 5 s sleep was, then the
+    # test waited it out): a memory_status that waited for the run would never answer.
+    gate = tmp_path / "gate"
     with gpu_daemon.client() as client:
         client.execute("a")
-        run = client.send("execute", name="a", kwargs={"sleep": 5})
+        run = client.send("execute", name="a", kwargs={"gate": str(gate)})
         wait_until(lambda: client.status()["gpu"]["state"] == "busy")
         started = time.monotonic()
         memory = client.memory_status()
         answered_in = time.monotonic() - started
         assert client.status()["gpu"]["state"] == "busy"  # the run was still going
-        assert answered_in < 2.0  # not after the 5 s run; bench/ measures the real figure
+        assert answered_in < 2.0  # bench/ measures the real figure
+        gate.touch()
         assert memory["gpu"]["pipelines"][0]["name"] == "a"
         assert [w["kind"] for w in memory["workers"]] == ["cpu", "gpu"]
         assert client.wait_result(run, 30)["warm"] is True
