@@ -227,15 +227,19 @@ def cpu(pids: list[int]) -> float:
     return sum(benchlib.cpu_seconds(pids).values())
 
 
-def measure(system: Any, calls: int, chunksize: int, window: int) -> dict[str, float]:
+def cpu_per_call(system: Any, calls: int, work: Callable[[], Any]) -> tuple[Any, float, dict[str, float]]:
+    """What `work()` returned, its wall seconds, and the CPU per call of each role in µs."""
     before = {role: cpu(pids) for role, pids in system.roles.items()}
     started = time.perf_counter()
-    system.run(calls, chunksize, window)
+    result = work()
     wall = time.perf_counter() - started
-    out = {"rate": calls / wall}
-    for role, pids in system.roles.items():
-        out[role] = (cpu(pids) - before[role]) / calls * 1e6
-    return out
+    roles = {role: (cpu(pids) - before[role]) / calls * 1e6 for role, pids in system.roles.items()}
+    return result, wall, roles
+
+
+def measure(system: Any, calls: int, chunksize: int, window: int) -> dict[str, float]:
+    _, wall, roles = cpu_per_call(system, calls, lambda: system.run(calls, chunksize, window))
+    return {"rate": calls / wall, **roles}
 
 
 def chunk_sizes(text: str) -> list[int]:
@@ -324,12 +328,8 @@ def main() -> None:
 
 def measure_serial(system: Served, count: int) -> dict[str, float]:
     """p50 and p99 in seconds, and the CPU per call of each role in µs, one call in flight."""
-    before = {role: cpu(pids) for role, pids in system.roles.items()}
-    samples = system.serial(count)
-    out = {"p50": percentile(samples, 50), "p99": percentile(samples, 99)}
-    for role, pids in system.roles.items():
-        out[role] = (cpu(pids) - before[role]) / count * 1e6
-    return out
+    samples, _, roles = cpu_per_call(system, count, lambda: system.serial(count))
+    return {"p50": percentile(samples, 50), "p99": percentile(samples, 99), **roles}
 
 
 def serial_table(latency: dict[str, list[dict[str, float]]]) -> str:

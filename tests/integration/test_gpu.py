@@ -121,18 +121,16 @@ def test_budget_evicts_least_recently_used(start_daemon: Callable[..., Daemon], 
 
 
 def test_memory_status_answers_during_a_long_run(gpu_daemon: Daemon, tmp_path: Path) -> None:
-    # The run is held on the gate until memory_status has answered (a 5 s sleep was, then the
-    # test waited it out): a memory_status that waited for the run would never answer.
+    # The run is held on the gate until memory_status has answered: a memory_status that waited
+    # for the run would not answer before the run's timeout (30 s), and the run would end in
+    # TIMEOUT, not "warm", so no clock is needed to tell the two apart; bench/ measures the time.
     gate = tmp_path / "gate"
     with gpu_daemon.client() as client:
         client.execute("a")
         run = client.send("execute", name="a", kwargs={"gate": str(gate)})
         wait_until(lambda: client.status()["gpu"]["state"] == "busy")
-        started = time.monotonic()
         memory = client.memory_status()
-        answered_in = time.monotonic() - started
         assert client.status()["gpu"]["state"] == "busy"  # the run was still going
-        assert answered_in < 2.0  # bench/ measures the real figure
         gate.touch()
         assert memory["gpu"]["pipelines"][0]["name"] == "a"
         assert [w["kind"] for w in memory["workers"]] == ["cpu", "gpu"]
