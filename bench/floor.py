@@ -252,6 +252,21 @@ def chunk_sizes(text: str) -> list[int]:
     return sizes
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer of at least {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
 def checkout(text: str) -> Path:
     """A checkout's root: without its daemon/ and client/ the daemon would quietly be this one."""
     root = Path(text).resolve()
@@ -265,12 +280,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--calls", type=int, default=40_000)
+    parser.add_argument("--rounds", type=at_least(1), default=5)
+    parser.add_argument(
+        "--calls", type=at_least(4), default=40_000, help="per run (a quarter at chunksize 1)"
+    )
     parser.add_argument("--chunksizes", type=chunk_sizes, default="1,16,100", help="e.g. 1,16,100")
-    parser.add_argument("--window", type=int, default=64, help="messages in flight (imap_unordered's window)")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--serial", type=int, default=2000, help="serial execute calls per round and daemon")
+    window_help = "messages in flight (imap_unordered's window)"
+    parser.add_argument("--window", type=at_least(1), default=64, help=window_help)
+    parser.add_argument("--workers", type=at_least(1), default=2)
+    parser.add_argument(
+        "--serial", type=at_least(0), default=2000, help="serial execute calls per round and daemon (0: none)"
+    )
     parser.add_argument(
         "--baseline", type=checkout, action="append", default=[], help="another checkout's root (repeatable)"
     )
