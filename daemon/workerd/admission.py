@@ -123,7 +123,12 @@ def check_calls(request: dict[str, Any], name: str) -> None:
 def check_contents(request: dict[str, Any]) -> None:
     """In a worker, on the decoded request: what the master could not see without decoding."""
     if "calls" not in request:
-        check_arguments(request.get("args", []), request.get("kwargs", {}), "")
+        args, kwargs = request.get("args", []), request.get("kwargs", {})
+        # msgpack decodes an array as a list and a map as a dict: exact type checks pass every
+        # good request at once; check_arguments says what is wrong with the others.
+        plain = type(args) is list and type(kwargs) is dict
+        if not plain or (kwargs and not all(type(key) is str for key in kwargs)):
+            check_arguments(args, kwargs, "")
         return
     check_calls(request, str(request.get("name", "")))
     # Every call of a chunk: keep the loop tight (exact type checks, no call per entry); msgpack

@@ -133,3 +133,33 @@ def test_a_blocking_end_waits_for_a_whole_message_across_short_reads() -> None:
     assert [[bytes(f) for f in m] for m in got] == [[b"abc", b"defg"]]
     worker.close()
     theirs.close()
+
+
+@pytest.mark.parametrize("count", [0, 4097])
+def test_a_header_with_no_frames_or_too_many_is_refused(count: int) -> None:
+    ours, theirs = socket.socketpair()
+    master = Channel(ours, max_frame=1024, blocking=False)
+    theirs.sendall(count.to_bytes(4, "little") + bytes(16))
+    with pytest.raises(ChannelError, match=f"a message of {count} frames"):
+        master.receive()
+    master.close()
+    theirs.close()
+
+
+def test_frames_are_bytes_whether_cut_whole_or_frame_by_frame() -> None:
+    """Job ids are looked up in sets and dicts: a frame must be hashable bytes, both when its
+    message is cut at once and when it is read across reads (or beside a large frame)."""
+    ours, theirs = socket.socketpair()
+    master = Channel(ours, max_frame=1 << 20, blocking=False)
+    whole = header([b"done", b"7"]) + b"done7"
+    split = header([b"done", b"8", b"x" * LARGE_FRAME]) + b"done8" + b"x" * LARGE_FRAME
+    theirs.sendall(whole + split[:9])
+    got = master.receive()
+    theirs.sendall(split[9:])
+    while len(got or []) < 2:
+        got = (got or []) + (master.receive() or [])
+    assert [type(f) for f in got[0]] == [bytes, bytes]
+    assert [type(f) for f in got[1][:2]] == [bytes, bytes]
+    assert {got[0][1], got[1][1]} == {b"7", b"8"}
+    master.close()
+    theirs.close()

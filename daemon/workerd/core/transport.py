@@ -20,9 +20,10 @@ nothing else to do. A small message is joined into one buffer when it is queued 
 few hundred bytes costs less than the memoryview and iovec entry per frame); one of JOIN_MAX
 bytes or more goes by reference, its frames never copied.
 
-Reading takes whatever has arrived in one recv and splits it into messages; a frame of
-LARGE_FRAME bytes or more is read straight into a buffer of its own instead of being copied out
-of the receive buffer. A recv that returned less than it had room for emptied the socket: no
+Reading takes whatever has arrived in one recv and splits it into messages. A message whose
+frames are all small and all there (every job and every reply of a normal run) is cut in one
+pass; a frame of LARGE_FRAME bytes or more is read straight into a buffer of its own instead of
+being copied out of the receive buffer. A recv that returned less than it had room for emptied the socket: no
 second recv is made just to be told EAGAIN.
 """
 
@@ -74,11 +75,12 @@ def header_struct(count: int) -> struct.Struct:
 
 
 def sizes_of(frames: Sequence[Any]) -> list[int]:
-    return [f.nbytes if isinstance(f, memoryview) else len(f) for f in frames]
+    return [f.nbytes if type(f) is memoryview else len(f) for f in frames]
 
 
 def pack_header(sizes: list[int]) -> bytes:
-    return header_struct(len(sizes)).pack(len(sizes), *sizes)
+    count = len(sizes)
+    return (HEADERS.get(count) or header_struct(count)).pack(count, *sizes)
 
 
 def header(frames: Sequence[Any]) -> bytes:
@@ -118,7 +120,11 @@ class Channel:
         sizes = sizes_of(frames)
         head = pack_header(sizes)
         if sum(sizes) < JOIN_MAX:
-            self.out.append(memoryview(b"".join((head, *frames))))
+            joined = b"".join((head, *frames))
+            if self.blocking and not self.out:
+                self.sock.sendall(joined)  # a worker's reply: one syscall, nothing queued
+                return
+            self.out.append(memoryview(joined))
         else:
             self.out.append(memoryview(head))
             for frame in frames:
@@ -138,7 +144,7 @@ class Channel:
         Raises OSError (EPIPE, ECONNRESET) when the peer is gone."""
         out = self.out
         while out:
-            batch = list(itertools.islice(out, MAX_IOV))
+            batch = [out[0]] if len(out) == 1 else list(itertools.islice(out, MAX_IOV))
             try:
                 sent = self.sock.sendmsg(batch)
             except BlockingIOError:
@@ -181,7 +187,10 @@ class Channel:
         if self._large is not None:
             target = self._large[self._large_at :]
         else:
-            self._make_room()
+            if self._start == self._end:
+                self._start = self._end = 0
+            elif self._end == len(self._buf):
+                self._move_to_front()
             target = self._view[self._end :]
         if not wait and self._poll is not None and not self._poll.poll(0):
             return NOTHING
@@ -200,33 +209,69 @@ class Channel:
             self._end += count
         return FILLED if count == target.nbytes else DRAINED
 
-    def _make_room(self) -> None:
-        if self._start == self._end:
-            self._start = self._end = 0
-        elif self._end == len(self._buf):
-            # Move the partial message to the front; it is smaller than the buffer, since a
-            # message part bigger than LARGE_FRAME is read in place, and headers are bounded.
-            pending = self._end - self._start
-            self._buf[:pending] = self._buf[self._start : self._end]
-            self._start, self._end = 0, pending
+    def _move_to_front(self) -> None:
+        """Room for more behind a partial message at the buffer's end. It is smaller than the
+        buffer: a message part bigger than LARGE_FRAME is read in place, and headers are bounded."""
+        pending = self._end - self._start
+        self._buf[:pending] = self._buf[self._start : self._end]
+        self._start, self._end = 0, pending
 
     def _parse(self, messages: list[Message]) -> None:
+        """Append the messages the buffer holds whole. A message all of whose frames are small and
+        here is cut at once (_cut, every job and every reply of a normal run); one with a large
+        frame, or not all here yet, is taken frame by frame (_take_frames), which remembers where
+        it stopped."""
         while True:
-            if self._large is not None:
-                if self._large_at < len(self._large):
+            if self._sizes is not None:
+                if self._large is not None:
+                    if self._large_at < len(self._large):
+                        return
+                    self._frames.append(self._large.obj)  # type: ignore[arg-type]
+                    self._large = None
+                if not self._take_frames():
                     return
-                self._frames.append(self._large.obj)  # type: ignore[arg-type]
-                self._large = None
-            if self._sizes is None and not self._read_header():
+                messages.append(self._frames)
+                self._frames, self._sizes = [], None
+            if not self._cut(messages):
                 return
-            if not self._take_frames():
-                return
-            messages.append(self._frames)
-            self._frames, self._sizes = [], None
+
+    def _cut(self, messages: list[Message]) -> bool:
+        """Cut whole small messages out of the buffer, in one loop over locals; True when it
+        stopped at a message for _take_frames (its header read, `_sizes` set), False when the
+        buffer holds no whole header."""
+        buf, view, start, end = self._buf, self._view, self._start, self._end
+        try:
+            while end - start >= 4:
+                (count,) = U32.unpack_from(buf, start)
+                if not 1 <= count <= MAX_FRAMES:
+                    raise ChannelError(f"a message of {count} frames")
+                at = start + 4 + 4 * count  # within the buffer: MAX_FRAMES bounds the header
+                if at > end:
+                    return False
+                sizes = (HEADERS.get(count) or header_struct(count)).unpack_from(buf, start)[1:]
+                largest = max(sizes)
+                if largest > self.max_frame:
+                    raise ChannelError(f"a frame of {largest} bytes, over the limit of {self.max_frame}")
+                stop = at + sum(sizes)
+                if stop > end or largest >= LARGE_FRAME:
+                    start, self._sizes = at, list(sizes)
+                    return True
+                if count == 1:
+                    messages.append([bytes(view[at:stop])])
+                else:
+                    whole, offset = bytes(view[at:stop]), 0
+                    frames: Message = []
+                    for size in sizes:
+                        frames.append(whole[offset : offset + size])
+                        offset += size
+                    messages.append(frames)
+                start = stop
+            return False
+        finally:
+            self._start = start
 
     def _take_frames(self) -> bool:
-        """Cut the frames of the message being read out of the buffer; True once it is whole.
-        (Locals, not attributes, in the loop: it runs for every frame the master receives.)"""
+        """Cut the frames of the message being read out of the buffer; True once it is whole."""
         sizes, frames, view = self._sizes, self._frames, self._view
         assert sizes is not None
         start, end = self._start, self._end
@@ -256,24 +301,6 @@ class Channel:
             self._frames.append(target)
             return
         self._large, self._large_at = memoryview(target), have
-
-    def _read_header(self) -> bool:
-        available = self._end - self._start
-        if available < 4:
-            return False
-        (count,) = U32.unpack_from(self._buf, self._start)
-        if not 1 <= count <= MAX_FRAMES:
-            raise ChannelError(f"a message of {count} frames")
-        if available < 4 + 4 * count:
-            if 4 + 4 * count > len(self._buf):  # pragma: no cover - bounded by MAX_FRAMES
-                raise ChannelError("header larger than the receive buffer")
-            return False
-        sizes = list(header_struct(count).unpack_from(self._buf, self._start)[1:])
-        if max(sizes) > self.max_frame:
-            raise ChannelError(f"a frame of {max(sizes)} bytes, over the limit of {self.max_frame}")
-        self._start += 4 + 4 * count
-        self._sizes = sizes
-        return True
 
     def close(self) -> None:
         self.closed = True
