@@ -6,37 +6,52 @@ master, a forked child the worker; the child echoes each [b"run", job id, body] 
 in flight (the latency of a hop) and with 64 in flight (what batching buys). Bodies differ per
 call. Prints a table; asserts nothing.
 
-    .venv/bin/python bench/transport.py [--calls N] [--rounds R]
+A third system is the floor of any socketpair transport: the same messages on a bare socketpair,
+framed as bench/floor.py frames them (a length header and one body, sendall, one recv, split), no
+frame list and no limits. The Channel's distance to it is what its framing costs in Python.
+--baseline DIR (repeatable) also measures the Channel of another checkout (its
+daemon/workerd/core/transport.py), named for its folder.
+
+    .venv/bin/python bench/transport.py [--calls N] [--rounds R] [--baseline DIR ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import os
+import select
+import socket
 import statistics
+import struct
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
 
 import zmq
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "daemon"))
 
-from workerd.core.transport import Channel, channel_pair
+from workerd.core import transport
 
 EXTRA = b"\x80"
+HEAD = struct.Struct("<I")
 
 
 def bodies(n: int) -> list[bytes]:
     return [os.urandom(180) + b"%08d" % i for i in range(n)]
 
 
-def run_channel(calls: int, window: int) -> float:
-    master, theirs = channel_pair(max_frame=1 << 20)
+def run_channel(calls: int, window: int, module: ModuleType = transport) -> float:
+    master, theirs = module.channel_pair(max_frame=1 << 20)
     pid = os.fork()
     if pid == 0:
         master.sock.close()
-        worker = Channel(theirs, max_frame=1 << 20, blocking=True)
+        worker = module.Channel(theirs, max_frame=1 << 20, blocking=True)
         while (messages := worker.receive(block=True)) is not None:
             for frames in messages:
                 if frames[0] == b"stop":
@@ -44,8 +59,6 @@ def run_channel(calls: int, window: int) -> float:
                 worker.send([b"done", frames[1], b"ok", frames[2], EXTRA])
         os._exit(0)
     theirs.close()
-    import select
-
     poller = select.poll()
     poller.register(master.fileno(), select.POLLIN)
     payload = bodies(calls)
@@ -64,6 +77,65 @@ def run_channel(calls: int, window: int) -> float:
     os.waitpid(pid, 0)
     master.close()
     return calls / elapsed
+
+
+def split(buffer: bytearray) -> Iterator[bytes]:
+    """The whole bodies at the front of `buffer`, removed from it."""
+    at = 0
+    while len(buffer) - at >= HEAD.size:
+        (size,) = HEAD.unpack_from(buffer, at)
+        if at + HEAD.size + size > len(buffer):
+            break
+        yield bytes(buffer[at + HEAD.size : at + HEAD.size + size])
+        at += HEAD.size + size
+    del buffer[:at]
+
+
+def run_bare(calls: int, window: int) -> float:
+    """The same exchange on a bare socketpair: [op, job id, body] packed into one length-prefixed
+    body (the job id a fixed 8 bytes), as bench/floor.py's broker and workers frame theirs."""
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        ours.close()
+        buffer = bytearray()
+        while data := theirs.recv(256 * 1024):
+            buffer += data
+            for body in split(buffer):
+                if body == b"stop":
+                    os._exit(0)
+                reply = b"done" + body[3:11] + b"ok" + body[11:] + EXTRA
+                theirs.sendall(HEAD.pack(len(reply)) + reply)
+        os._exit(0)
+    theirs.close()
+    payload = bodies(calls)
+    buffer = bytearray()
+    sent = done = 0
+    started = time.perf_counter()
+    while done < calls:
+        while sent < calls and sent - done < window:
+            body = b"run" + b"%08d" % sent + payload[sent]
+            ours.sendall(HEAD.pack(len(body)) + body)
+            sent += 1
+        buffer += ours.recv(256 * 1024)
+        done += sum(1 for _ in split(buffer))
+    elapsed = time.perf_counter() - started
+    ours.sendall(HEAD.pack(4) + b"stop")
+    os.waitpid(pid, 0)
+    ours.close()
+    return calls / elapsed
+
+
+def checkout_transport(root: str) -> tuple[str, Callable[[int, int], float]]:
+    """Another checkout's Channel, loaded from its file (transport.py imports nothing of workerd)."""
+    path = Path(root) / "daemon" / "workerd" / "core" / "transport.py"
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"transport_{Path(root).name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return f"socketpair Channel ({Path(root).resolve().name})", functools.partial(run_channel, module=module)
 
 
 def run_zmq(calls: int, window: int) -> float:
@@ -108,17 +180,33 @@ def run_zmq(calls: int, window: int) -> float:
     return calls / elapsed
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--calls", type=int, default=20_000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calls", type=positive, default=20_000)
+    parser.add_argument("--rounds", type=positive, default=5)
+    parser.add_argument(
+        "--baseline", type=checkout_transport, action="append", default=[], help="another checkout's root"
+    )
     args = parser.parse_args()
+    systems: list[tuple[str, Callable[[int, int], float]]] = [
+        ("zmq ipc ROUTER/DEALER", run_zmq),
+        ("socketpair Channel", run_channel),
+        *args.baseline,
+        ("bare socketpair", run_bare),
+    ]
     results: dict[tuple[str, int], list[float]] = {}
     for _ in range(args.rounds):  # interleaved: each round runs every system once
         for window in (1, 64):
-            for name, run in (("zmq ipc ROUTER/DEALER", run_zmq), ("socketpair Channel", run_channel)):
+            for name, run in systems:
                 results.setdefault((name, window), []).append(run(args.calls, window))
     print(f"load average {os.getloadavg()[0]:.2f}; {args.calls} calls x {args.rounds} rounds")
     print("| transport | in flight | round trips/s, median (min-max) |")
