@@ -28,6 +28,7 @@ from workerctl import protocol
 
 ECHO = "workerd.examples.tasks:echo"
 
+
 def dicts(count: int) -> list[Any]:
     """`count` calls of bench/throughput.py's payload: a small dict each."""
     payloads = ({"user": f"user{n}", "n": n, "tags": ["a", "b", str(n)], "ok": True} for n in range(count))

@@ -160,6 +160,7 @@ def client_families(clients: list[dict[str, Any]]) -> Iterator[Metric]:
     yield completed
     yield share
 
+
 def buckets(histogram: dict[str, Any]) -> list[tuple[str, int]]:
     """A metrics.Histogram snapshot's buckets as prometheus_client takes them."""
     pairs = [(repr(float(bound)), count) for bound, count in histogram["buckets"]]

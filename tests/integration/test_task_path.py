@@ -17,8 +17,7 @@ from workerctl import errors
 
 TASK_MODULE = "def where():\n    return __file__\n"
 PIPELINE_MODULE = (
-    "def load(device):\n    return __file__\n\n"
-    "def run(obj, **kwargs):\n    return {'loaded_from': obj}\n"
+    "def load(device):\n    return __file__\n\ndef run(obj, **kwargs):\n    return {'loaded_from': obj}\n"
 )
 CONFIG = """\
 [pool]
@@ -112,9 +111,9 @@ def test_a_task_path_that_is_no_directory_is_a_config_error(layout: tuple[Path, 
     for value, shown in (
         ('["../nowhere"]', f"'../nowhere' ({etc.parent / 'nowhere'}) is not a directory"),
         ('"../app"', "expected a list of directories, got '../app'"),
-        ("[\"\"]", "expected a list of directories"),
+        ('[""]', "expected a list of directories"),
     ):
-        path.write_text(f'[tasks]\nmodules = []\npath = {value}\n')
+        path.write_text(f"[tasks]\nmodules = []\npath = {value}\n")
         result = check_config(path, "/")
         assert result.returncode == 78 and result.stdout == ""
         assert result.stderr.startswith(f"workerd: {path}: [tasks] path")

@@ -89,4 +89,3 @@ def withdraw_rest(lane: Lane, late: Sequence[Job], now: float) -> list[Job]:
         lane.remove(job, now)
         job.requeues += 1
     return rest
-

@@ -497,4 +497,3 @@ class Pool:
         self.generations.close()
         for worker in self.workers.values():
             worker.child.close()
-
