@@ -6,6 +6,7 @@ Nothing here asserts a timing: the scripts print figures and leave the judging t
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import csv
@@ -470,3 +471,18 @@ def report(name: str, body: str, write: bool = True, script: str = "") -> None:
     if write:
         write_section(name, body, script)
         print(f"\n(section '{name}' written to {RESULTS.relative_to(ROOT)})")
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer of at least {minimum}, got {text!r}")
+        return value
+
+    return parse

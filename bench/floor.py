@@ -47,7 +47,7 @@ import psutil
 import zmq
 
 import benchlib
-from benchlib import percentile, spread, table
+from benchlib import at_least, percentile, spread, table
 from throughput import echo, payload
 from workerctl import Client
 
@@ -250,21 +250,6 @@ def chunk_sizes(text: str) -> list[int]:
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
     return sizes
-
-
-def at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer of at least `minimum`."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer of at least {minimum}, got {text!r}")
-        return value
-
-    return parse
 
 
 def checkout(text: str) -> Path:

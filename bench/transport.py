@@ -7,8 +7,9 @@ in flight (the latency of a hop) and with 64 in flight (what batching buys). Bod
 call. Prints a table; asserts nothing.
 
 A third system is the floor of any socketpair transport: the same messages on a bare socketpair,
-framed as bench/floor.py frames them (a length header and one body, sendall, one recv, split), no
-frame list and no limits. The Channel's distance to it is what its framing costs in Python.
+framed as bench/floor.py frames them (two lengths, a job id and one body; sendall, one recv,
+floor.split), no frame list and no limits. The Channel's distance to it is what its framing
+costs in Python.
 --baseline DIR (repeatable) also measures the Channel of another checkout (its
 daemon/workerd/core/transport.py), named for its folder.
 
@@ -24,11 +25,10 @@ import os
 import select
 import socket
 import statistics
-import struct
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -36,10 +36,11 @@ import zmq
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "daemon"))
 
+import benchlib
+import floor
 from workerd.core import transport
 
 EXTRA = b"\x80"
-HEAD = struct.Struct("<I")
 
 
 def bodies(n: int) -> list[bytes]:
@@ -79,21 +80,9 @@ def run_channel(calls: int, window: int, module: ModuleType = transport) -> floa
     return calls / elapsed
 
 
-def split(buffer: bytearray) -> Iterator[bytes]:
-    """The whole bodies at the front of `buffer`, removed from it."""
-    at = 0
-    while len(buffer) - at >= HEAD.size:
-        (size,) = HEAD.unpack_from(buffer, at)
-        if at + HEAD.size + size > len(buffer):
-            break
-        yield bytes(buffer[at + HEAD.size : at + HEAD.size + size])
-        at += HEAD.size + size
-    del buffer[:at]
-
-
 def run_bare(calls: int, window: int) -> float:
-    """The same exchange on a bare socketpair: [op, job id, body] packed into one length-prefixed
-    body (the job id a fixed 8 bytes), as bench/floor.py's broker and workers frame theirs."""
+    """The same exchange on a bare socketpair, framed as bench/floor.py's broker and workers frame
+    theirs: [routing id length, body length, routing id, body], the job id in the id's place."""
     ours, theirs = socket.socketpair()
     pid = os.fork()
     if pid == 0:
@@ -101,11 +90,11 @@ def run_bare(calls: int, window: int) -> float:
         buffer = bytearray()
         while data := theirs.recv(256 * 1024):
             buffer += data
-            for body in split(buffer):
+            for job, body in floor.split(buffer):
                 if body == b"stop":
                     os._exit(0)
-                reply = b"done" + body[3:11] + b"ok" + body[11:] + EXTRA
-                theirs.sendall(HEAD.pack(len(reply)) + reply)
+                reply = b"done" + b"ok" + body + EXTRA
+                theirs.sendall(floor.HEAD.pack(len(job), len(reply)) + job + reply)
         os._exit(0)
     theirs.close()
     payload = bodies(calls)
@@ -114,13 +103,13 @@ def run_bare(calls: int, window: int) -> float:
     started = time.perf_counter()
     while done < calls:
         while sent < calls and sent - done < window:
-            body = b"run" + b"%08d" % sent + payload[sent]
-            ours.sendall(HEAD.pack(len(body)) + body)
+            job, body = b"%d" % sent, b"run" + payload[sent]
+            ours.sendall(floor.HEAD.pack(len(job), len(body)) + job + body)
             sent += 1
         buffer += ours.recv(256 * 1024)
-        done += sum(1 for _ in split(buffer))
+        done += sum(1 for _ in floor.split(buffer))
     elapsed = time.perf_counter() - started
-    ours.sendall(HEAD.pack(4) + b"stop")
+    ours.sendall(floor.HEAD.pack(0, 4) + b"stop")
     os.waitpid(pid, 0)
     ours.close()
     return calls / elapsed
@@ -180,19 +169,12 @@ def run_zmq(calls: int, window: int) -> float:
     return calls / elapsed
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--calls", type=positive, default=20_000)
-    parser.add_argument("--rounds", type=positive, default=5)
+    parser.add_argument("--calls", type=benchlib.at_least(1), default=20_000)
+    parser.add_argument("--rounds", type=benchlib.at_least(1), default=5)
     parser.add_argument(
         "--baseline", type=checkout_transport, action="append", default=[], help="another checkout's root"
     )

@@ -98,6 +98,8 @@ def kind(value: Any) -> str:
 def check_arguments(args: Any, kwargs: Any, where: str) -> None:
     """args an array and kwargs a map: decoded values (in a worker) or Bulk (in the master),
     whose map keys a worker checks once it has decoded them."""
+    if type(args) is list and type(kwargs) is dict and all(type(key) is str for key in kwargs):
+        return  # decoded, and good: exact types (msgpack makes a list of an array, a dict of a map)
     if kind(args) != "array":
         raise RequestRejected(protocol.BAD_REQUEST, f"'args'{where} must be an array")
     if kind(kwargs) != "map" or (isinstance(kwargs, dict) and not all(isinstance(k, str) for k in kwargs)):
@@ -123,12 +125,7 @@ def check_calls(request: dict[str, Any], name: str) -> None:
 def check_contents(request: dict[str, Any]) -> None:
     """In a worker, on the decoded request: what the master could not see without decoding."""
     if "calls" not in request:
-        args, kwargs = request.get("args", []), request.get("kwargs", {})
-        # msgpack decodes an array as a list and a map as a dict: exact type checks pass every
-        # good request at once; check_arguments says what is wrong with the others.
-        plain = type(args) is list and type(kwargs) is dict
-        if not plain or (kwargs and not all(type(key) is str for key in kwargs)):
-            check_arguments(args, kwargs, "")
+        check_arguments(request.get("args", []), request.get("kwargs", {}), "")
         return
     check_calls(request, str(request.get("name", "")))
     # Every call of a chunk: keep the loop tight (exact type checks, no call per entry); msgpack

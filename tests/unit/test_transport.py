@@ -153,11 +153,12 @@ def test_frames_are_bytes_whether_cut_whole_or_frame_by_frame() -> None:
     master = Channel(ours, max_frame=1 << 20, blocking=False)
     whole = header([b"done", b"7"]) + b"done7"
     split = header([b"done", b"8", b"x" * LARGE_FRAME]) + b"done8" + b"x" * LARGE_FRAME
-    theirs.sendall(whole + split[:9])
+    theirs.sendall(whole + split[:9])  # the second message's header not all there yet
     got = master.receive()
-    theirs.sendall(split[9:])
-    while len(got or []) < 2:
-        got = (got or []) + (master.receive() or [])
+    assert got is not None and len(got) == 1
+    theirs.sendall(split[9:])  # all of it is readable once sendall returns: one receive takes it
+    got += master.receive() or []
+    assert len(got) == 2
     assert [type(f) for f in got[0]] == [bytes, bytes]
     assert [type(f) for f in got[1][:2]] == [bytes, bytes]
     assert {got[0][1], got[1][1]} == {b"7", b"8"}

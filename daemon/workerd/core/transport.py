@@ -23,8 +23,8 @@ bytes or more goes by reference, its frames never copied.
 Reading takes whatever has arrived in one recv and splits it into messages. A message whose
 frames are all small and all there (every job and every reply of a normal run) is cut in one
 pass; a frame of LARGE_FRAME bytes or more is read straight into a buffer of its own instead of
-being copied out of the receive buffer. A recv that returned less than it had room for emptied the socket: no
-second recv is made just to be told EAGAIN.
+being copied out of the receive buffer. A recv that returned less than it had room for emptied
+the socket: no second recv is made just to be told EAGAIN.
 """
 
 from __future__ import annotations
@@ -79,8 +79,7 @@ def sizes_of(frames: Sequence[Any]) -> list[int]:
 
 
 def pack_header(sizes: list[int]) -> bytes:
-    count = len(sizes)
-    return (HEADERS.get(count) or header_struct(count)).pack(count, *sizes)
+    return header_struct(len(sizes)).pack(len(sizes), *sizes)
 
 
 def header(frames: Sequence[Any]) -> bytes:
@@ -144,7 +143,7 @@ class Channel:
         Raises OSError (EPIPE, ECONNRESET) when the peer is gone."""
         out = self.out
         while out:
-            batch = [out[0]] if len(out) == 1 else list(itertools.islice(out, MAX_IOV))
+            batch = list(itertools.islice(out, MAX_IOV))
             try:
                 sent = self.sock.sendmsg(batch)
             except BlockingIOError:
@@ -187,10 +186,7 @@ class Channel:
         if self._large is not None:
             target = self._large[self._large_at :]
         else:
-            if self._start == self._end:
-                self._start = self._end = 0
-            elif self._end == len(self._buf):
-                self._move_to_front()
+            self._make_room()
             target = self._view[self._end :]
         if not wait and self._poll is not None and not self._poll.poll(0):
             return NOTHING
@@ -209,12 +205,15 @@ class Channel:
             self._end += count
         return FILLED if count == target.nbytes else DRAINED
 
-    def _move_to_front(self) -> None:
-        """Room for more behind a partial message at the buffer's end. It is smaller than the
-        buffer: a message part bigger than LARGE_FRAME is read in place, and headers are bounded."""
-        pending = self._end - self._start
-        self._buf[:pending] = self._buf[self._start : self._end]
-        self._start, self._end = 0, pending
+    def _make_room(self) -> None:
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._end == len(self._buf):
+            # Move the partial message to the front; it is smaller than the buffer, since a
+            # message part bigger than LARGE_FRAME is read in place, and headers are bounded.
+            pending = self._end - self._start
+            self._buf[:pending] = self._buf[self._start : self._end]
+            self._start, self._end = 0, pending
 
     def _parse(self, messages: list[Message]) -> None:
         """Append the messages the buffer holds whole. A message all of whose frames are small and
@@ -248,7 +247,7 @@ class Channel:
                 at = start + 4 + 4 * count  # within the buffer: MAX_FRAMES bounds the header
                 if at > end:
                     return False
-                sizes = (HEADERS.get(count) or header_struct(count)).unpack_from(buf, start)[1:]
+                sizes = header_struct(count).unpack_from(buf, start)[1:]
                 largest = max(sizes)
                 if largest > self.max_frame:
                     raise ChannelError(f"a frame of {largest} bytes, over the limit of {self.max_frame}")
