@@ -8,6 +8,7 @@ the client; the frames are decoded with workerctl.protocol, as a client would re
 from __future__ import annotations
 
 import math
+import random
 import time
 from typing import Any
 
@@ -727,3 +728,49 @@ def test_when_assigned_release_says_every_job_may_have_run() -> None:
         lane.add(job, 0.0)
     assert lane.release() == (jobs, [])
     assert len(lane) == 0 and lane.next_deadline() == math.inf
+
+
+def test_when_assigned_deadlines_match_a_scan_of_every_job_through_any_order_of_events() -> None:
+    """The heap (Lane.deadlines) against the definition: after every add, done, remove,
+    overdue and release, next_deadline is the least deadline held, overdue removes exactly the
+    jobs due, and stale entries are dropped: the heap stays under twice the lane's capacity."""
+    rng = random.Random(7)
+    lane = Lane(300, WHEN_ASSIGNED)
+    now, ids = 0.0, iter(range(1, 1_000_000))
+    for _ in range(20_000):
+        now += rng.random() / 100
+        step = rng.random()
+        if (step < 0.5 or not lane.jobs) and lane.free():
+            lane.add(make_job(next(ids), timeout_s=rng.choice([0.1, 1.0, 30.0, math.inf])), now)
+        elif step < 0.8:
+            job = rng.choice(list(lane.jobs))
+            assert lane.done(job.id, now) is job
+        elif step < 0.9:
+            job = rng.choice(list(lane.jobs))
+            lane.remove(job, now)
+            if rng.random() < 0.5:  # handed back, then held again: a later deadline
+                lane.add(job, now + 1.0)
+        elif step < 0.999:
+            due = {job.id for job in lane.jobs if job.deadline <= now}
+            assert {job.id for job in lane.overdue(now)} == due
+            assert all(job.deadline > now for job in lane.jobs)
+        else:
+            jobs = list(lane.jobs)
+            assert lane.release() == (jobs, [])
+            for job in jobs[: len(jobs) // 2]:  # held again, as a retry is: a new deadline
+                lane.add(job, now)
+        assert lane.next_deadline() == min((job.deadline for job in lane.jobs), default=math.inf)
+        assert len(lane.deadlines) <= 2 * lane.capacity + 65
+        assert set(lane.held) == {job.id for job in lane.jobs}
+
+
+def test_when_assigned_heap_stays_small_while_one_old_job_runs_under_many_quick_ones() -> None:
+    """Quick jobs come and go behind one that runs long, each with a later deadline than it:
+    the entries they leave never reach the top of the heap, and must still be dropped."""
+    lane = Lane(10, WHEN_ASSIGNED)
+    lane.add(make_job(0, timeout_s=300.0), 0.0)
+    for n in range(1, 10_000):
+        lane.add(make_job(n, timeout_s=300.0), n / 1000)
+        lane.done(n, n / 1000)
+        assert len(lane.deadlines) <= 2 * lane.capacity + 65
+    assert lane.next_deadline() == 300.0

@@ -364,7 +364,7 @@ class Cluster:
         if self.queue.remove(job):
             self.ledger.cancel_reply(job)
             return "cancelled"
-        bridge = next((b for b in self.bridges() if job in b.lane.jobs), None)
+        bridge = next((b for b in self.bridges() if b.lane.find(job.id) is job), None)
         if bridge is None:
             return "unknown"
         if not terminate:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import heapq
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -335,10 +336,19 @@ WHEN_ASSIGNED = "when_assigned"
 
 class Lane:
     """The jobs one worker holds, in the order it runs them: the first may be running, the
-    others were sent ahead (prefetched) and have not started."""
+    others were sent ahead (prefetched) and have not started.
+
+    A CPU or GPU worker holds a few; the Ray bridge thousands (32 per CPU of its cluster), and
+    the master asks every turn when the next of their deadlines is. So jobs are found by id
+    in a dict, and a WHEN_ASSIGNED lane keeps its deadlines in a heap: no call walks all of
+    them (none but `release` and `prefetched`, which touch each job anyway)."""
 
     def __init__(self, capacity: int, starts: str = AFTER_PREVIOUS) -> None:
-        self.jobs: collections.deque[Job] = collections.deque()
+        self.jobs: collections.deque[Job] = collections.deque()  # in run order; read-only outside
+        self.held: dict[int, Job] = {}  # the same jobs, by id
+        # WHEN_ASSIGNED only: (deadline, id) of each job held, and of some that left or were
+        # held again since (stale: `live` tells them apart), pruned from the top as read.
+        self.deadlines: list[tuple[float, int]] = []
         self.capacity = capacity
         self.starts = starts
 
@@ -360,14 +370,15 @@ class Lane:
     def add(self, job: Job, now: float) -> None:
         job.state = ASSIGNED
         self.jobs.append(job)
-        if self.starts == WHEN_ASSIGNED or (len(self.jobs) == 1 and self.starts == AFTER_PREVIOUS):
+        self.held[job.id] = job
+        if self.starts == WHEN_ASSIGNED:
+            job.start(now)
+            self.push_deadline(job)
+        elif len(self.jobs) == 1 and self.starts == AFTER_PREVIOUS:
             job.start(now)
 
     def find(self, job_id: int) -> Job | None:
-        for job in self.jobs:
-            if job.id == job_id:
-                return job
-        return None
+        return self.held.get(job_id)
 
     def started(self, job_id: int, now: float) -> Job | None:
         """The worker said it started `job_id` (WHEN_TOLD lanes): its first job, or any job of
@@ -381,23 +392,21 @@ class Lane:
     def done(self, job_id: int, now: float) -> Job | None:
         """The worker finished `job_id`, which must be its first job (any of them, in a
         WHEN_ASSIGNED lane, or in a WHEN_TOLD lane running a batch); the next one starts now."""
-        if self.starts != AFTER_PREVIOUS:
-            job = self.find(job_id)
-            if job is not None:
-                self.jobs.remove(job)
-            return job
-        job = self.head
+        job = self.find(job_id) if self.starts != AFTER_PREVIOUS else self.head
         if job is None or job.id != job_id:
             return None
-        self.jobs.popleft()
-        if self.jobs and self.starts == AFTER_PREVIOUS:
-            self.jobs[0].start(now)
+        self.remove(job, now)
         return job
 
     def remove(self, job: Job, now: float) -> None:
-        """A job the worker dropped (never started): if it was first, the next one starts."""
+        """A job the worker finished or dropped (never started): if it was first, the next one
+        starts."""
         was_head = job is self.head
-        self.jobs.remove(job)
+        if was_head:
+            self.jobs.popleft()
+        else:
+            self.jobs.remove(job)
+        del self.held[job.id]
         if was_head and self.jobs and self.starts == AFTER_PREVIOUS:
             self.jobs[0].start(now)
 
@@ -408,6 +417,8 @@ class Lane:
         """The worker is gone: (the jobs that may have run, the jobs that never started)."""
         jobs = list(self.jobs)
         self.jobs.clear()
+        self.held.clear()
+        self.deadlines.clear()
         if not jobs or self.starts == WHEN_ASSIGNED:
             return jobs, []  # all of them started, side by side
         if self.starts == WHEN_TOLD:  # what it said it started: its first job, or a whole batch
@@ -419,13 +430,36 @@ class Lane:
         """When the running job's timeout ends (never, once it is answered); in a WHEN_ASSIGNED
         lane, or of a batch running, the first of their deadlines."""
         if self.starts == WHEN_ASSIGNED:
-            return min((job.deadline for job in self.jobs), default=math.inf)
+            self.prune()
+            return self.deadlines[0][0] if self.deadlines else math.inf
         return min((job.deadline for job in self.jobs if job.state is RUNNING), default=math.inf)
 
     def overdue(self, now: float) -> list[Job]:
         """The jobs of a WHEN_ASSIGNED lane past their deadline, removed from it: the backend
         answers them TIMEOUT and has the worker cancel them (the worker itself lives on)."""
-        late = [job for job in self.jobs if job.deadline <= now]
+        if self.starts != WHEN_ASSIGNED:  # a few jobs: look at each
+            late = [job for job in self.jobs if job.deadline <= now]
+        else:
+            late = []
+            while self.next_deadline() <= now:
+                late.append(self.held[heapq.heappop(self.deadlines)[1]])
         for job in late:
-            self.jobs.remove(job)
+            self.remove(job, now)
         return late
+
+    # -- the deadline heap (WHEN_ASSIGNED) -----------------------------------------------------
+
+    def push_deadline(self, job: Job) -> None:
+        heapq.heappush(self.deadlines, (job.deadline, job.id))
+        if len(self.deadlines) > 2 * len(self.held) + 64:  # mostly stale: start it again
+            self.deadlines = [(held.deadline, held.id) for held in self.held.values()]
+            heapq.heapify(self.deadlines)
+
+    def live(self, entry: tuple[float, int]) -> bool:
+        """Whether a heap entry is a job still held, with the deadline it has now."""
+        job = self.held.get(entry[1])
+        return job is not None and job.deadline == entry[0]
+
+    def prune(self) -> None:
+        while self.deadlines and not self.live(self.deadlines[0]):
+            heapq.heappop(self.deadlines)
