@@ -340,8 +340,8 @@ class Lane:
 
     A CPU or GPU worker holds a few; the Ray bridge thousands (32 per CPU of its cluster), and
     the master asks every turn when the next of their deadlines is. So jobs are found by id
-    in a dict, and a WHEN_ASSIGNED lane keeps its deadlines in a heap: no call walks all of
-    them (none but `release` and `prefetched`, which touch each job anyway)."""
+    in a dict, and a WHEN_ASSIGNED lane keeps its deadlines in a heap: what the master does
+    each turn or each result never walks its jobs in Python."""
 
     def __init__(self, capacity: int, starts: str = AFTER_PREVIOUS) -> None:
         self.jobs: collections.deque[Job] = collections.deque()  # in run order; read-only outside
